@@ -1,0 +1,16 @@
+"""Message transport: `BrokerMessage`, the pool protocols, and the Kafka and in-memory adapters."""
+
+from broker.errors import BrokerClosedError, BrokerConfigError, BrokerConnectionError, BrokerError
+from broker.message import BrokerMessage
+from broker.pool import BrokerClientPool, BrokerPublisher, BrokerSubscriber
+
+__all__ = [
+    "BrokerClientPool",
+    "BrokerClosedError",
+    "BrokerConfigError",
+    "BrokerConnectionError",
+    "BrokerError",
+    "BrokerMessage",
+    "BrokerPublisher",
+    "BrokerSubscriber",
+]

@@ -1,0 +1,78 @@
+"""Errors raised by storage adapters.
+
+Adapters translate driver exceptions into these so callers handle one family whatever the backend::
+
+    StorageError                      (retriable: bool)
+    ├── StorageUnavailableError       retriable: the database did not answer / connection lost
+    ├── ExecutionNotFoundError        .execution_id: no such execution
+    ├── ConcurrencyError              .execution_id, .expected_version: a stale write; nothing changed
+    ├── DuplicateIdempotencyKeyError  .idempotency_key, .existing_id: a start with a key already used
+    └── DuplicateReplyError           .execution_id, .request_id: that reply was already applied
+"""
+
+from __future__ import annotations
+
+import uuid
+
+__all__ = [
+    "ConcurrencyError",
+    "DuplicateIdempotencyKeyError",
+    "DuplicateReplyError",
+    "ExecutionNotFoundError",
+    "StorageError",
+    "StorageUnavailableError",
+]
+
+
+class StorageError(Exception):
+    """Root of storage errors.
+
+    Attributes:
+        retriable: Whether the same call may succeed later (the database may come back).
+    """
+
+    retriable: bool = False
+
+
+class StorageUnavailableError(StorageError):
+    """The database could not be reached or dropped the connection."""
+
+    retriable = True
+
+
+class ExecutionNotFoundError(StorageError, LookupError):
+    """No execution has the given id."""
+
+    def __init__(self, execution_id: uuid.UUID) -> None:
+        super().__init__(f"saga execution {execution_id} not found")
+        self.execution_id = execution_id
+
+
+class ConcurrencyError(StorageError):
+    """A write was based on a version that is no longer current; nothing was changed."""
+
+    def __init__(self, execution_id: uuid.UUID, expected_version: int) -> None:
+        super().__init__(
+            f"saga execution {execution_id} changed since version {expected_version} was read; "
+            "the write was not applied"
+        )
+        self.execution_id = execution_id
+        self.expected_version = expected_version
+
+
+class DuplicateIdempotencyKeyError(StorageError):
+    """An execution with this idempotency key already exists."""
+
+    def __init__(self, idempotency_key: str, existing_id: uuid.UUID) -> None:
+        super().__init__(f"idempotency key {idempotency_key!r} already started execution {existing_id}")
+        self.idempotency_key = idempotency_key
+        self.existing_id = existing_id
+
+
+class DuplicateReplyError(StorageError):
+    """The reply to this request was already applied; the transaction was rolled back."""
+
+    def __init__(self, execution_id: uuid.UUID, request_id: uuid.UUID) -> None:
+        super().__init__(f"reply to request {request_id} of execution {execution_id} was already applied")
+        self.execution_id = execution_id
+        self.request_id = request_id

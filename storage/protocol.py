@@ -1,0 +1,204 @@
+"""The storage port: everything the orchestrator persists, behind one protocol.
+
+Adapters: `MemorySagaStorage` (embedded default and unit tests) and `SqlAlchemySagaStorage` (PostgreSQL via
+asyncpg, SQLite via aiosqlite). One contract suite runs against all of them, so the rules below hold for
+every backend:
+
+* Every write that changes an execution bumps ``version`` and ``updated_at`` (the database clock), except
+  ``renew_claim``, which only moves ``lease_until``. ``save`` is optimistic: it applies only if the stored
+  version equals ``record.version`` and otherwise raises `ConcurrencyError` having changed nothing.
+* ``save(..., outbox=..., reply=...)`` writes the state, the outbox rows and the applied-reply dedup row in
+  one transaction: all of it or none of it.
+* Claims give one worker at a time the right to advance an execution: a claim succeeds only when the row is
+  unowned, owned by the same worker, or its lease has expired.
+* Missing ids raise `ExecutionNotFoundError` naming the id.
+* The recovery methods keep python-cqrs's names, signatures and defaults so code written for it ports over.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from storage.records import (
+    ExecutionQuery,
+    ExecutionRecord,
+    OutboxMessage,
+    OutboxRecord,
+    QueryResult,
+    ReplyRecord,
+    StepRecord,
+)
+from storage.status import SagaStatus
+
+__all__ = ["ISagaStorage", "SagaStorage"]
+
+
+@runtime_checkable
+class SagaStorage(Protocol):
+    """Durable state of saga executions, their outbox, reply dedup and participant replies."""
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open connections (and, where configured, bring the schema up to date); idempotent."""
+        ...
+
+    async def stop(self) -> None:
+        """Close connections; idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    # -- executions ------------------------------------------------------------------------------------
+
+    async def create(self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()) -> ExecutionRecord:
+        """Insert a new execution (stored with ``version=1``) and its outbox rows in one transaction.
+
+        Raises:
+            DuplicateIdempotencyKeyError: ``record.idempotency_key`` already started another execution.
+        """
+        ...
+
+    async def load(self, saga_id: uuid.UUID) -> ExecutionRecord:
+        """Return the stored execution. Raises `ExecutionNotFoundError`."""
+        ...
+
+    async def find_by_idempotency_key(self, idempotency_key: str) -> ExecutionRecord | None:
+        """Return the execution started with this key, if any."""
+        ...
+
+    async def save(
+        self,
+        record: ExecutionRecord,
+        *,
+        outbox: Sequence[OutboxMessage] = (),
+        reply: ReplyRecord | None = None,
+    ) -> ExecutionRecord:
+        """Write ``record`` if the stored version is still ``record.version``; return it as stored.
+
+        The outbox rows and the applied ``reply`` dedup row go in the same transaction.
+
+        Raises:
+            ConcurrencyError: The stored version moved on; nothing was written.
+            DuplicateReplyError: ``reply`` was already applied; nothing was written.
+            ExecutionNotFoundError: No such execution.
+        """
+        ...
+
+    async def get_steps(self, saga_id: uuid.UUID) -> list[StepRecord]:
+        """Step history of an execution, oldest first. Raises `ExecutionNotFoundError`."""
+        ...
+
+    async def query(self, query: ExecutionQuery | None = None) -> QueryResult:
+        """Executions matching ``query``, newest first, and the total count matching it."""
+        ...
+
+    async def count_by_status(self) -> dict[SagaStatus, int]:
+        """How many executions are in each status (statuses with none are omitted)."""
+        ...
+
+    # -- recovery (python-cqrs compatible) -------------------------------------------------------------
+
+    async def get_sagas_for_recovery(
+        self,
+        limit: int,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: int | None = None,
+        saga_name: str | None = None,
+    ) -> list[uuid.UUID]:
+        """Ids of executions to recover, oldest ``updated_at`` first, at most ``limit``.
+
+        Recoverable: ``RUNNING``, ``COMPENSATING``, ``FAILED``, and ``PAUSED`` whose ``reply_deadline`` has
+        passed; only with ``recovery_attempts < max_recovery_attempts``; with ``stale_after_seconds``, only
+        rows whose ``updated_at`` is older than the database's now minus that; with ``saga_name``, only that
+        saga's rows.
+        """
+        ...
+
+    async def increment_recovery_attempts(self, saga_id: uuid.UUID, new_status: SagaStatus | None = None) -> None:
+        """Add one to ``recovery_attempts`` (and set ``status`` if given) in one atomic statement."""
+        ...
+
+    async def set_recovery_attempts(self, saga_id: uuid.UUID, attempts: int) -> None:
+        """Set ``recovery_attempts`` to ``attempts`` (0 re-enables recovery; the maximum excludes it)."""
+        ...
+
+    # -- claims ----------------------------------------------------------------------------------------
+
+    async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> ExecutionRecord | None:
+        """Take (or keep) the claim on one execution; return it as stored, or ``None`` if another holds it.
+
+        Raises `ExecutionNotFoundError`.
+        """
+        ...
+
+    async def claim_for_recovery(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: int | None = None,
+        saga_name: str | None = None,
+    ) -> list[ExecutionRecord]:
+        """Atomically claim up to ``limit`` recoverable, unclaimed (or lease-expired) executions.
+
+        Same selection as `get_sagas_for_recovery`. On PostgreSQL rows are locked with ``FOR UPDATE SKIP
+        LOCKED`` so concurrent workers never receive the same row.
+        """
+        ...
+
+    async def renew_claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> bool:
+        """Heartbeat: extend the lease if ``owner`` still holds it; ``False`` if it lost the claim."""
+        ...
+
+    async def release_claim(self, saga_id: uuid.UUID, owner: str) -> None:
+        """Drop the claim if ``owner`` holds it (no-op otherwise)."""
+        ...
+
+    # -- replies ---------------------------------------------------------------------------------------
+
+    async def record_reply(self, reply: ReplyRecord) -> None:
+        """Record a reply that was ignored (duplicate, stale, unknown status) for the audit trail."""
+        ...
+
+    async def list_replies(self, saga_id: uuid.UUID) -> list[ReplyRecord]:
+        """Every reply recorded for an execution, applied or ignored, in arrival order."""
+        ...
+
+    # -- outbox ----------------------------------------------------------------------------------------
+
+    async def fetch_outbox(
+        self, limit: int = 100, *, owner: str | None = None, lease_seconds: float = 30.0
+    ) -> list[OutboxRecord]:
+        """Unsent outbox rows, oldest first, claimed for ``lease_seconds`` so two relays skip each other."""
+        ...
+
+    async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
+        """Mark outbox rows as published."""
+        ...
+
+    # -- participant side ------------------------------------------------------------------------------
+
+    async def get_command_reply(self, idempotency_key: str) -> bytes | None:
+        """The stored reply of a command already handled under this key, if any."""
+        ...
+
+    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
+        """Remember the reply of a handled command (first write wins)."""
+        ...
+
+
+#: Alias kept for code written against python-cqrs's ``ISagaStorage``.
+ISagaStorage = SagaStorage

@@ -1,0 +1,170 @@
+"""Plain records that cross the storage port.
+
+Frozen, slotted dataclasses: cheap to build on the hot path and safe to share between tasks. Storage knows
+nothing of saga definitions; ``ExecutionRecord.state`` is an opaque JSON document owned by the engine, and
+the indexed columns (status, name, deadlines, claim) are what storage queries by.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from storage.status import SagaStatus
+
+__all__ = [
+    "ExecutionQuery",
+    "ExecutionRecord",
+    "OutboxMessage",
+    "OutboxRecord",
+    "QueryResult",
+    "ReplyOutcome",
+    "ReplyRecord",
+    "StepKind",
+    "StepPhase",
+    "StepRecord",
+    "StepState",
+]
+
+StepKind = Literal["local", "remote", "conditional"]
+StepPhase = Literal["execute", "compensate"]
+StepState = Literal["running", "waiting", "succeeded", "failed", "skipped"]
+ReplyOutcome = Literal["applied", "duplicate", "stale", "unknown_status", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One attempt history entry of a step (or of its compensation).
+
+    Attributes:
+        name: The step's stable name from the definition.
+        kind: Local function, remote command, or conditional branch.
+        phase: ``execute`` going forward, ``compensate`` while undoing.
+        status: Outcome so far; ``waiting`` means a command was sent and its reply is awaited.
+        attempts: How many times this step/phase was tried (retries and replays included).
+        started_at: When the first attempt started (timezone-aware UTC).
+        finished_at: When it reached a final outcome, if it has.
+        request_id: The command's request id for remote steps.
+        error: Structured error (``type``, ``message`` and, for replies, ``status``) when it failed.
+    """
+
+    name: str
+    kind: StepKind
+    phase: StepPhase
+    status: StepState
+    attempts: int
+    started_at: datetime
+    finished_at: datetime | None = None
+    request_id: uuid.UUID | None = None
+    error: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """The durable row of one saga execution.
+
+    Attributes:
+        id: Execution id.
+        name: Saga definition name.
+        definition_version: Definition version the execution was started with.
+        status: Current status.
+        state: Engine-owned JSON document (context, cursor, awaited request), UTF-8 bytes.
+        steps: Step history, oldest first.
+        version: Optimistic concurrency version; ``create`` stores 1 and every ``save``/claim adds 1.
+        recovery_attempts: How many recoveries failed so far.
+        idempotency_key: Start key; a second start with the same key returns this execution.
+        user: The user the saga runs for (forwarded in command headers).
+        reply_deadline: For ``PAUSED``: when the awaited reply (or the saga's deadline) is overdue and the
+            recovery query must pick the execution up.
+        owner: Worker that holds the claim, if any.
+        lease_until: When that claim expires unless renewed.
+        error: Structured error of a failed, errored or dead-lettered execution.
+        created_at: Set by storage on create.
+        updated_at: Set by storage on every write (the database clock).
+    """
+
+    id: uuid.UUID
+    name: str
+    definition_version: int
+    status: SagaStatus
+    state: bytes
+    steps: tuple[StepRecord, ...] = ()
+    version: int = 0
+    recovery_attempts: int = 0
+    idempotency_key: str | None = None
+    user: str | None = None
+    reply_deadline: datetime | None = None
+    owner: str | None = None
+    lease_until: datetime | None = None
+    error: Mapping[str, Any] | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A record to publish, written in the same transaction as the state that produced it."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """A stored outbox row, unsent until ``mark_outbox_sent``."""
+
+    id: int
+    execution_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Mapping[str, str]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyRecord:
+    """A reply as received: applied, or ignored with the reason why.
+
+    Attributes:
+        execution_id: Execution the reply names.
+        request_id: Request it answers.
+        status: Reply status code as received (200/400/500 or anything else).
+        outcome: ``applied`` (state advanced), or why it was ignored.
+        reason: Human-readable detail for ignored replies.
+        received_at: Set by storage when omitted.
+    """
+
+    execution_id: uuid.UUID
+    request_id: uuid.UUID
+    status: int
+    outcome: ReplyOutcome
+    reason: str | None = None
+    received_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionQuery:
+    """Filter for ``SagaStorage.query``; every ``None`` means "any"."""
+
+    statuses: Sequence[SagaStatus] | None = None
+    names: Sequence[str] | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    updated_after: datetime | None = None
+    updated_before: datetime | None = None
+    offset: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """A page of executions (newest first) and how many match the filter in all."""
+
+    rows: list[ExecutionRecord]
+    total: int
