@@ -1,6 +1,7 @@
 """Message transport: `BrokerMessage`, the pool protocols, and the Kafka and in-memory adapters."""
 
 from broker.errors import BrokerClosedError, BrokerConfigError, BrokerConnectionError, BrokerError
+from broker.memory import InMemoryBrokerPool
 from broker.message import BrokerMessage
 from broker.pool import BrokerClientPool, BrokerPublisher, BrokerSubscriber
 
@@ -13,4 +14,5 @@ __all__ = [
     "BrokerMessage",
     "BrokerPublisher",
     "BrokerSubscriber",
+    "InMemoryBrokerPool",
 ]

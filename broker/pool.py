@@ -48,7 +48,7 @@ class BrokerSubscriber(Protocol):
         """Leave the group without committing anything further."""
         ...
 
-    async def getmany(self, *, timeout: float = 1.0, max_records: int = 500) -> list[BrokerMessage]:
+    async def getmany(self, *, timeout: float = 1.0, max_records: int = 500) -> list[BrokerMessage]:  # noqa: ASYNC109
         """Return the next records (possibly none once ``timeout`` seconds pass)."""
         ...
 

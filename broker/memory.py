@@ -1,0 +1,414 @@
+"""In-memory broker with Kafka's semantics, for tests and single-process runs.
+
+`InMemoryBrokerPool` keeps per-partition ordered logs and consumer groups in the process, so the
+orchestration layer can be tested without a broker while still meeting the behaviour it relies on in
+production: keyed records stay in order on one partition, a group splits partitions between its live
+members, offsets advance only through ``commit``, and records fetched but not committed by a subscriber that
+stops are redelivered to the group.
+
+Everything runs on one asyncio event loop; nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from broker.errors import BrokerClosedError, BrokerConfigError
+from broker.message import BrokerMessage
+
+__all__ = ["InMemoryBrokerPool", "InMemoryPublisher", "InMemorySubscriber"]
+
+_log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    key: bytes | None
+    value: bytes
+    headers: Mapping[str, str]
+    invalid_headers: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Group:
+    """A consumer group: committed offsets and the live members in join order."""
+
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+    members: list[InMemorySubscriber] = field(default_factory=list)
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """Stable partition of ``key``: CRC-32 modulo the partition count.
+
+    Python's ``hash()`` is salted per process, so it would scatter one key over partitions across runs;
+    CRC-32 is stable and cheap.
+    """
+    return zlib.crc32(key) % partitions
+
+
+class InMemoryPublisher:
+    """The pool's shared publisher; appending to a log is the acknowledgement."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: InMemoryBrokerPool) -> None:
+        self._pool = pool
+
+    async def send(self, message: BrokerMessage) -> None:
+        """Append ``message`` to its topic's log."""
+        self._pool._append(message)
+
+    async def send_batch(self, messages: Sequence[BrokerMessage]) -> None:
+        """Append every message, in order; fails before appending anything if the pool is stopped."""
+        self._pool._check_open()
+        for message in messages:
+            self._pool._append(message)
+
+
+class InMemorySubscriber:
+    """A member of a consumer group of an `InMemoryBrokerPool`.
+
+    Created by `InMemoryBrokerPool.subscriber`; join the group with ``start()`` (or ``async with``).
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, pool: InMemoryBrokerPool, topics: Sequence[str], group_id: str) -> None:
+        if not topics:
+            raise BrokerConfigError("subscriber needs at least one topic")
+        if not group_id:
+            raise BrokerConfigError("subscriber needs a non-empty group_id")
+        self._pool = pool
+        self.topics: tuple[str, ...] = tuple(dict.fromkeys(topics))
+        self.group_id = group_id
+        self.member_id = next(self._ids)
+        # Fetch positions of the assigned partitions, in a stable order.
+        self._positions: dict[TopicPartition, int] = {}
+        self._wakeup = asyncio.Event()
+        self._started = False
+        self._stopped = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the group; partitions are assigned before this returns. Idempotent."""
+        if self._stopped:
+            raise BrokerClosedError("subscriber was stopped; create a new one")
+        if self._started:
+            return
+        self._pool._check_open()
+        self._started = True
+        self._pool._join(self)
+
+    async def stop(self) -> None:
+        """Leave the group without committing; its partitions go to the remaining members. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._started:
+            self._pool._leave(self)
+        self._positions.clear()
+        self._wakeup.set()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- consuming ----------------------------------------------------------------------------------
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The ``(topic, partition)`` pairs currently assigned to this member."""
+        return frozenset(self._positions)
+
+    async def getmany(self, *, timeout: float = 1.0, max_records: int = 500) -> list[BrokerMessage]:  # noqa: ASYNC109
+        """Return up to ``max_records`` records, waiting up to ``timeout`` seconds for the first one.
+
+        Raises:
+            BrokerClosedError: The subscriber was not started, or was stopped.
+        """
+        if max_records < 1:
+            raise BrokerConfigError(f"max_records must be >= 1, got {max_records}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while True:
+            self._check_active()
+            self._wakeup.clear()
+            batch = self._fetch(max_records)
+            if batch:
+                return batch
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return []
+
+    async def commit(self, messages: Sequence[BrokerMessage]) -> None:
+        """Commit, per partition, the offset after the highest of ``messages``.
+
+        Partitions no longer assigned to this member (a rebalance moved them) are skipped with a warning,
+        as Kafka rejects such commits: their records are redelivered to the new owner, which is the
+        at-least-once contract anyway.
+        """
+        self._check_active()
+        group = self._pool._groups[self.group_id]
+        for tp, offset in _next_offsets(messages).items():
+            if tp not in self._positions:
+                _log.warning("not committing %s[%d]: partition no longer assigned to this member", *tp)
+                continue
+            group.committed[tp] = max(offset, group.committed.get(tp, 0))
+
+    # -- internals used by the pool -----------------------------------------------------------------
+
+    def _check_active(self) -> None:
+        if self._stopped:
+            raise BrokerClosedError("subscriber is stopped")
+        if not self._started:
+            raise BrokerClosedError("subscriber is not started; call start() first")
+
+    def _fetch(self, max_records: int) -> list[BrokerMessage]:
+        batch: list[BrokerMessage] = []
+        for tp, position in self._positions.items():
+            log = self._pool._log(tp)
+            end = min(len(log), position + max_records - len(batch))
+            topic, partition = tp
+            for offset in range(position, end):
+                record = log[offset]
+                batch.append(
+                    BrokerMessage(
+                        topic=topic,
+                        key=record.key,
+                        value=record.value,
+                        headers=dict(record.headers),
+                        partition=partition,
+                        offset=offset,
+                        invalid_headers=record.invalid_headers,
+                    )
+                )
+            self._positions[tp] = max(position, end)
+            if len(batch) >= max_records:
+                break
+        return batch
+
+    def _assign(self, partitions: Sequence[TopicPartition], committed: Mapping[TopicPartition, int]) -> None:
+        """Take a new assignment: kept partitions keep their position, new ones start at the commit."""
+        old = self._positions
+        self._positions = {tp: old[tp] if tp in old else committed.get(tp, 0) for tp in partitions}
+        self._wakeup.set()
+
+    def _notify(self) -> None:
+        self._wakeup.set()
+
+
+def _next_offsets(messages: Sequence[BrokerMessage]) -> dict[TopicPartition, int]:
+    """Offset to commit per partition: one after the highest offset seen."""
+    offsets: dict[TopicPartition, int] = {}
+    for message in messages:
+        if message.partition is None or message.offset is None:
+            raise BrokerConfigError(
+                f"cannot commit a record without partition/offset (topic {message.topic!r}); "
+                "commit records returned by getmany()"
+            )
+        tp = (message.topic, message.partition)
+        offsets[tp] = max(offsets.get(tp, 0), message.offset + 1)
+    return offsets
+
+
+class InMemoryBrokerPool:
+    """A broker in the process, with Kafka's ordering, consumer-group and offset semantics.
+
+    Topics are created on first use with ``partitions`` partitions. A record's partition is a stable hash
+    of its key, or round-robin for records without a key. The partitions of a topic are split between the
+    started subscribers of a group (partition ``p`` goes to the ``p mod n``-th member in join order) and
+    reassigned whenever a member starts or stops.
+
+    Args:
+        partitions: Partitions of every topic this pool creates.
+    """
+
+    def __init__(self, *, partitions: int = 4) -> None:
+        if partitions < 1:
+            raise BrokerConfigError(f"partitions must be >= 1, got {partitions}")
+        self.partitions = partitions
+        self._topics: dict[str, list[list[_Record]]] = {}
+        self._round_robin: dict[str, int] = {}
+        self._groups: dict[str, _Group] = {}
+        self._subscribers: list[InMemorySubscriber] = []
+        self._publisher = InMemoryPublisher(self)
+        self._started = False
+        self._stopped = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the pool; idempotent. A stopped pool cannot be restarted."""
+        if self._stopped:
+            raise BrokerClosedError("broker pool was stopped; create a new one")
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop every subscriber created from this pool and refuse further publishing; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for subscriber in list(self._subscribers):
+            await subscriber.stop()
+        self._subscribers.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- port ---------------------------------------------------------------------------------------
+
+    def publisher(self) -> InMemoryPublisher:
+        """The shared publisher.
+
+        Unlike Kafka, no connection is needed, so it works before ``start()``; it raises
+        `BrokerClosedError` after ``stop()``.
+        """
+        return self._publisher
+
+    def subscriber(self, topics: Sequence[str], *, group_id: str) -> InMemorySubscriber:
+        """A new, not yet started, subscriber of ``topics`` in consumer group ``group_id``."""
+        self._check_open()
+        subscriber = InMemorySubscriber(self, topics, group_id)
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        """Create the topics that do not exist yet."""
+        self._check_open()
+        for topic in topics:
+            self._topic(topic)
+
+    # -- test helpers -------------------------------------------------------------------------------
+
+    def topic_messages(self, topic: str) -> list[BrokerMessage]:
+        """Every record published to ``topic``, partition by partition, in offset order.
+
+        Meant for assertions in tests; it neither needs nor affects any consumer group.
+        """
+        result: list[BrokerMessage] = []
+        for partition, log in enumerate(self._topics.get(topic, ())):
+            result.extend(
+                BrokerMessage(
+                    topic=topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=dict(record.headers),
+                    partition=partition,
+                    offset=offset,
+                    invalid_headers=record.invalid_headers,
+                )
+                for offset, record in enumerate(log)
+            )
+        return result
+
+    def committed(self, group_id: str, topic: str, partition: int) -> int | None:
+        """The committed offset of a group on a partition, or ``None`` when nothing was committed."""
+        group = self._groups.get(group_id)
+        return None if group is None else group.committed.get((topic, partition))
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._stopped:
+            raise BrokerClosedError("broker pool is stopped")
+
+    def _topic(self, topic: str) -> list[list[_Record]]:
+        logs = self._topics.get(topic)
+        if logs is None:
+            if not topic:
+                raise BrokerConfigError("topic name must not be empty")
+            logs = self._topics[topic] = [[] for _ in range(self.partitions)]
+            self._round_robin[topic] = 0
+            # A new topic may be one some group already subscribes to: hand out its partitions.
+            for group in self._groups.values():
+                if any(topic in member.topics for member in group.members):
+                    self._rebalance(group)
+        return logs
+
+    def _log(self, tp: TopicPartition) -> list[_Record]:
+        return self._topics[tp[0]][tp[1]]
+
+    def _append(self, message: BrokerMessage) -> None:
+        self._check_open()
+        if not isinstance(message.value, bytes | bytearray | memoryview):
+            raise TypeError(f"BrokerMessage.value must be bytes, got {type(message.value).__name__}")
+        logs = self._topic(message.topic)
+        if message.key is None:
+            partition = self._round_robin[message.topic] % len(logs)
+            self._round_robin[message.topic] = partition + 1
+        else:
+            partition = partition_for_key(bytes(message.key), len(logs))
+        logs[partition].append(
+            _Record(
+                key=None if message.key is None else bytes(message.key),
+                value=bytes(message.value),
+                headers=dict(message.headers),
+                invalid_headers=tuple(message.invalid_headers),
+            )
+        )
+        tp = (message.topic, partition)
+        for group in self._groups.values():
+            for member in group.members:
+                if tp in member._positions:
+                    member._notify()
+
+    def _join(self, subscriber: InMemorySubscriber) -> None:
+        for topic in subscriber.topics:
+            self._topic(topic)
+        group = self._groups.setdefault(subscriber.group_id, _Group())
+        group.members.append(subscriber)
+        self._rebalance(group)
+
+    def _leave(self, subscriber: InMemorySubscriber) -> None:
+        group = self._groups[subscriber.group_id]
+        if subscriber in group.members:
+            group.members.remove(subscriber)
+            self._rebalance(group)
+
+    def _rebalance(self, group: _Group) -> None:
+        """Split every subscribed topic's partitions between the members subscribed to it.
+
+        Members that keep a partition keep their fetch position; a partition that changes hands starts at
+        the group's committed offset, so whatever the previous owner fetched without committing is
+        delivered again.
+        """
+        assignments: dict[int, list[TopicPartition]] = {id(member): [] for member in group.members}
+        topics = sorted({topic for member in group.members for topic in member.topics})
+        for topic in topics:
+            members = [member for member in group.members if topic in member.topics]
+            for partition in range(len(self._topics[topic])):
+                owner = members[partition % len(members)]
+                assignments[id(owner)].append((topic, partition))
+        for member in group.members:
+            member._assign(assignments[id(member)], group.committed)
