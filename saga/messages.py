@@ -1,0 +1,299 @@
+"""Saga messages and their mapping to and from `BrokerMessage`.
+
+Everything that crosses the wire is JSON (orjson) in the value and correlation data in headers, so a
+participant written in another language needs nothing but a Kafka client. Decoding never trusts the
+input: every missing or wrong field raises `MalformedMessageError` naming the field, and nothing read
+from a message is ever imported or evaluated.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Literal
+
+import orjson
+
+from broker import BrokerMessage
+from saga.errors import MalformedMessageError
+
+__all__ = [
+    "H_EXECUTION_ID",
+    "H_IDEMPOTENCY_KEY",
+    "H_KIND",
+    "H_REPLY_TOPIC",
+    "H_REQUEST_ID",
+    "H_SAGA",
+    "H_SERVICE",
+    "H_STATUS",
+    "H_STEP",
+    "H_TRACEPARENT",
+    "H_USER",
+    "ControlAction",
+    "SagaCommand",
+    "SagaControl",
+    "SagaRequest",
+    "SagaResponse",
+    "SagaResponseStatus",
+    "control_topic",
+    "decode_json",
+    "encode_json",
+]
+
+H_KIND = "saga-kind"
+H_EXECUTION_ID = "saga-execution-id"
+H_REQUEST_ID = "saga-request-id"
+H_REPLY_TOPIC = "saga-reply-topic"
+H_USER = "saga-user"
+H_IDEMPOTENCY_KEY = "saga-idempotency-key"
+H_STATUS = "saga-status"
+H_SERVICE = "saga-service"
+H_SAGA = "saga-name"
+H_STEP = "saga-step"
+H_TRACEPARENT = "traceparent"
+
+ControlAction = Literal["commit", "reject"]
+
+
+class SagaResponseStatus(IntEnum):
+    """Reply statuses, as in Minos: the participant succeeded, refused (business error) or crashed."""
+
+    SUCCESS = 200
+    ERROR = 400
+    SYSTEM_ERROR = 500
+
+
+def encode_json(content: Any) -> bytes:
+    """Encode message content; raises `TypeError` naming the offending type for non-JSON values."""
+    return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+def decode_json(value: bytes, *, field_name: str = "value") -> Any:
+    """Decode message content, turning any decoding failure into `MalformedMessageError`."""
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessageError(field_name, f"invalid JSON ({exc})") from None
+
+
+def _require(headers: Mapping[str, str], name: str) -> str:
+    value = headers.get(name)
+    if value is None or value == "":
+        raise MalformedMessageError(name, "header missing")
+    return value
+
+
+def _uuid_header(headers: Mapping[str, str], name: str) -> uuid.UUID:
+    raw = _require(headers, name)
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise MalformedMessageError(name, f"not a UUID: {raw[:64]!r}") from None
+
+
+def _check_kind(message: BrokerMessage, expected: str) -> None:
+    if message.invalid_headers:
+        raise MalformedMessageError(message.invalid_headers[0], "header value is not valid UTF-8")
+    kind = _require(message.headers, H_KIND)
+    if kind != expected:
+        raise MalformedMessageError(H_KIND, f"expected {expected!r}, got {kind[:64]!r}")
+
+
+def control_topic(service: str) -> str:
+    """Topic on which a participant service receives commit/reject decisions."""
+    return f"{service}SagaControl"
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRequest:
+    """What a remote step's ``on_execute`` returns: a command for ``target`` (the command topic).
+
+    ``content`` must be plain JSON-able data.
+    """
+
+    target: str
+    content: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaCommand:
+    """A command as published to a participant, with everything needed to reply and deduplicate.
+
+    Attributes:
+        target: Command topic.
+        content: JSON-able payload.
+        execution_id: The saga execution that sent it.
+        request_id: Correlates the reply with exactly this request.
+        reply_topic: Where the participant must reply.
+        idempotency_key: Same for replays of one request, so participants can drop duplicates.
+        user: The user the saga runs for.
+        saga: Saga definition name (informational).
+        step: Step name (informational).
+        traceparent: W3C trace context, passed through.
+    """
+
+    target: str
+    content: Any
+    execution_id: uuid.UUID
+    request_id: uuid.UUID
+    reply_topic: str
+    idempotency_key: str
+    user: str | None = None
+    saga: str | None = None
+    step: str | None = None
+    traceparent: str | None = None
+
+    def to_message(self) -> BrokerMessage:
+        """Encode for publishing, keyed by execution id so one partition orders a saga's traffic."""
+        headers = {
+            H_KIND: "command",
+            H_EXECUTION_ID: str(self.execution_id),
+            H_REQUEST_ID: str(self.request_id),
+            H_REPLY_TOPIC: self.reply_topic,
+            H_IDEMPOTENCY_KEY: self.idempotency_key,
+        }
+        if self.user is not None:
+            headers[H_USER] = self.user
+        if self.saga is not None:
+            headers[H_SAGA] = self.saga
+        if self.step is not None:
+            headers[H_STEP] = self.step
+        if self.traceparent is not None:
+            headers[H_TRACEPARENT] = self.traceparent
+        return BrokerMessage(
+            topic=self.target,
+            key=str(self.execution_id).encode(),
+            value=encode_json(self.content),
+            headers=headers,
+        )
+
+    @classmethod
+    def from_message(cls, message: BrokerMessage) -> SagaCommand:
+        """Decode a received command. Raises `MalformedMessageError` naming the bad field."""
+        _check_kind(message, "command")
+        headers = message.headers
+        return cls(
+            target=message.topic,
+            content=decode_json(message.value),
+            execution_id=_uuid_header(headers, H_EXECUTION_ID),
+            request_id=_uuid_header(headers, H_REQUEST_ID),
+            reply_topic=_require(headers, H_REPLY_TOPIC),
+            idempotency_key=_require(headers, H_IDEMPOTENCY_KEY),
+            user=headers.get(H_USER),
+            saga=headers.get(H_SAGA),
+            step=headers.get(H_STEP),
+            traceparent=headers.get(H_TRACEPARENT),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SagaResponse:
+    """A participant's reply to one command.
+
+    Attributes:
+        content: JSON-able payload (a plain attribute, not a coroutine as in Minos).
+        status: ``SagaResponseStatus`` or, for a reply with an unknown status, the raw integer: such a
+            reply is never taken as success.
+        execution_id: Execution the reply belongs to.
+        request_id: Request it answers; only a reply to the awaited request is applied.
+        service_name: The replying service; autocommit sends commit/reject to it.
+    """
+
+    content: Any = None
+    status: SagaResponseStatus | int = SagaResponseStatus.SUCCESS
+    execution_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    request_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    service_name: str | None = None
+
+    @property
+    def known_status(self) -> SagaResponseStatus | None:
+        """The status as an enum member, or ``None`` when it is not one we know."""
+        try:
+            return SagaResponseStatus(int(self.status))
+        except ValueError:
+            return None
+
+    def to_message(self, topic: str) -> BrokerMessage:
+        """Encode for publishing to ``topic`` (the orchestrator's reply topic)."""
+        headers = {
+            H_KIND: "reply",
+            H_EXECUTION_ID: str(self.execution_id),
+            H_REQUEST_ID: str(self.request_id),
+            H_STATUS: str(int(self.status)),
+        }
+        if self.service_name is not None:
+            headers[H_SERVICE] = self.service_name
+        return BrokerMessage(
+            topic=topic,
+            key=str(self.execution_id).encode(),
+            value=encode_json(self.content),
+            headers=headers,
+        )
+
+    @classmethod
+    def from_message(cls, message: BrokerMessage) -> SagaResponse:
+        """Decode a received reply. Raises `MalformedMessageError` naming the bad field."""
+        _check_kind(message, "reply")
+        headers = message.headers
+        raw_status = _require(headers, H_STATUS)
+        try:
+            status_code = int(raw_status)
+        except ValueError:
+            raise MalformedMessageError(H_STATUS, f"not an integer: {raw_status[:64]!r}") from None
+        status: SagaResponseStatus | int
+        try:
+            status = SagaResponseStatus(status_code)
+        except ValueError:
+            status = status_code
+        return cls(
+            content=decode_json(message.value),
+            status=status,
+            execution_id=_uuid_header(headers, H_EXECUTION_ID),
+            request_id=_uuid_header(headers, H_REQUEST_ID),
+            service_name=headers.get(H_SERVICE),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SagaControl:
+    """Autocommit's decision for one participant: ``commit`` after success, ``reject`` after failure."""
+
+    action: ControlAction
+    execution_id: uuid.UUID
+    service: str
+
+    @property
+    def idempotency_key(self) -> str:
+        """One key per execution and decision, so a redelivered decision is applied once."""
+        return f"{self.execution_id}:{self.action}"
+
+    def to_message(self) -> BrokerMessage:
+        """Encode for the participant's control topic."""
+        return BrokerMessage(
+            topic=control_topic(self.service),
+            key=str(self.execution_id).encode(),
+            value=encode_json({"action": self.action}),
+            headers={
+                H_KIND: self.action,
+                H_EXECUTION_ID: str(self.execution_id),
+                H_IDEMPOTENCY_KEY: self.idempotency_key,
+                H_SERVICE: self.service,
+            },
+        )
+
+    @classmethod
+    def from_message(cls, message: BrokerMessage) -> SagaControl:
+        """Decode a received decision. Raises `MalformedMessageError` naming the bad field."""
+        if message.invalid_headers:
+            raise MalformedMessageError(message.invalid_headers[0], "header value is not valid UTF-8")
+        kind = _require(message.headers, H_KIND)
+        if kind not in ("commit", "reject"):
+            raise MalformedMessageError(H_KIND, f"expected 'commit' or 'reject', got {kind[:64]!r}")
+        action: ControlAction = "commit" if kind == "commit" else "reject"
+        return cls(
+            action=action,
+            execution_id=_uuid_header(message.headers, H_EXECUTION_ID),
+            service=_require(message.headers, H_SERVICE),
+        )
