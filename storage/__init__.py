@@ -8,6 +8,7 @@ from storage.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from storage.memory import MemorySagaStorage
 from storage.protocol import ISagaStorage, SagaStorage
 from storage.records import (
     ExecutionQuery,
@@ -30,6 +31,7 @@ __all__ = [
     "ExecutionQuery",
     "ExecutionRecord",
     "ISagaStorage",
+    "MemorySagaStorage",
     "OutboxMessage",
     "OutboxRecord",
     "QueryResult",

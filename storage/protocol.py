@@ -61,7 +61,9 @@ class SagaStorage(Protocol):
 
     # -- executions ------------------------------------------------------------------------------------
 
-    async def create(self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()) -> ExecutionRecord:
+    async def create(
+        self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()
+    ) -> ExecutionRecord:
         """Insert a new execution (stored with ``version=1``) and its outbox rows in one transaction.
 
         Raises:
@@ -86,7 +88,10 @@ class SagaStorage(Protocol):
     ) -> ExecutionRecord:
         """Write ``record`` if the stored version is still ``record.version``; return it as stored.
 
-        The outbox rows and the applied ``reply`` dedup row go in the same transaction.
+        The outbox rows and the applied ``reply`` dedup row go in the same transaction. ``save`` writes the
+        mutable columns (status, state, steps, recovery_attempts, user, reply_deadline, error); identity
+        (id, name, definition_version, idempotency_key, created_at) and the claim (owner, lease_until) are
+        left as stored, the claim being moved only by the claim methods, and the returned record shows them.
 
         Raises:
             ConcurrencyError: The stored version moved on; nothing was written.
@@ -100,7 +105,10 @@ class SagaStorage(Protocol):
         ...
 
     async def query(self, query: ExecutionQuery | None = None) -> QueryResult:
-        """Executions matching ``query``, newest first, and the total count matching it."""
+        """Executions matching ``query``, newest ``created_at`` first, and the total count matching it.
+
+        Time windows are half-open: ``*_after`` is inclusive, ``*_before`` exclusive.
+        """
         ...
 
     async def count_by_status(self) -> dict[SagaStatus, int]:
@@ -125,7 +133,9 @@ class SagaStorage(Protocol):
         """
         ...
 
-    async def increment_recovery_attempts(self, saga_id: uuid.UUID, new_status: SagaStatus | None = None) -> None:
+    async def increment_recovery_attempts(
+        self, saga_id: uuid.UUID, new_status: SagaStatus | None = None
+    ) -> None:
         """Add one to ``recovery_attempts`` (and set ``status`` if given) in one atomic statement."""
         ...
 
@@ -137,6 +147,8 @@ class SagaStorage(Protocol):
 
     async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> ExecutionRecord | None:
         """Take (or keep) the claim on one execution; return it as stored, or ``None`` if another holds it.
+
+        A successful claim bumps ``version``, so a record read by a previous holder can no longer be saved.
 
         Raises `ExecutionNotFoundError`.
         """
@@ -164,7 +176,10 @@ class SagaStorage(Protocol):
         ...
 
     async def release_claim(self, saga_id: uuid.UUID, owner: str) -> None:
-        """Drop the claim if ``owner`` holds it (no-op otherwise)."""
+        """Drop the claim if ``owner`` holds it (no-op otherwise); dropping it bumps ``version``.
+
+        Raises `ExecutionNotFoundError` (as does `renew_claim`).
+        """
         ...
 
     # -- replies ---------------------------------------------------------------------------------------

@@ -1,0 +1,434 @@
+"""In-memory `SagaStorage`: the embedded default and the fake every unit test runs against.
+
+It implements the whole port with the same rules as the SQL adapter (the contract suite runs against both),
+so code tested on it behaves the same on PostgreSQL. Nothing survives the process.
+
+Concurrency: every method body runs without an ``await`` between reading and writing the dicts, so under
+asyncio each call is atomic with respect to other tasks; no lock is needed. Records are frozen dataclasses,
+and the only mutable parts they may carry (``error`` and ``headers`` mappings) are deep-copied on the way in
+and on the way out, so callers can never change stored state behind the storage's back.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from storage.errors import (
+    ConcurrencyError,
+    DuplicateIdempotencyKeyError,
+    DuplicateReplyError,
+    ExecutionNotFoundError,
+)
+from storage.records import (
+    ExecutionQuery,
+    ExecutionRecord,
+    OutboxMessage,
+    OutboxRecord,
+    QueryResult,
+    ReplyRecord,
+    StepRecord,
+)
+from storage.status import RECOVERABLE_STATUSES, SagaStatus
+
+__all__ = ["Clock", "MemorySagaStorage"]
+
+#: Returns the current time, timezone-aware. Injected so tests can move time for leases and staleness.
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _copy_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    return None if value is None else copy.deepcopy(dict(value))
+
+
+def _copy_steps(steps: Iterable[StepRecord]) -> tuple[StepRecord, ...]:
+    # Only the (rare) error mapping is mutable; everything else in a StepRecord is immutable already.
+    return tuple(
+        s if s.error is None else dataclasses.replace(s, error=_copy_mapping(s.error)) for s in steps
+    )
+
+
+def _copy_record(record: ExecutionRecord) -> ExecutionRecord:
+    if record.error is None and all(s.error is None for s in record.steps):
+        return record
+    return dataclasses.replace(record, error=_copy_mapping(record.error), steps=_copy_steps(record.steps))
+
+
+def _updated_order(record: ExecutionRecord) -> tuple[datetime, bytes]:
+    assert record.updated_at is not None
+    return record.updated_at, record.id.bytes
+
+
+def _created_order(record: ExecutionRecord) -> tuple[datetime, bytes]:
+    assert record.created_at is not None
+    return record.created_at, record.id.bytes
+
+
+@dataclasses.dataclass(slots=True)
+class _OutboxRow:
+    """Mutable bookkeeping around an immutable outbox record."""
+
+    record: OutboxRecord
+    sent_at: datetime | None = None
+    claimed_by: str | None = None
+    claimed_until: datetime | None = None
+
+
+class MemorySagaStorage:
+    """`SagaStorage` kept in dicts.
+
+    Args:
+        clock: Source of "now" for ``updated_at``, leases, reply deadlines and staleness; defaults to the
+            system clock in UTC. Tests pass a controllable clock instead of sleeping.
+    """
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock or _utc_now
+        self._executions: dict[uuid.UUID, ExecutionRecord] = {}
+        self._by_key: dict[str, uuid.UUID] = {}
+        self._replies: dict[uuid.UUID, list[ReplyRecord]] = {}
+        self._applied: set[tuple[uuid.UUID, uuid.UUID]] = set()
+        self._outbox: dict[int, _OutboxRow] = {}
+        self._outbox_ids = itertools.count(1)
+        self._command_replies: dict[str, bytes] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Nothing to open; present for the port."""
+
+    async def stop(self) -> None:
+        """Nothing to close; the data stays until the object is dropped."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return self._clock()
+
+    def _get(self, saga_id: uuid.UUID) -> ExecutionRecord:
+        try:
+            return self._executions[saga_id]
+        except KeyError:
+            raise ExecutionNotFoundError(saga_id) from None
+
+    def _append_outbox(self, execution_id: uuid.UUID, outbox: Sequence[OutboxMessage], now: datetime) -> None:
+        for message in outbox:
+            row_id = next(self._outbox_ids)
+            self._outbox[row_id] = _OutboxRow(
+                OutboxRecord(
+                    id=row_id,
+                    execution_id=execution_id,
+                    topic=message.topic,
+                    key=message.key,
+                    value=message.value,
+                    headers=dict(message.headers),
+                    created_at=now,
+                )
+            )
+
+    def _add_reply(self, reply: ReplyRecord, now: datetime) -> None:
+        if reply.received_at is None:
+            reply = dataclasses.replace(reply, received_at=now)
+        self._replies.setdefault(reply.execution_id, []).append(reply)
+        if reply.outcome == "applied":
+            self._applied.add((reply.execution_id, reply.request_id))
+
+    def _check_reply(self, reply: ReplyRecord | None) -> None:
+        if (
+            reply is not None
+            and reply.outcome == "applied"
+            and (reply.execution_id, reply.request_id) in self._applied
+        ):
+            raise DuplicateReplyError(reply.execution_id, reply.request_id)
+
+    def _recoverable(
+        self,
+        record: ExecutionRecord,
+        now: datetime,
+        max_recovery_attempts: int,
+        stale_before: datetime | None,
+        saga_name: str | None,
+    ) -> bool:
+        if record.status in RECOVERABLE_STATUSES:
+            pass
+        elif record.status is SagaStatus.PAUSED:
+            if record.reply_deadline is None or record.reply_deadline >= now:
+                return False
+        else:
+            return False
+        if record.recovery_attempts >= max_recovery_attempts:
+            return False
+        if saga_name is not None and record.name != saga_name:
+            return False
+        assert record.updated_at is not None
+        return stale_before is None or record.updated_at < stale_before
+
+    @staticmethod
+    def _claimable(record: ExecutionRecord, owner: str | None, now: datetime) -> bool:
+        return (
+            record.owner is None
+            or record.owner == owner
+            or record.lease_until is None
+            or record.lease_until < now
+        )
+
+    def _recovery_candidates(
+        self,
+        max_recovery_attempts: int,
+        stale_after_seconds: int | None,
+        saga_name: str | None,
+    ) -> list[ExecutionRecord]:
+        now = self._now()
+        stale_before = None if stale_after_seconds is None else now - timedelta(seconds=stale_after_seconds)
+        found = [
+            r
+            for r in self._executions.values()
+            if self._recoverable(r, now, max_recovery_attempts, stale_before, saga_name)
+        ]
+        found.sort(key=_updated_order)
+        return found
+
+    def _touch(self, record: ExecutionRecord, **changes: Any) -> ExecutionRecord:
+        """Store ``record`` with ``changes``, the next version and a fresh ``updated_at``."""
+        stored = dataclasses.replace(record, version=record.version + 1, updated_at=self._now(), **changes)
+        self._executions[record.id] = stored
+        return stored
+
+    # -- executions ------------------------------------------------------------------------------------
+
+    async def create(
+        self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()
+    ) -> ExecutionRecord:
+        """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
+        if record.idempotency_key is not None and record.idempotency_key in self._by_key:
+            raise DuplicateIdempotencyKeyError(record.idempotency_key, self._by_key[record.idempotency_key])
+        if record.id in self._executions:
+            # The SQL adapter fails on the primary key the same way: the caller expected no row at all.
+            raise ConcurrencyError(record.id, 0)
+        now = self._now()
+        stored = dataclasses.replace(
+            _copy_record(record),
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        self._executions[record.id] = stored
+        if record.idempotency_key is not None:
+            self._by_key[record.idempotency_key] = record.id
+        self._append_outbox(record.id, outbox, now)
+        return _copy_record(stored)
+
+    async def load(self, saga_id: uuid.UUID) -> ExecutionRecord:
+        """Return the stored execution; see `SagaStorage.load`."""
+        return _copy_record(self._get(saga_id))
+
+    async def find_by_idempotency_key(self, idempotency_key: str) -> ExecutionRecord | None:
+        """Return the execution started with this key, if any."""
+        saga_id = self._by_key.get(idempotency_key)
+        return None if saga_id is None else _copy_record(self._executions[saga_id])
+
+    async def save(
+        self,
+        record: ExecutionRecord,
+        *,
+        outbox: Sequence[OutboxMessage] = (),
+        reply: ReplyRecord | None = None,
+    ) -> ExecutionRecord:
+        """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`."""
+        current = self._get(record.id)
+        if current.version != record.version:
+            raise ConcurrencyError(record.id, record.version)
+        self._check_reply(reply)
+        # Identity, creation and claim columns are not the caller's to change through save.
+        stored = self._touch(
+            current,
+            status=record.status,
+            state=record.state,
+            steps=_copy_steps(record.steps),
+            recovery_attempts=record.recovery_attempts,
+            user=record.user,
+            reply_deadline=record.reply_deadline,
+            error=_copy_mapping(record.error),
+        )
+        assert stored.updated_at is not None
+        self._append_outbox(record.id, outbox, stored.updated_at)
+        if reply is not None:
+            self._add_reply(reply, stored.updated_at)
+        return _copy_record(stored)
+
+    async def get_steps(self, saga_id: uuid.UUID) -> list[StepRecord]:
+        """Step history, oldest first; see `SagaStorage.get_steps`."""
+        return list(_copy_steps(self._get(saga_id).steps))
+
+    async def query(self, query: ExecutionQuery | None = None) -> QueryResult:
+        """Filtered page of executions, newest first, with the total; see `SagaStorage.query`."""
+        q = query or ExecutionQuery()
+        statuses = None if q.statuses is None else set(q.statuses)
+        names = None if q.names is None else set(q.names)
+
+        def match(r: ExecutionRecord) -> bool:
+            assert r.created_at is not None and r.updated_at is not None
+            return (
+                (statuses is None or r.status in statuses)
+                and (names is None or r.name in names)
+                and (q.created_after is None or r.created_at >= q.created_after)
+                and (q.created_before is None or r.created_at < q.created_before)
+                and (q.updated_after is None or r.updated_at >= q.updated_after)
+                and (q.updated_before is None or r.updated_at < q.updated_before)
+            )
+
+        found = [r for r in self._executions.values() if match(r)]
+        found.sort(key=_created_order, reverse=True)
+        page = found[q.offset : q.offset + q.limit]
+        return QueryResult(rows=[_copy_record(r) for r in page], total=len(found))
+
+    async def count_by_status(self) -> dict[SagaStatus, int]:
+        """Executions per status; statuses with none are omitted."""
+        counts: dict[SagaStatus, int] = {}
+        for r in self._executions.values():
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return counts
+
+    # -- recovery --------------------------------------------------------------------------------------
+
+    async def get_sagas_for_recovery(
+        self,
+        limit: int,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: int | None = None,
+        saga_name: str | None = None,
+    ) -> list[uuid.UUID]:
+        """Ids to recover, oldest ``updated_at`` first; see `SagaStorage.get_sagas_for_recovery`."""
+        found = self._recovery_candidates(max_recovery_attempts, stale_after_seconds, saga_name)
+        return [r.id for r in found[:limit]]
+
+    async def increment_recovery_attempts(
+        self, saga_id: uuid.UUID, new_status: SagaStatus | None = None
+    ) -> None:
+        """Add one to ``recovery_attempts`` and optionally set the status."""
+        current = self._get(saga_id)
+        self._touch(
+            current,
+            recovery_attempts=current.recovery_attempts + 1,
+            status=current.status if new_status is None else new_status,
+        )
+
+    async def set_recovery_attempts(self, saga_id: uuid.UUID, attempts: int) -> None:
+        """Set ``recovery_attempts`` (0 re-enables recovery; the maximum excludes the execution)."""
+        self._touch(self._get(saga_id), recovery_attempts=attempts)
+
+    # -- claims ----------------------------------------------------------------------------------------
+
+    async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> ExecutionRecord | None:
+        """Take or keep the claim; ``None`` if another owner's lease is live. See `SagaStorage.claim`."""
+        current = self._get(saga_id)
+        now = self._now()
+        if not self._claimable(current, owner, now):
+            return None
+        stored = self._touch(current, owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
+        return _copy_record(stored)
+
+    async def claim_for_recovery(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: int | None = None,
+        saga_name: str | None = None,
+    ) -> list[ExecutionRecord]:
+        """Claim up to ``limit`` recoverable, unclaimed executions; see `SagaStorage.claim_for_recovery`."""
+        now = self._now()
+        lease_until = now + timedelta(seconds=lease_seconds)
+        claimed: list[ExecutionRecord] = []
+        for r in self._recovery_candidates(max_recovery_attempts, stale_after_seconds, saga_name):
+            if len(claimed) >= limit:
+                break
+            # Only rows nobody holds (or whose lease ran out): a worker's own live claims are its business.
+            if r.owner is None or r.lease_until is None or r.lease_until < now:
+                claimed.append(_copy_record(self._touch(r, owner=owner, lease_until=lease_until)))
+        return claimed
+
+    async def renew_claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> bool:
+        """Extend ``owner``'s lease without bumping the version; ``False`` if it no longer holds the claim."""
+        current = self._get(saga_id)
+        if current.owner != owner:
+            return False
+        lease_until = self._now() + timedelta(seconds=lease_seconds)
+        self._executions[saga_id] = dataclasses.replace(current, lease_until=lease_until)
+        return True
+
+    async def release_claim(self, saga_id: uuid.UUID, owner: str) -> None:
+        """Drop ``owner``'s claim; a no-op if someone else (or no one) holds it."""
+        current = self._get(saga_id)
+        if current.owner == owner:
+            self._touch(current, owner=None, lease_until=None)
+
+    # -- replies ---------------------------------------------------------------------------------------
+
+    async def record_reply(self, reply: ReplyRecord) -> None:
+        """Record a reply for the audit trail; an ``applied`` one is deduplicated like in `save`."""
+        self._check_reply(reply)
+        self._add_reply(reply, self._now())
+
+    async def list_replies(self, saga_id: uuid.UUID) -> list[ReplyRecord]:
+        """Every reply recorded for an execution, in arrival order."""
+        return list(self._replies.get(saga_id, ()))
+
+    # -- outbox ----------------------------------------------------------------------------------------
+
+    async def fetch_outbox(
+        self, limit: int = 100, *, owner: str | None = None, lease_seconds: float = 30.0
+    ) -> list[OutboxRecord]:
+        """Claim up to ``limit`` unsent rows, oldest first, for ``lease_seconds``."""
+        now = self._now()
+        until = now + timedelta(seconds=lease_seconds)
+        fetched: list[OutboxRecord] = []
+        for row in self._outbox.values():  # insertion order is id order
+            if len(fetched) >= limit:
+                break
+            if row.sent_at is None and (row.claimed_until is None or row.claimed_until < now):
+                row.claimed_by, row.claimed_until = owner, until
+                fetched.append(dataclasses.replace(row.record, headers=dict(row.record.headers)))
+        return fetched
+
+    async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
+        """Mark rows as published so no relay fetches them again."""
+        now = self._now()
+        for row_id in ids:
+            row = self._outbox.get(row_id)
+            if row is not None and row.sent_at is None:
+                row.sent_at = now
+
+    # -- participant side ------------------------------------------------------------------------------
+
+    async def get_command_reply(self, idempotency_key: str) -> bytes | None:
+        """The stored reply of a command already handled under this key."""
+        return self._command_replies.get(idempotency_key)
+
+    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
+        """Remember a command's reply; the first write wins."""
+        self._command_replies.setdefault(idempotency_key, reply)
