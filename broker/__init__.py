@@ -1,9 +1,11 @@
 """Message transport: `BrokerMessage`, the pool protocols, and the Kafka and in-memory adapters."""
 
 from broker.errors import BrokerClosedError, BrokerConfigError, BrokerConnectionError, BrokerError
+from broker.kafka import KafkaBrokerPool
 from broker.memory import InMemoryBrokerPool
 from broker.message import BrokerMessage
 from broker.pool import BrokerClientPool, BrokerPublisher, BrokerSubscriber
+from broker.settings import KafkaSettings
 
 __all__ = [
     "BrokerClientPool",
@@ -15,4 +17,6 @@ __all__ = [
     "BrokerPublisher",
     "BrokerSubscriber",
     "InMemoryBrokerPool",
+    "KafkaBrokerPool",
+    "KafkaSettings",
 ]

@@ -6,7 +6,10 @@ library's exception type. ``retriable`` tells the caller whether trying again la
     BrokerError                 (retriable: bool)
     ├── BrokerConnectionError   retriable: broker unreachable, leader moving, request timed out
     ├── BrokerClosedError       not retriable: the pool or client was stopped
-    └── BrokerConfigError       not retriable: bad settings (unknown option, bad SASL/SSL setup)
+    └── BrokerConfigError       not retriable: bad settings (unknown option, bad SASL/SSL setup);
+                                ``field`` names the offending setting when there is one
+
+Adapters chain the library's exception as ``__cause__`` so logs keep the original detail.
 """
 
 from __future__ import annotations
@@ -40,4 +43,11 @@ class BrokerClosedError(BrokerError):
 
 
 class BrokerConfigError(BrokerError):
-    """The transport settings are invalid; fixing the configuration is the only remedy."""
+    """The transport settings are invalid; fixing the configuration is the only remedy.
+
+    Attributes:
+        field: Name of the offending setting (e.g. ``"sasl_mechanism"``), or ``None`` when the problem is
+            not one setting's.
+    """
+
+    field: str | None = None

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from broker.errors import BrokerClosedError, BrokerConfigError
+from broker.headers import decode_headers
 from broker.message import BrokerMessage
 
 __all__ = ["InMemoryBrokerPool", "InMemoryPublisher", "InMemorySubscriber"]
@@ -331,6 +332,24 @@ class InMemoryBrokerPool:
                 for offset, record in enumerate(log)
             )
         return result
+
+    async def publish_raw(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> None:
+        """Publish a record with wire-level header bytes, as a foreign producer could.
+
+        Header values are decoded like the Kafka adapter decodes them, so tests can feed malformed input
+        (invalid UTF-8, null values) and see it surface in ``invalid_headers``.
+        """
+        decoded, invalid = decode_headers(headers)
+        self._append(
+            BrokerMessage(topic=topic, key=key, value=value, headers=decoded, invalid_headers=invalid)
+        )
 
     def committed(self, group_id: str, topic: str, partition: int) -> int | None:
         """The committed offset of a group on a partition, or ``None`` when nothing was committed."""

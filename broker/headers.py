@@ -1,0 +1,37 @@
+"""Header encoding shared by the adapters: UTF-8 on the wire, strings in `BrokerMessage`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+__all__ = ["decode_headers", "encode_headers"]
+
+
+def decode_headers(raw: Iterable[tuple[str, bytes | None]]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Decode header values as UTF-8.
+
+    A value that is not valid UTF-8 (or is null) is left out of the headers and its name reported instead,
+    so a malformed record reaches the consumer as data it can dead-letter rather than as an exception that
+    would stop the fetch loop. When a name repeats, the last value wins.
+
+    Returns:
+        The decoded headers and the names of those that could not be decoded.
+    """
+    headers: dict[str, str] = {}
+    invalid: list[str] = []
+    for name, value in raw:
+        if value is None:
+            invalid.append(name)
+            headers.pop(name, None)
+            continue
+        try:
+            headers[name] = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            invalid.append(name)
+            headers.pop(name, None)
+    return headers, tuple(dict.fromkeys(invalid))
+
+
+def encode_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
+    """Headers as Kafka carries them: ``(name, UTF-8 bytes)`` pairs."""
+    return [(name, value.encode("utf-8")) for name, value in headers.items()]

@@ -1,0 +1,509 @@
+"""Kafka adapter of the transport ports, on aiokafka.
+
+One `KafkaBrokerPool` per process owns an idempotent producer (``acks=all``), an admin client that creates
+topics with the configured partitions, and the consumers it hands out as `KafkaSubscriber`. Every aiokafka
+exception is translated into `broker.errors` at this boundary (see `broker.kafka_errors`).
+
+Delivery is at least once: a subscriber commits explicitly, and eager rebalancing in aiokafka rewinds every
+partition of a member to the group's committed offset, so records fetched but not committed may be
+delivered again, to another member or to the same one. Consumers of this pool must be idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import errors as kafka_errors
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.helpers import create_ssl_context
+
+from broker.errors import BrokerClosedError, BrokerConfigError, BrokerConnectionError, BrokerError
+from broker.headers import decode_headers, encode_headers
+from broker.kafka_errors import translate_error
+from broker.message import BrokerMessage
+from broker.settings import KafkaSettings, config_error
+
+__all__ = ["KafkaBrokerPool", "KafkaPublisher", "KafkaSubscriber"]
+
+_log = logging.getLogger(__name__)
+
+_MAX_CONNECT_BACKOFF = 2.0
+
+
+class KafkaPublisher:
+    """The pool's shared publisher: every ``send`` returns once the broker acknowledged (``acks=all``)."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: KafkaBrokerPool) -> None:
+        self._pool = pool
+
+    async def send(self, message: BrokerMessage) -> None:
+        """Publish one record and wait for its acknowledgement.
+
+        Raises:
+            BrokerClosedError: The pool is stopped.
+            BrokerConnectionError: The broker did not acknowledge within ``request_timeout_ms`` (retriable;
+                with the idempotent producer a retry does not duplicate the record on the broker).
+            BrokerError: Any other failure, e.g. a record larger than the broker accepts.
+        """
+        await self.send_batch((message,))
+
+    async def send_batch(self, messages: Sequence[BrokerMessage]) -> None:
+        """Publish several records, then wait for all acknowledgements.
+
+        The records are queued first and awaited together so they travel in a few pipelined batches
+        instead of one round trip each; records with the same key keep their order. When some fail, the
+        others are still awaited and the first failure is raised, so a caller marking outbox rows as sent
+        must treat the whole batch as unsent (re-publishing is safe: consumers deduplicate).
+        """
+        if not messages:
+            return
+        producer = self._pool._producer_or_raise()
+        await self._pool._ensure_known({message.topic for message in messages})
+        futures: list[asyncio.Future[Any]] = []
+        failure: BaseException | None = None
+        for message in messages:
+            try:
+                futures.append(
+                    await producer.send(
+                        message.topic,
+                        value=message.value,
+                        key=message.key,
+                        headers=encode_headers(message.headers),
+                    )
+                )
+            except Exception as exc:
+                failure = exc
+                break
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        if failure is None:
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            topics = sorted({message.topic for message in messages})
+            raise self._pool._translate(failure, f"publish to {', '.join(topics)}") from failure
+
+
+class KafkaSubscriber:
+    """A consumer-group member over `AIOKafkaConsumer`, with explicit commits only.
+
+    Created by `KafkaBrokerPool.subscriber`; ``start()`` joins the group and returns once partitions are
+    assigned.
+    """
+
+    def __init__(self, pool: KafkaBrokerPool, topics: Sequence[str], group_id: str) -> None:
+        if not topics or not all(topics):
+            raise BrokerConfigError("subscriber needs at least one non-empty topic name")
+        if not group_id:
+            raise BrokerConfigError("subscriber needs a non-empty group_id")
+        self._pool = pool
+        self.topics: tuple[str, ...] = tuple(dict.fromkeys(topics))
+        self.group_id = group_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopped = False
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Join the group; returns once this member has its partitions. Idempotent.
+
+        Raises:
+            BrokerConnectionError: The broker or the group coordinator did not answer within
+                ``connect_timeout``.
+            BrokerClosedError: The subscriber or its pool was stopped, or the pool is not started.
+        """
+        async with self._lock:
+            if self._stopped:
+                raise BrokerClosedError(f"subscriber of {list(self.topics)} was stopped; create a new one")
+            if self._consumer is not None:
+                return
+            self._pool._producer_or_raise()
+            await self._pool._ensure_known(self.topics)
+            consumer = AIOKafkaConsumer(*self.topics, **self._pool._consumer_options(self.group_id))
+            timeout = self._pool.settings.connect_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    await consumer.start()
+            except BaseException as exc:
+                await _quietly(consumer.stop())
+                if isinstance(exc, TimeoutError):
+                    raise BrokerConnectionError(
+                        f"joining group {self.group_id!r} on {self._pool.settings.bootstrap_servers} "
+                        f"did not complete within {timeout:g}s",
+                    ) from exc
+                if isinstance(exc, Exception):
+                    raise self._pool._translate(exc, f"join group {self.group_id!r}") from exc
+                raise
+            self._consumer = consumer
+
+    async def stop(self) -> None:
+        """Leave the group without committing; the group rebalances its partitions. Idempotent."""
+        async with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            consumer, self._consumer = self._consumer, None
+            self._pool._forget(self)
+            if consumer is not None:
+                await _quietly(consumer.stop())
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def assignment(self) -> frozenset[tuple[str, int]]:
+        """The ``(topic, partition)`` pairs currently assigned to this member (empty while rebalancing)."""
+        if self._consumer is None:
+            return frozenset()
+        return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    async def getmany(self, *, timeout: float = 1.0, max_records: int = 500) -> list[BrokerMessage]:  # noqa: ASYNC109
+        """Return up to ``max_records`` records, waiting up to ``timeout`` seconds for some.
+
+        Records come grouped by partition, in offset order within each.
+
+        Raises:
+            BrokerClosedError: The subscriber is not started or was stopped (also when ``stop()`` runs while
+                this call waits).
+            BrokerError: Group coordination failed (translated; retriable when a retry may help).
+        """
+        if max_records < 1:
+            raise BrokerConfigError(f"max_records must be >= 1, got {max_records}")
+        consumer = self._consumer_or_raise()
+        try:
+            batches = await consumer.getmany(timeout_ms=max(0, int(timeout * 1000)), max_records=max_records)
+        except Exception as exc:
+            if self._stopped:
+                raise BrokerClosedError("subscriber was stopped while fetching") from exc
+            raise self._pool._translate(exc, f"fetch from {list(self.topics)}") from exc
+        messages: list[BrokerMessage] = []
+        for records in batches.values():
+            for record in records:
+                headers, invalid = decode_headers(record.headers)
+                messages.append(
+                    BrokerMessage(
+                        topic=record.topic,
+                        key=record.key,
+                        value=b"" if record.value is None else record.value,
+                        headers=headers,
+                        partition=record.partition,
+                        offset=record.offset,
+                        invalid_headers=invalid,
+                    )
+                )
+        return messages
+
+    async def commit(self, messages: Sequence[BrokerMessage]) -> None:
+        """Commit, per partition, the offset after the highest of ``messages``.
+
+        Partitions a rebalance has taken from this member are not committed (a warning is logged): Kafka
+        refuses such commits and the new owner re-reads those records, which consumers deduplicate anyway.
+
+        Raises:
+            BrokerClosedError: The subscriber is not started or was stopped.
+            BrokerConfigError: A message lacks partition/offset (it was not returned by ``getmany``).
+            BrokerError: The commit failed on the broker (translated).
+        """
+        consumer = self._consumer_or_raise()
+        offsets: dict[TopicPartition, int] = {}
+        for message in messages:
+            if message.partition is None or message.offset is None:
+                raise BrokerConfigError(
+                    f"cannot commit a record without partition/offset (topic {message.topic!r}); "
+                    "commit records returned by getmany()"
+                )
+            tp = TopicPartition(message.topic, message.partition)
+            offsets[tp] = max(offsets.get(tp, 0), message.offset + 1)
+        assigned = consumer.assignment()
+        revoked = sorted(f"{tp.topic}[{tp.partition}]" for tp in offsets if tp not in assigned)
+        if revoked:
+            _log.warning("not committing %s: no longer assigned to this member", ", ".join(revoked))
+        offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (kafka_errors.CommitFailedError, kafka_errors.IllegalStateError) as exc:
+            if self._stopped:
+                raise BrokerClosedError("subscriber was stopped while committing") from exc
+            _log.warning("commit of group %r skipped, the group rebalanced: %s", self.group_id, exc)
+        except Exception as exc:
+            raise self._pool._translate(exc, f"commit for group {self.group_id!r}") from exc
+
+    def _consumer_or_raise(self) -> AIOKafkaConsumer:
+        if self._stopped:
+            raise BrokerClosedError("subscriber is stopped")
+        if self._consumer is None:
+            raise BrokerClosedError("subscriber is not started; call start() first")
+        return self._consumer
+
+
+class KafkaBrokerPool:
+    """A process's Kafka clients: one idempotent producer, an admin client, and the subscribers.
+
+    Args:
+        settings: Connection and client settings; defaults to `KafkaSettings()`.
+        **overrides: Fields of `KafkaSettings` replacing those of ``settings``
+            (e.g. ``KafkaBrokerPool(bootstrap_servers="kafka:9092")``).
+
+    Raises:
+        BrokerConfigError: An override is not a setting, or a value is invalid.
+    """
+
+    def __init__(self, settings: KafkaSettings | None = None, **overrides: Any) -> None:
+        base = settings if settings is not None else KafkaSettings()
+        self.settings: KafkaSettings = base.with_overrides(**overrides) if overrides else base
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._publisher = KafkaPublisher(self)
+        self._subscribers: set[KafkaSubscriber] = set()
+        self._known_topics: set[str] = set()
+        self._topics_lock = asyncio.Lock()
+        self._lifecycle_lock = asyncio.Lock()
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"KafkaBrokerPool({self.settings.bootstrap_servers!r})"
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the producer and the admin client; idempotent.
+
+        Retries with backoff while the broker is unreachable, for at most ``connect_timeout`` seconds, so a
+        process started alongside Kafka waits for it but a wrong address fails clearly.
+
+        Raises:
+            BrokerConnectionError: No broker answered within ``connect_timeout``; names the address.
+            BrokerConfigError: The settings cannot work (SSL files, compression library, credentials).
+            BrokerClosedError: The pool was stopped; pools are not restartable.
+        """
+        async with self._lifecycle_lock:
+            if self._stopped:
+                raise BrokerClosedError("KafkaBrokerPool was stopped; create a new one")
+            if self._producer is not None:
+                return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.connect_timeout
+            common = self._common_options()
+            producer = await self._connect(
+                lambda: AIOKafkaProducer(**common, **self._producer_options()), deadline, "producer"
+            )
+            try:
+                self._admin = await self._connect(
+                    lambda: AIOKafkaAdminClient(**common), deadline, "admin client"
+                )
+            except BaseException:
+                await _quietly(producer.stop())
+                raise
+            self._producer = producer
+
+    async def stop(self) -> None:
+        """Stop every subscriber created here, flush and close the producer; idempotent."""
+        async with self._lifecycle_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            for subscriber in list(self._subscribers):
+                await subscriber.stop()
+            producer, self._producer = self._producer, None
+            admin, self._admin = self._admin, None
+            if producer is not None:
+                await _quietly(producer.stop())
+            if admin is not None:
+                await _quietly(admin.close())
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- port ---------------------------------------------------------------------------------------
+
+    def publisher(self) -> KafkaPublisher:
+        """The shared publisher; usable once the pool is started."""
+        return self._publisher
+
+    def subscriber(self, topics: Sequence[str], *, group_id: str) -> KafkaSubscriber:
+        """A new, not yet started, subscriber of ``topics`` in consumer group ``group_id``."""
+        if self._stopped:
+            raise BrokerClosedError("KafkaBrokerPool is stopped")
+        subscriber = KafkaSubscriber(self, topics, group_id)
+        self._subscribers.add(subscriber)
+        return subscriber
+
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        """Create the topics that do not exist yet, with the configured partitions and replication.
+
+        Existing topics are left as they are (their partition count is not changed).
+        """
+        self._producer_or_raise()
+        admin = self._admin
+        assert admin is not None
+        wanted = list(dict.fromkeys(topics))
+        if not wanted:
+            return
+        new_topics = [
+            NewTopic(name, self.settings.topic_partitions, self.settings.topic_replication_factor)
+            for name in wanted
+        ]
+        action = f"create topics {', '.join(wanted)}"
+        try:
+            response = await admin.create_topics(new_topics)
+        except Exception as exc:
+            raise self._translate(exc, action) from exc
+        for topic, code, *rest in response.topic_errors:
+            if code in (0, kafka_errors.TopicAlreadyExistsError.errno):
+                continue
+            error_type = kafka_errors.for_code(code)
+            detail = rest[0] if rest and rest[0] else ""
+            cause = error_type(detail) if detail else error_type()
+            raise self._translate(cause, f"create topic {topic!r}") from cause
+        self._known_topics.update(wanted)
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _producer_or_raise(self) -> AIOKafkaProducer:
+        if self._stopped:
+            raise BrokerClosedError("KafkaBrokerPool is stopped")
+        if self._producer is None:
+            raise BrokerClosedError("KafkaBrokerPool is not started; call start() first")
+        return self._producer
+
+    def _forget(self, subscriber: KafkaSubscriber) -> None:
+        self._subscribers.discard(subscriber)
+
+    def _translate(self, exc: BaseException, action: str) -> BrokerError:
+        if self._stopped and not isinstance(exc, BrokerError):
+            return BrokerClosedError(f"{action} failed: KafkaBrokerPool was stopped")
+        return translate_error(exc, action)
+
+    async def _ensure_known(self, topics: Iterable[str]) -> None:
+        """Create, once per process, topics not seen yet, when ``auto_create_topics`` is on."""
+        if not self.settings.auto_create_topics:
+            return
+        unknown = [topic for topic in topics if topic not in self._known_topics]
+        if not unknown:
+            return
+        async with self._topics_lock:
+            unknown = [topic for topic in unknown if topic not in self._known_topics]
+            if unknown:
+                await self.ensure_topics(unknown)
+
+    async def _connect(self, factory: Any, deadline: float, what: str) -> Any:
+        """Build a client with ``factory`` and start it, retrying until ``deadline``."""
+        loop = asyncio.get_running_loop()
+        bootstrap = self.settings.bootstrap_servers
+        backoff = 0.1
+        while True:
+            try:
+                client = factory()
+            except (ValueError, RuntimeError, TypeError) as exc:
+                raise BrokerConfigError(f"invalid Kafka {what} settings: {exc}") from exc
+            remaining = deadline - loop.time()
+            try:
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    await client.start()
+                return client
+            except Exception as exc:
+                await _quietly(client.stop() if hasattr(client, "stop") else client.close())
+                error = translate_error(exc, f"connect {what} to {bootstrap}")
+                remaining = deadline - loop.time()
+                if not error.retriable:
+                    raise error from exc
+                if remaining <= 0:
+                    raise BrokerConnectionError(
+                        f"Kafka at {bootstrap} did not answer within "
+                        f"{self.settings.connect_timeout:g}s (connect_timeout): {exc or type(exc).__name__}",
+                    ) from exc
+                _log.info("Kafka at %s not reachable yet (%s); retrying", bootstrap, exc)
+                await asyncio.sleep(min(backoff, remaining))
+                backoff = min(backoff * 2, _MAX_CONNECT_BACKOFF)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        settings = self.settings
+        if not settings.uses_ssl:
+            return None
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(settings, name)
+            if path is not None and not os.path.isfile(path):
+                raise config_error(name, f"names a file that does not exist: {path}")
+        try:
+            context: ssl.SSLContext = create_ssl_context(
+                cafile=settings.ssl_cafile,
+                certfile=settings.ssl_certfile,
+                keyfile=settings.ssl_keyfile,
+                password=settings.ssl_password,
+            )
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise BrokerConfigError(f"cannot build the SSL context from the ssl_* settings: {exc}") from exc
+        return context
+
+    def _common_options(self) -> dict[str, Any]:
+        settings = self.settings
+        options: dict[str, Any] = {
+            "bootstrap_servers": settings.bootstrap_list,
+            "client_id": settings.client_id,
+            "request_timeout_ms": settings.request_timeout_ms,
+            "retry_backoff_ms": settings.retry_backoff_ms,
+            "security_protocol": settings.security_protocol,
+            "ssl_context": self._ssl_context(),
+        }
+        if settings.uses_sasl:
+            options["sasl_mechanism"] = settings.sasl_mechanism
+            options["sasl_plain_username"] = settings.sasl_plain_username
+            options["sasl_plain_password"] = settings.sasl_plain_password
+        return options
+
+    def _producer_options(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "acks": "all",
+            "enable_idempotence": True,
+            "compression_type": settings.compression_type,
+            "linger_ms": settings.linger_ms,
+            "max_batch_size": settings.max_batch_size,
+        }
+
+    def _consumer_options(self, group_id: str) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            **self._common_options(),
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": settings.auto_offset_reset,
+            "session_timeout_ms": settings.session_timeout_ms,
+            "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+            "max_poll_interval_ms": settings.max_poll_interval_ms,
+            "max_poll_records": settings.max_poll_records,
+            "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        }
+
+
+async def _quietly(awaitable: Any) -> None:
+    """Await a cleanup step, logging instead of raising: cleanup must not mask the original error."""
+    try:
+        await awaitable
+    except Exception:
+        _log.debug("error while closing a Kafka client", exc_info=True)
