@@ -14,10 +14,13 @@ from saga.errors import (
     UnknownSagaDefinitionError,
 )
 from saga.messages import SagaRequest, SagaResponse, SagaResponseStatus
+from saga.participant import CommandContext, ParticipantStats, SagaParticipant
 from storage import SagaStatus
 
 __all__ = [
+    "CommandContext",
     "MalformedMessageError",
+    "ParticipantStats",
     "SagaBusinessError",
     "SagaBusyError",
     "SagaConfigError",
@@ -25,6 +28,7 @@ __all__ = [
     "SagaDefinitionError",
     "SagaError",
     "SagaExecutionError",
+    "SagaParticipant",
     "SagaRequest",
     "SagaResponse",
     "SagaResponseStatus",

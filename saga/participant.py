@@ -1,0 +1,608 @@
+"""The participant side: a service that executes saga commands and replies to the orchestrator.
+
+`SagaParticipant` consumes the service's command topics and its control topic in one consumer group,
+runs the handler registered for each command, and replies on the command's reply topic. It gives the
+guarantees the orchestrator relies on:
+
+* **At most one effect per idempotency key.** Before a handler runs, the reply stored under the command's
+  idempotency key is looked up; a redelivered or replayed command gets that reply again without the
+  handler running twice. The reply is stored *before* it is published, so a crash between the two re-sends
+  the same reply. A per-key lock keeps concurrent duplicates in one process from racing. Exactly-once needs
+  the handler's own effects and the stored reply in one transaction, which a separate store cannot give:
+  a crash after the handler's effect but before the reply is stored runs the handler again on redelivery.
+* **At-least-once replies.** An offset is committed only once its reply (or dead letter) was published.
+* **Malformed input never stops the consumer.** It is logged with the reason, counted in `stats`, and
+  forwarded with its original value and headers plus ``saga-dead-letter-reason`` to the dead-letter topic.
+* **Transient failures are retried.** Retriable broker and storage errors back off and retry the record.
+
+Autocommit decisions (``commit`` after a saga finished, ``reject`` after it failed) arrive on
+``control_topic(service_name)`` and run the ``on_commit`` / ``on_reject`` handlers once per decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
+
+from broker import BrokerClientPool, BrokerClosedError, BrokerError, BrokerMessage, BrokerSubscriber
+from saga.errors import MalformedMessageError, SagaBusinessError, SagaStateError
+from saga.messages import (
+    H_SERVICE,
+    H_TRACEPARENT,
+    SagaCommand,
+    SagaControl,
+    SagaResponse,
+    SagaResponseStatus,
+    control_topic,
+    decode_json,
+    encode_json,
+)
+from storage import SagaStorage, StorageError
+
+__all__ = [
+    "H_DEAD_LETTER_REASON",
+    "H_DEAD_LETTER_TOPIC",
+    "CommandContext",
+    "CommandHandler",
+    "DecisionHandler",
+    "ParticipantStats",
+    "SagaParticipant",
+]
+
+_log = logging.getLogger(__name__)
+
+H_DEAD_LETTER_REASON = "saga-dead-letter-reason"
+H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """What a command handler receives.
+
+    Attributes:
+        content: The command's JSON payload.
+        user: The user the saga runs for, if any.
+        idempotency_key: Same for every delivery and replay of this request.
+        execution_id: The saga execution that sent the command.
+        request_id: The request the reply answers.
+        topic: The command topic.
+        saga: Saga definition name (informational).
+        step: Step name (informational).
+        traceparent: W3C trace context of the saga, when it sent one.
+    """
+
+    content: Any
+    user: str | None
+    idempotency_key: str
+    execution_id: uuid.UUID
+    request_id: uuid.UUID
+    topic: str
+    saga: str | None = None
+    step: str | None = None
+    traceparent: str | None = None
+
+
+#: A command handler: ``fn(request) -> content``, sync or async.
+CommandHandler = Callable[[CommandContext], Any]
+#: A decision handler: ``fn(control) -> None``, sync or async.
+DecisionHandler = Callable[[SagaControl], Any]
+
+
+@dataclass(slots=True)
+class ParticipantStats:
+    """Counters of what the participant did since it was built.
+
+    Attributes:
+        handled: Commands whose handler ran.
+        succeeded: Of those, replied ``SUCCESS`` (200).
+        business_errors: Replied ``ERROR`` (400): the handler raised `SagaBusinessError`.
+        system_errors: Replied ``SYSTEM_ERROR`` (500): the handler raised anything else.
+        duplicates: Commands answered with the stored reply, without running the handler.
+        commits: ``commit`` decisions handled.
+        rejects: ``reject`` decisions handled.
+        duplicate_decisions: Decisions already handled, skipped.
+        dead_lettered: Records forwarded to the dead-letter topic.
+        dead_letter_reasons: Dead letters by reason category (``malformed``, ``no_handler``, ...).
+        retries: Retriable broker/storage failures that were backed off and retried.
+    """
+
+    handled: int = 0
+    succeeded: int = 0
+    business_errors: int = 0
+    system_errors: int = 0
+    duplicates: int = 0
+    commits: int = 0
+    rejects: int = 0
+    duplicate_decisions: int = 0
+    dead_lettered: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+
+
+class _ReplyStore(Protocol):
+    async def get_command_reply(self, idempotency_key: str) -> bytes | None: ...
+
+    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None: ...
+
+
+class _LruReplyStore:
+    """Bounded in-process reply store, used when no `SagaStorage` is given (first write wins)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._replies: OrderedDict[str, bytes] = OrderedDict()
+
+    async def get_command_reply(self, idempotency_key: str) -> bytes | None:
+        reply = self._replies.get(idempotency_key)
+        if reply is not None:
+            self._replies.move_to_end(idempotency_key)
+        return reply
+
+    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
+        if idempotency_key in self._replies:
+            return
+        self._replies[idempotency_key] = reply
+        while len(self._replies) > self._maxsize:
+            self._replies.popitem(last=False)
+
+
+class _DeadLetter(Exception):
+    """Internal: the record goes to the dead-letter topic for ``reason``."""
+
+    def __init__(self, category: str, reason: str) -> None:
+        super().__init__(reason)
+        self.category = category
+        self.reason = reason
+
+
+class _Abandoned(Exception):
+    """Internal: the participant is stopping; leave the record uncommitted for redelivery."""
+
+
+@dataclass(slots=True)
+class _KeyLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class SagaParticipant:
+    """Executes a service's saga commands and replies to the orchestrator.
+
+    Args:
+        service_name: The service's name; replies carry it, and decisions arrive on
+            ``control_topic(service_name)``.
+        broker_pool: Transport. Started by `start` if needed; its owner stops it.
+        storage: Where replies are remembered by idempotency key (``get_command_reply`` /
+            ``put_command_reply``) so duplicates survive restarts. Without it, a bounded in-process LRU.
+        group_id: Consumer group (default ``f"{service_name}-participant"``); instances of one service
+            share it so each command is handled by one of them.
+        dead_letter_topic: Where malformed input goes (default ``f"{service_name}DeadLetter"``).
+        dedup_cache_size: Entries of the in-process store when ``storage`` is ``None``.
+        max_records: Records fetched per poll.
+        poll_timeout: Seconds one poll waits for records; bounds how fast `stop` is noticed.
+        retry_backoff: First pause, in seconds, after a retriable failure; doubled up to ``max_backoff``.
+        max_backoff: Longest pause between retries.
+
+    Example::
+
+        participant = SagaParticipant("inventory", pool, storage=storage)
+
+        @participant.command("ReserveStock")
+        async def reserve(request: CommandContext) -> dict[str, Any]:
+            if request.content["quantity"] > 10:
+                raise SagaBusinessError("not enough stock")
+            return {"reserved": request.content["quantity"]}
+
+        async with participant:
+            ...
+    """
+
+    def __init__(
+        self,
+        service_name: str,
+        broker_pool: BrokerClientPool,
+        *,
+        storage: SagaStorage | None = None,
+        group_id: str | None = None,
+        dead_letter_topic: str | None = None,
+        dedup_cache_size: int = 100_000,
+        max_records: int = 100,
+        poll_timeout: float = 0.5,
+        retry_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if not service_name:
+            raise ValueError("service_name must not be empty")
+        if dedup_cache_size < 1:
+            raise ValueError(f"dedup_cache_size must be >= 1, got {dedup_cache_size}")
+        self.service_name = service_name
+        self.broker_pool = broker_pool
+        self.storage = storage
+        self.group_id = group_id or f"{service_name}-participant"
+        self.dead_letter_topic = dead_letter_topic or f"{service_name}DeadLetter"
+        self.control_topic = control_topic(service_name)
+        self.stats = ParticipantStats()
+        self._replies: _ReplyStore = storage if storage is not None else _LruReplyStore(dedup_cache_size)
+        self._max_records = max_records
+        self._poll_timeout = poll_timeout
+        self._retry_backoff = retry_backoff
+        self._max_backoff = max_backoff
+        self._handlers: dict[str, CommandHandler] = {}
+        self._on_commit: list[DecisionHandler] = []
+        self._on_reject: list[DecisionHandler] = []
+        self._locks: dict[str, _KeyLock] = {}
+        self._subscriber: BrokerSubscriber | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    # -- registration ---------------------------------------------------------------------------------
+
+    def command(self, topic: str) -> Callable[[_F], _F]:
+        """Register the decorated function (sync or async) as the handler of command topic ``topic``.
+
+        Its return value (JSON-able) is the ``SUCCESS`` reply's content; raising `SagaBusinessError`
+        replies ``ERROR`` with ``{"error": message}``; any other exception replies ``SYSTEM_ERROR``.
+        """
+        if not topic:
+            raise ValueError("command topic must not be empty")
+
+        def register(fn: _F) -> _F:
+            self._check_not_started()
+            if topic in self._handlers:
+                raise ValueError(f"command topic {topic!r} already has a handler")
+            self._handlers[topic] = fn
+            return fn
+
+        return register
+
+    def on_commit(self, fn: _F) -> _F:
+        """Register ``fn(control)`` to run once when a saga this service took part in finished."""
+        self._check_not_started()
+        self._on_commit.append(fn)
+        return fn
+
+    def on_reject(self, fn: _F) -> _F:
+        """Register ``fn(control)`` to run once when a saga this service took part in failed."""
+        self._check_not_started()
+        self._on_reject.append(fn)
+        return fn
+
+    @property
+    def command_topics(self) -> tuple[str, ...]:
+        """The command topics with a handler, in registration order."""
+        return tuple(self._handlers)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the consuming task is alive."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Join the consumer group and start consuming in a background task; idempotent."""
+        if self._task is not None:
+            return
+        if not self._handlers:
+            raise SagaStateError(f"participant {self.service_name!r} has no command handlers")
+        await self.broker_pool.start()
+        if self.storage is not None:
+            await self.storage.start()
+        topics = [*self._handlers, self.control_topic]
+        await self.broker_pool.ensure_topics([*topics, self.dead_letter_topic])
+        self._stopping.clear()
+        subscriber = self.broker_pool.subscriber(topics, group_id=self.group_id)
+        await subscriber.start()
+        self._subscriber = subscriber
+        self._task = asyncio.create_task(self._consume(subscriber), name=f"participant-{self.service_name}")
+        _log.info("participant %s consuming %s as group %s", self.service_name, topics, self.group_id)
+
+    async def stop(self, *, grace: float = 10.0) -> None:
+        """Finish the records in hand (up to ``grace`` seconds), then leave the group; idempotent."""
+        task, self._task = self._task, None
+        self._stopping.set()
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), grace)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            except Exception:
+                pass  # logged by _consume
+        subscriber, self._subscriber = self._subscriber, None
+        if subscriber is not None:
+            await subscriber.stop()
+
+    async def run(self) -> None:
+        """Start and consume until `stop` is called (or the consumer fails, which is raised)."""
+        await self.start()
+        task = self._task
+        assert task is not None
+        try:
+            await asyncio.shield(task)
+        finally:
+            if self._task is task:  # failed or cancelled rather than stopped
+                await self.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- handling one record --------------------------------------------------------------------------
+
+    async def handle(self, message: BrokerMessage) -> None:
+        """Process one consumed record completely: reply, run a decision, or dead-letter it.
+
+        The consuming task calls this; it is public for services that run their own consumer.
+
+        Raises:
+            BrokerError: The dead letter itself could not be published (not retriable).
+        """
+        try:
+            if message.topic == self.control_topic:
+                await self._handle_control(message)
+            else:
+                await self._handle_command(message)
+        except _DeadLetter as dead:
+            await self._dead_letter(message, dead.category, dead.reason)
+        except MalformedMessageError as exc:
+            await self._dead_letter(message, "malformed", str(exc))
+
+    async def _handle_command(self, message: BrokerMessage) -> None:
+        command = SagaCommand.from_message(message)
+        handler = self._handlers.get(command.target)
+        if handler is None:
+            raise _DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
+        async with self._key_lock(command.idempotency_key):
+            stored = await self._call(self._replies.get_command_reply, command.idempotency_key)
+            if stored is not None:
+                self.stats.duplicates += 1
+                _log.debug("command %s already handled; re-sending its reply", command.idempotency_key)
+            else:
+                stored = await self._run_handler(handler, command)
+                await self._call(self._replies.put_command_reply, command.idempotency_key, stored)
+            reply = self._reply_message(command, stored)
+            await self._call(self.broker_pool.publisher().send, reply)
+
+    async def _run_handler(self, handler: CommandHandler, command: SagaCommand) -> bytes:
+        """Run ``handler`` and return its reply encoded for the dedup store."""
+        request = CommandContext(
+            content=command.content,
+            user=command.user,
+            idempotency_key=command.idempotency_key,
+            execution_id=command.execution_id,
+            request_id=command.request_id,
+            topic=command.target,
+            saga=command.saga,
+            step=command.step,
+            traceparent=command.traceparent,
+        )
+        self.stats.handled += 1
+        try:
+            result = handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            encoded = encode_json({"status": int(SagaResponseStatus.SUCCESS), "content": result})
+        except SagaBusinessError as exc:
+            self.stats.business_errors += 1
+            _log.info("%s refused command %s: %s", self.service_name, command.idempotency_key, exc)
+            return encode_json({"status": int(SagaResponseStatus.ERROR), "content": {"error": str(exc)}})
+        except Exception as exc:
+            self.stats.system_errors += 1
+            _log.exception("%s handler of %r failed", self.service_name, command.target)
+            error = f"{type(exc).__name__}: {exc}"
+            return encode_json({"status": int(SagaResponseStatus.SYSTEM_ERROR), "content": {"error": error}})
+        self.stats.succeeded += 1
+        return encoded
+
+    def _reply_message(self, command: SagaCommand, stored: bytes) -> BrokerMessage:
+        """The reply to ``command`` built from its stored outcome.
+
+        Addressed from the command just received (reply topic, request id), not from the one first
+        handled, so a replay under the same key that carries a new request id still gets an applicable
+        reply.
+        """
+        data = decode_json(stored, field_name="stored reply")
+        if not isinstance(data, dict) or not isinstance(data.get("status"), int):
+            raise _DeadLetter(
+                "bad_stored_reply", f"stored reply of {command.idempotency_key!r} is unreadable"
+            )
+        response = SagaResponse(
+            content=data.get("content"),
+            status=data["status"],
+            execution_id=command.execution_id,
+            request_id=command.request_id,
+            service_name=self.service_name,
+        )
+        message = response.to_message(command.reply_topic)
+        if command.traceparent is not None:
+            message = replace(message, headers={**message.headers, H_TRACEPARENT: command.traceparent})
+        return message
+
+    async def _handle_control(self, message: BrokerMessage) -> None:
+        control = SagaControl.from_message(message)
+        if control.service != self.service_name:
+            raise MalformedMessageError(
+                H_SERVICE, f"names {control.service[:64]!r}, not {self.service_name!r}"
+            )
+        # Several services may share one store; the decision's own key is per execution and action only.
+        key = f"{self.service_name}:{control.idempotency_key}"
+        async with self._key_lock(key):
+            if await self._call(self._replies.get_command_reply, key) is not None:
+                self.stats.duplicate_decisions += 1
+                return
+            handlers = self._on_commit if control.action == "commit" else self._on_reject
+            for fn in handlers:
+                try:
+                    result = fn(control)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:
+                    _log.exception("%s %s handler failed", self.service_name, control.action)
+                    raise _DeadLetter(
+                        "decision_failed", f"{control.action} handler raised {type(exc).__name__}: {exc}"
+                    ) from exc
+            await self._call(self._replies.put_command_reply, key, encode_json({"decision": control.action}))
+        if control.action == "commit":
+            self.stats.commits += 1
+        else:
+            self.stats.rejects += 1
+
+    async def _dead_letter(self, message: BrokerMessage, category: str, reason: str) -> None:
+        _log.warning(
+            "%s dead-lettering %s[%s]@%s: %s",
+            self.service_name,
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
+        letter = BrokerMessage(
+            topic=self.dead_letter_topic,
+            key=message.key,
+            value=message.value,
+            headers={**message.headers, H_DEAD_LETTER_REASON: reason, H_DEAD_LETTER_TOPIC: message.topic},
+        )
+        await self._retry(self.broker_pool.publisher().send, letter)
+        self.stats.dead_lettered += 1
+        self.stats.dead_letter_reasons[category] = self.stats.dead_letter_reasons.get(category, 0) + 1
+
+    # -- infrastructure calls ----------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """`_retry`, turning a non-retriable broker/storage failure into a dead letter of the record."""
+        try:
+            return await self._retry(fn, *args)
+        except BrokerClosedError:
+            raise
+        except (BrokerError, StorageError) as exc:
+            raise _DeadLetter("infrastructure", f"{type(exc).__name__}: {exc}") from exc
+
+    async def _retry(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Call ``fn``, backing off and retrying while it fails with a retriable error."""
+        delay = self._retry_backoff
+        while True:
+            try:
+                return await fn(*args)
+            except (BrokerError, StorageError) as exc:
+                if not exc.retriable:
+                    raise
+                if self._stopping.is_set():
+                    raise _Abandoned() from exc
+                self.stats.retries += 1
+                _log.warning("%s: %s; retrying in %.2f s", self.service_name, exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self._max_backoff)
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[key]
+
+    # -- consuming ----------------------------------------------------------------------------------------
+
+    async def _consume(self, subscriber: BrokerSubscriber) -> None:
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                poll = asyncio.ensure_future(
+                    subscriber.getmany(timeout=self._poll_timeout, max_records=self._max_records)
+                )
+                await asyncio.wait((poll, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not poll.done():
+                    # Stopping: records fetched by the abandoned poll are not committed, so redelivered.
+                    poll.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, BrokerError):
+                        await poll
+                    break
+                try:
+                    batch = poll.result()
+                except BrokerError as exc:
+                    if not exc.retriable or self._stopping.is_set():
+                        raise
+                    self.stats.retries += 1
+                    _log.warning("%s: poll failed (%s); retrying", self.service_name, exc)
+                    await asyncio.sleep(self._retry_backoff)
+                    continue
+                if batch:
+                    await self._process_batch(subscriber, batch)
+        except BrokerClosedError:
+            if not self._stopping.is_set():
+                _log.error("participant %s: broker closed under it; consumer stopped", self.service_name)
+                raise
+        except Exception:
+            _log.exception("participant %s consumer failed", self.service_name)
+            raise
+        finally:
+            stopping.cancel()
+
+    async def _process_batch(self, subscriber: BrokerSubscriber, batch: Sequence[BrokerMessage]) -> None:
+        """Process partitions concurrently, each in offset order; commit what was fully processed."""
+        by_partition: dict[tuple[str, int | None], list[BrokerMessage]] = {}
+        for message in batch:
+            by_partition.setdefault((message.topic, message.partition), []).append(message)
+        results = await asyncio.gather(
+            *(self._process_partition(records) for records in by_partition.values())
+        )
+        done = [message for processed, _ in results for message in processed]
+        if done:
+            try:
+                await subscriber.commit(done)
+            except BrokerClosedError:
+                raise
+            except BrokerError as exc:
+                # Typically a rebalance moved the partition: its new owner gets the records again and
+                # answers them from the dedup store.
+                _log.warning(
+                    "%s: offset commit failed (%s); records will be redelivered", self.service_name, exc
+                )
+        for _, error in results:
+            if error is not None:
+                raise error
+
+    async def _process_partition(
+        self, records: Sequence[BrokerMessage]
+    ) -> tuple[list[BrokerMessage], BaseException | None]:
+        done: list[BrokerMessage] = []
+        for message in records:
+            try:
+                await self.handle(message)
+            except _Abandoned:
+                return done, None
+            except Exception as exc:
+                return done, exc
+            done.append(message)
+        return done, None
+
+    def _check_not_started(self) -> None:
+        if self._task is not None:
+            raise SagaStateError("handlers must be registered before the participant starts")
