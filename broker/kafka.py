@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import ssl
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -22,13 +20,13 @@ from typing import Any, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.helpers import create_ssl_context
 
 from broker.errors import BrokerClosedError, BrokerConfigError, BrokerConnectionError, BrokerError
 from broker.headers import decode_headers, encode_headers
 from broker.kafka_errors import translate_error
+from broker.kafka_options import client_options, consumer_options, producer_options
 from broker.message import BrokerMessage
-from broker.settings import KafkaSettings, config_error
+from broker.settings import KafkaSettings
 
 __all__ = ["KafkaBrokerPool", "KafkaPublisher", "KafkaSubscriber"]
 
@@ -125,7 +123,7 @@ class KafkaSubscriber:
                 return
             self._pool._producer_or_raise()
             await self._pool._ensure_known(self.topics)
-            consumer = AIOKafkaConsumer(*self.topics, **self._pool._consumer_options(self.group_id))
+            consumer = AIOKafkaConsumer(*self.topics, **consumer_options(self._pool.settings, self.group_id))
             timeout = self._pool.settings.connect_timeout
             try:
                 async with asyncio.timeout(timeout):
@@ -135,23 +133,29 @@ class KafkaSubscriber:
                 if isinstance(exc, TimeoutError):
                     raise BrokerConnectionError(
                         f"joining group {self.group_id!r} on {self._pool.settings.bootstrap_servers} "
-                        f"did not complete within {timeout:g}s",
+                        f"did not complete within {timeout:g}s (connect_timeout)",
                     ) from exc
                 if isinstance(exc, Exception):
                     raise self._pool._translate(exc, f"join group {self.group_id!r}") from exc
                 raise
+            if self._stopped:  # stop() ran while this call was joining
+                await _quietly(consumer.stop())
+                raise BrokerClosedError("subscriber was stopped while joining its group")
             self._consumer = consumer
 
     async def stop(self) -> None:
-        """Leave the group without committing; the group rebalances its partitions. Idempotent."""
-        async with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            consumer, self._consumer = self._consumer, None
-            self._pool._forget(self)
-            if consumer is not None:
-                await _quietly(consumer.stop())
+        """Leave the group without committing; the group rebalances its partitions. Idempotent.
+
+        Does not wait for a ``start()`` in progress: that call notices, leaves the group and raises
+        `BrokerClosedError`.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self._pool._forget(self)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await _quietly(consumer.stop())
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -190,6 +194,10 @@ class KafkaSubscriber:
             if self._stopped:
                 raise BrokerClosedError("subscriber was stopped while fetching") from exc
             raise self._pool._translate(exc, f"fetch from {list(self.topics)}") from exc
+        if self._stopped:
+            # aiokafka returns whatever it had when stopped mid-fetch; this member no longer owns those
+            # records (they are redelivered to the group), so handing them out would invite a double.
+            raise BrokerClosedError("subscriber was stopped while fetching")
         messages: list[BrokerMessage] = []
         for records in batches.values():
             for record in records:
@@ -299,9 +307,9 @@ class KafkaBrokerPool:
                 return
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.settings.connect_timeout
-            common = self._common_options()
+            common = client_options(self.settings)
             producer = await self._connect(
-                lambda: AIOKafkaProducer(**common, **self._producer_options()), deadline, "producer"
+                lambda: AIOKafkaProducer(**common, **producer_options(self.settings)), deadline, "producer"
             )
             try:
                 self._admin = await self._connect(
@@ -433,72 +441,14 @@ class KafkaBrokerPool:
                 if not error.retriable:
                     raise error from exc
                 if remaining <= 0:
+                    detail = str(exc) or type(exc).__name__
                     raise BrokerConnectionError(
                         f"Kafka at {bootstrap} did not answer within "
-                        f"{self.settings.connect_timeout:g}s (connect_timeout): {exc or type(exc).__name__}",
+                        f"{self.settings.connect_timeout:g}s (connect_timeout): {detail}",
                     ) from exc
                 _log.info("Kafka at %s not reachable yet (%s); retrying", bootstrap, exc)
                 await asyncio.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, _MAX_CONNECT_BACKOFF)
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        settings = self.settings
-        if not settings.uses_ssl:
-            return None
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            path = getattr(settings, name)
-            if path is not None and not os.path.isfile(path):
-                raise config_error(name, f"names a file that does not exist: {path}")
-        try:
-            context: ssl.SSLContext = create_ssl_context(
-                cafile=settings.ssl_cafile,
-                certfile=settings.ssl_certfile,
-                keyfile=settings.ssl_keyfile,
-                password=settings.ssl_password,
-            )
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise BrokerConfigError(f"cannot build the SSL context from the ssl_* settings: {exc}") from exc
-        return context
-
-    def _common_options(self) -> dict[str, Any]:
-        settings = self.settings
-        options: dict[str, Any] = {
-            "bootstrap_servers": settings.bootstrap_list,
-            "client_id": settings.client_id,
-            "request_timeout_ms": settings.request_timeout_ms,
-            "retry_backoff_ms": settings.retry_backoff_ms,
-            "security_protocol": settings.security_protocol,
-            "ssl_context": self._ssl_context(),
-        }
-        if settings.uses_sasl:
-            options["sasl_mechanism"] = settings.sasl_mechanism
-            options["sasl_plain_username"] = settings.sasl_plain_username
-            options["sasl_plain_password"] = settings.sasl_plain_password
-        return options
-
-    def _producer_options(self) -> dict[str, Any]:
-        settings = self.settings
-        return {
-            "acks": "all",
-            "enable_idempotence": True,
-            "compression_type": settings.compression_type,
-            "linger_ms": settings.linger_ms,
-            "max_batch_size": settings.max_batch_size,
-        }
-
-    def _consumer_options(self, group_id: str) -> dict[str, Any]:
-        settings = self.settings
-        return {
-            **self._common_options(),
-            "group_id": group_id,
-            "enable_auto_commit": False,
-            "auto_offset_reset": settings.auto_offset_reset,
-            "session_timeout_ms": settings.session_timeout_ms,
-            "heartbeat_interval_ms": settings.heartbeat_interval_ms,
-            "max_poll_interval_ms": settings.max_poll_interval_ms,
-            "max_poll_records": settings.max_poll_records,
-            "fetch_max_wait_ms": settings.fetch_max_wait_ms,
-        }
 
 
 async def _quietly(awaitable: Any) -> None:

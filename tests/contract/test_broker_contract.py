@@ -284,3 +284,17 @@ async def test_start_and_stop_are_idempotent(harness: Harness, name: Callable[[s
         await subscriber.stop()
     await pool.stop()
     await pool.stop()
+
+
+async def test_stop_while_fetching_raises_closed(harness: Harness, name: Callable[[str], str]) -> None:
+    pool = await harness.pool()
+    subscriber = pool.subscriber([name("stop-fetch")], group_id=name("g"))
+    await subscriber.start()
+    fetch = asyncio.create_task(subscriber.getmany(timeout=10))
+    await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await subscriber.stop()
+    with pytest.raises(BrokerClosedError):
+        await fetch
+    assert loop.time() - started < 5
