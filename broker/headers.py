@@ -33,5 +33,14 @@ def decode_headers(raw: Iterable[tuple[str, bytes | None]]) -> tuple[dict[str, s
 
 
 def encode_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
-    """Headers as Kafka carries them: ``(name, UTF-8 bytes)`` pairs."""
-    return [(name, value.encode("utf-8")) for name, value in headers.items()]
+    """Headers as Kafka carries them: ``(name, UTF-8 bytes)`` pairs.
+
+    Raises:
+        TypeError: A name or value is not a string (serializing values is the caller's job).
+    """
+    encoded: list[tuple[str, bytes]] = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"header {name!r} must map a str to a str, got {type(value).__name__}")
+        encoded.append((name, value.encode("utf-8")))
+    return encoded

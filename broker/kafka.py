@@ -65,18 +65,14 @@ class KafkaPublisher:
         if not messages:
             return
         producer = self._pool._producer_or_raise()
+        headers = [encode_headers(message.headers) for message in messages]  # type errors before any send
         await self._pool._ensure_known({message.topic for message in messages})
         futures: list[asyncio.Future[Any]] = []
         failure: BaseException | None = None
-        for message in messages:
+        for message, encoded in zip(messages, headers, strict=True):
             try:
                 futures.append(
-                    await producer.send(
-                        message.topic,
-                        value=message.value,
-                        key=message.key,
-                        headers=encode_headers(message.headers),
-                    )
+                    await producer.send(message.topic, value=message.value, key=message.key, headers=encoded)
                 )
             except Exception as exc:
                 failure = exc
@@ -217,6 +213,9 @@ class KafkaSubscriber:
 
     async def commit(self, messages: Sequence[BrokerMessage]) -> None:
         """Commit, per partition, the offset after the highest of ``messages``.
+
+        This sets the group's committed offset, even below an earlier commit of the same partition, so
+        commit batches in the order they were fetched.
 
         Partitions a rebalance has taken from this member are not committed (a warning is logged): Kafka
         refuses such commits and the new owner re-reads those records, which consumers deduplicate anyway.

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from broker.errors import BrokerClosedError, BrokerConfigError
-from broker.headers import decode_headers
+from broker.headers import decode_headers, encode_headers
 from broker.message import BrokerMessage
 
 __all__ = ["InMemoryBrokerPool", "InMemoryPublisher", "InMemorySubscriber"]
@@ -94,6 +94,7 @@ class InMemorySubscriber:
         self.member_id = next(self._ids)
         # Fetch positions of the assigned partitions, in a stable order.
         self._positions: dict[TopicPartition, int] = {}
+        self._next_partition = 0
         self._wakeup = asyncio.Event()
         self._started = False
         self._stopped = False
@@ -166,6 +167,8 @@ class InMemorySubscriber:
     async def commit(self, messages: Sequence[BrokerMessage]) -> None:
         """Commit, per partition, the offset after the highest of ``messages``.
 
+        Like Kafka, this sets the committed offset, even below an earlier commit of the same partition.
+
         Partitions no longer assigned to this member (a rebalance moved them) are skipped with a warning,
         as Kafka rejects such commits: their records are redelivered to the new owner, which is the
         at-least-once contract anyway.
@@ -176,7 +179,7 @@ class InMemorySubscriber:
             if tp not in self._positions:
                 _log.warning("not committing %s[%d]: partition no longer assigned to this member", *tp)
                 continue
-            group.committed[tp] = max(offset, group.committed.get(tp, 0))
+            group.committed[tp] = offset
 
     # -- internals used by the pool -----------------------------------------------------------------
 
@@ -187,24 +190,34 @@ class InMemorySubscriber:
             raise BrokerClosedError("subscriber is not started; call start() first")
 
     def _fetch(self, max_records: int) -> list[BrokerMessage]:
+        """Take up to ``max_records`` records, starting each call at the next partition.
+
+        Rotating the starting partition keeps one busy partition from starving the others when batches
+        are capped, as Kafka's fetcher does.
+        """
         batch: list[BrokerMessage] = []
-        for tp, position in self._positions.items():
+        partitions = list(self._positions)
+        if not partitions:
+            return batch
+        start = self._next_partition % len(partitions)
+        self._next_partition = start + 1
+        for tp in partitions[start:] + partitions[:start]:
+            position = self._positions[tp]
             log = self._pool._log(tp)
             end = min(len(log), position + max_records - len(batch))
             topic, partition = tp
-            for offset in range(position, end):
-                record = log[offset]
-                batch.append(
-                    BrokerMessage(
-                        topic=topic,
-                        key=record.key,
-                        value=record.value,
-                        headers=dict(record.headers),
-                        partition=partition,
-                        offset=offset,
-                        invalid_headers=record.invalid_headers,
-                    )
+            batch.extend(
+                BrokerMessage(
+                    topic=topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=dict(record.headers),
+                    partition=partition,
+                    offset=offset,
+                    invalid_headers=record.invalid_headers,
                 )
+                for offset, record in enumerate(log[position:end], start=position)
+            )
             self._positions[tp] = max(position, end)
             if len(batch) >= max_records:
                 break
@@ -382,6 +395,7 @@ class InMemoryBrokerPool:
         self._check_open()
         if not isinstance(message.value, bytes | bytearray | memoryview):
             raise TypeError(f"BrokerMessage.value must be bytes, got {type(message.value).__name__}")
+        encode_headers(message.headers)  # same type checks as the Kafka adapter
         logs = self._topic(message.topic)
         if message.key is None:
             partition = self._round_robin[message.topic] % len(logs)

@@ -298,3 +298,22 @@ async def test_stop_while_fetching_raises_closed(harness: Harness, name: Callabl
     with pytest.raises(BrokerClosedError):
         await fetch
     assert loop.time() - started < 5
+
+
+async def test_commit_skips_partitions_lost_to_a_rebalance(
+    harness: Harness, name: Callable[[str], str]
+) -> None:
+    pool = await harness.pool(partitions=4)
+    topic, group = name("revoked"), name("g")
+    await pool.publisher().send_batch([msg(topic, f"k{i}".encode(), str(i).encode()) for i in range(40)])
+    first = pool.subscriber([topic], group_id=group)
+    await first.start()
+    fetched = await consume(first, 40)
+    second = pool.subscriber([topic], group_id=group)
+    await second.start()
+    await wait_for(lambda: len(assignment(first)) == 2 and len(assignment(second)) == 2)
+    await first.commit(fetched)  # no error: the moved partitions are simply not committed
+    moved = assignment(second)
+    expected = {r.value for r in fetched if (r.topic, r.partition) in moved}
+    redelivered = await consume(second, len(expected))
+    assert {r.value for r in redelivered} == expected

@@ -6,7 +6,16 @@ import asyncio
 
 import pytest
 
-from broker import BrokerClientPool, BrokerClosedError, BrokerConfigError, BrokerMessage, InMemoryBrokerPool
+from broker import (
+    BrokerClientPool,
+    BrokerClosedError,
+    BrokerConfigError,
+    BrokerMessage,
+    BrokerPublisher,
+    BrokerSubscriber,
+    InMemoryBrokerPool,
+    KafkaBrokerPool,
+)
 from broker.memory import partition_for_key
 
 
@@ -14,8 +23,11 @@ def msg(topic: str, key: bytes | None, value: bytes = b"v") -> BrokerMessage:
     return BrokerMessage(topic=topic, key=key, value=value)
 
 
-def test_satisfies_the_port() -> None:
-    assert isinstance(InMemoryBrokerPool(), BrokerClientPool)
+def test_adapters_satisfy_the_ports() -> None:
+    for pool in (InMemoryBrokerPool(), KafkaBrokerPool()):
+        assert isinstance(pool, BrokerClientPool)
+        assert isinstance(pool.publisher(), BrokerPublisher)
+        assert isinstance(pool.subscriber(["t"], group_id="g"), BrokerSubscriber)
 
 
 def test_rejects_zero_partitions() -> None:
@@ -117,3 +129,31 @@ async def test_unstarted_subscriber_cannot_fetch() -> None:
     sub = pool.subscriber(["t"], group_id="g")
     with pytest.raises(BrokerClosedError, match="start"):
         await sub.getmany(timeout=0)
+
+
+async def test_capped_fetches_rotate_over_partitions() -> None:
+    async with InMemoryBrokerPool(partitions=2) as pool:
+        keys = {}
+        for i in range(100):  # find one key per partition
+            keys.setdefault(partition_for_key(str(i).encode(), 2), str(i).encode())
+        await pool.publisher().send_batch([msg("t", keys[p]) for p in (0, 1) for _ in range(10)])
+        async with pool.subscriber(["t"], group_id="g") as sub:
+            first = await sub.getmany(timeout=0, max_records=5)
+            second = await sub.getmany(timeout=0, max_records=5)
+        assert {m.partition for m in first} != {m.partition for m in second}
+
+
+async def test_commit_sets_the_offset_like_kafka() -> None:
+    async with InMemoryBrokerPool(partitions=1) as pool:
+        await pool.publisher().send_batch([msg("t", b"k") for _ in range(5)])
+        async with pool.subscriber(["t"], group_id="g") as sub:
+            batch = await sub.getmany(timeout=0)
+            await sub.commit(batch)
+            await sub.commit(batch[:2])
+        assert pool.committed("g", "t", 0) == 2
+
+
+async def test_non_string_header_values_are_rejected() -> None:
+    async with InMemoryBrokerPool() as pool:
+        with pytest.raises(TypeError, match="header 'n'"):
+            await pool.publisher().send(BrokerMessage(topic="t", key=None, value=b"", headers={"n": 1}))  # type: ignore[dict-item]
