@@ -19,16 +19,18 @@ if [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ] || [ -z "${SAGA_DATABASE_URL:-}" ]; the
   eval "$(bash scripts/services.sh env | sed -e 's/^export \([A-Z_]*\)=\(.*\)$/export \1="${\1:-\2}"/')"
 fi
 export KAFKA_BOOTSTRAP_SERVERS SAGA_DATABASE_URL
+# Console scripts of this interpreter, found without relying on PATH shims.
+bin_dir="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 log "Kafka at $KAFKA_BOOTSTRAP_SERVERS"
 
 log "ruff check"
-ruff check .
+"$bin_dir/ruff" check .
 log "ruff format --check"
-ruff format --check .
+"$bin_dir/ruff" format --check .
 log "mypy --strict (saga, broker, storage)"
-mypy
+"$bin_dir/mypy"
 log "import-linter (saga -> broker | storage)"
-lint-imports --no-cache
+"$bin_dir/lint-imports" --no-cache
 
 log "pytest"
 python3 -m pytest -p no:cacheprovider --cov --cov-report=term:skip-covered "$@"
