@@ -345,10 +345,11 @@ async def test_malformed_input_is_dead_lettered_while_good_commands_keep_flowing
             committed = sum(pool.committed("inventory-participant", topic, p) or 0 for p in range(2))
             assert committed == len(pool.topic_messages(topic))
     letters = pool.topic_messages("inventoryDeadLetter")
-    reasons = sorted(m.headers[H_DEAD_LETTER_REASON] for m in letters)
+    # orjson's own wording of the JSON error varies between releases: keep only our part of it.
+    reasons = sorted(m.headers[H_DEAD_LETTER_REASON].partition(" (")[0] for m in letters)
     assert reasons == sorted(
         [
-            "malformed message: value: invalid JSON (unexpected character: line 1 column 2 (char 1))",
+            "malformed message: value: invalid JSON",
             f"malformed message: {H_REPLY_TOPIC}: header missing",
             "malformed message: saga-kind: expected 'command', got 'reply'",
             "malformed message: saga-request-id: not a UUID: 'not-a-uuid'",
