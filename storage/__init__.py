@@ -1,4 +1,10 @@
-"""Persistence for saga executions: the `SagaStorage` port and its adapters."""
+"""Persistence for saga executions: the `SagaStorage` port and its adapters.
+
+`SqlAlchemySagaStorage` is imported on first use, so code that only needs the port or the in-memory adapter
+does not pay for importing SQLAlchemy, its drivers and Alembic.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from storage.errors import (
     ConcurrencyError,
@@ -21,6 +27,9 @@ from storage.records import (
 )
 from storage.status import RECOVERABLE_STATUSES, TERMINAL_STATUSES, SagaStatus
 
+if TYPE_CHECKING:
+    from storage.sql import SqlAlchemySagaStorage
+
 __all__ = [
     "RECOVERABLE_STATUSES",
     "TERMINAL_STATUSES",
@@ -38,7 +47,16 @@ __all__ = [
     "ReplyRecord",
     "SagaStatus",
     "SagaStorage",
+    "SqlAlchemySagaStorage",
     "StepRecord",
     "StorageError",
     "StorageUnavailableError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SqlAlchemySagaStorage":
+        from storage.sql import SqlAlchemySagaStorage
+
+        return SqlAlchemySagaStorage
+    raise AttributeError(f"module 'storage' has no attribute {name!r}")

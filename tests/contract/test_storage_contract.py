@@ -8,6 +8,7 @@ cases move ``updated_at``/``lease_until``/``created_at`` through the backend's h
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -82,6 +83,12 @@ class SqlHarness(Harness):
         async with self.sql.engine.begin() as conn:
             await conn.execute(update(table).where(table.c.id == saga_id).values(**columns))
 
+    async def delete_everything(self) -> None:
+        """Empty the tables (the PostgreSQL schema lives for the whole session)."""
+        async with self.sql.engine.begin() as conn:
+            for table in self.sql.tables.executions.metadata.sorted_tables:
+                await conn.execute(table.delete())
+
     async def expire_outbox_claims(self) -> None:
         from sqlalchemy import update
 
@@ -94,15 +101,21 @@ class SqlHarness(Harness):
             )
 
 
+def _in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run blocking ``fn`` (which may call ``asyncio.run``) off the test's running event loop."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def _pg_schema_url(database_url: str) -> Iterator[tuple[str, str]]:
-    """Create a uniquely named schema for this session and drop it afterwards."""
+    """Create a uniquely named schema for this session, migrate it, and drop it afterwards."""
     import asyncpg  # type: ignore[import-untyped]
     from sqlalchemy.engine import make_url
+
     from storage.migrate import upgrade
 
-    url = make_url(database_url)
     schema = f"saga_contract_{uuid.uuid4().hex[:10]}"
-    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
     async def run(sql: str) -> None:
         conn = await asyncpg.connect(dsn)
@@ -111,12 +124,12 @@ def _pg_schema_url(database_url: str) -> Iterator[tuple[str, str]]:
         finally:
             await conn.close()
 
-    asyncio.run(run(f"CREATE SCHEMA {schema}"))
+    _in_thread(asyncio.run, run(f"CREATE SCHEMA {schema}"))
     try:
-        upgrade(database_url, schema=schema)
+        _in_thread(upgrade, database_url, schema=schema)
         yield database_url, schema
     finally:
-        asyncio.run(run(f"DROP SCHEMA {schema} CASCADE"))
+        _in_thread(asyncio.run, run(f"DROP SCHEMA {schema} CASCADE"))
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +140,6 @@ def pg_contract(database_url: str) -> Iterator[tuple[str, str]]:
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     h: Harness
-    if request.param != "memory" and not hasattr(__import__("storage"), "SqlAlchemySagaStorage"):
-        pytest.skip("SqlAlchemySagaStorage not built yet")  # TODO(storage): remove once it lands
     if request.param == "memory":
         h = MemoryHarness()
     elif request.param == "sqlite":
@@ -139,10 +150,9 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         from storage import SqlAlchemySagaStorage
 
         url, schema = request.getfixturevalue("pg_contract")
-        storage = SqlAlchemySagaStorage(url, schema=schema, auto_migrate=False)
-        h = SqlHarness(storage)
-        await storage.start()
-        await storage.truncate_all()
+        sql = SqlHarness(SqlAlchemySagaStorage(url, schema=schema, auto_migrate=False))
+        await sql.delete_everything()
+        h = sql
     await h.storage.start()
     try:
         yield h

@@ -1,0 +1,1 @@
+"""Alembic migrations of the saga tables, shipped inside the package and run by `storage.migrate`."""

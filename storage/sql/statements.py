@@ -1,0 +1,360 @@
+"""Every Core statement the SQL storage runs, built once per storage and reused.
+
+Building them once keeps the hot path to "look up the compiled form in SQLAlchemy's cache and bind the
+parameters": no ORM, no per-call statement construction. All values are bound parameters; the only
+literals are the status constants the recovery query filters on, which must be literals so PostgreSQL can
+match its partial index (``status = 'paused'``) even under a generic prepared-statement plan.
+
+Time is the one thing that differs by backend (`Clock`): on PostgreSQL "now" is the server's ``now()``, so
+``updated_at``, leases and staleness all use the database clock whichever host the workers run on; SQLite
+has no server, so the client's UTC time goes in as a parameter under the same names.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Delete,
+    Insert,
+    Integer,
+    Interval,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from storage.sql.schema import SagaTables
+from storage.sql.types import UtcDateTime
+from storage.status import RECOVERABLE_STATUSES, SagaStatus
+
+__all__ = ["Clock", "RecoveryFilter", "Statements"]
+
+
+def _p(name: str, type_: Any = None) -> Any:
+    # Every parameter is prefixed so it can never collide with a column's automatic SET/VALUES parameter.
+    return bindparam(f"p_{name}", type_=type_)
+
+
+class Clock:
+    """Where "now" comes from in SQL: the server's clock, or a parameter the client fills in."""
+
+    def __init__(self, *, server: bool) -> None:
+        self.server = server
+
+    def now(self) -> ColumnElement[datetime]:
+        """The current time inside a statement."""
+        if self.server:
+            return func.now(type_=UtcDateTime())
+        return bindparam("p_now", type_=UtcDateTime())
+
+    def shifted(self, name: str) -> ColumnElement[datetime]:
+        """``now`` plus the number of seconds given (via `params`) under ``name``."""
+        if self.server:
+            return func.now(type_=UtcDateTime()) + bindparam(f"p_{name}", type_=Interval())
+        return bindparam(f"p_{name}", type_=UtcDateTime())
+
+    def params(self, **shifts: float) -> dict[str, Any]:
+        """Parameters for `now` and every `shifted` name used by a statement."""
+        if self.server:
+            return {f"p_{k}": timedelta(seconds=v) for k, v in shifts.items()}
+        now = datetime.now(UTC)
+        out: dict[str, Any] = {f"p_{k}": now + timedelta(seconds=v) for k, v in shifts.items()}
+        out["p_now"] = now
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryFilter:
+    """Which optional recovery predicates a statement variant carries."""
+
+    stale: bool
+    by_name: bool
+
+
+@dataclass(slots=True)
+class Statements:
+    """The prepared statements of one storage (one dialect, one clock)."""
+
+    tables: SagaTables
+    clock: Clock
+    dialect: str
+    insert_execution: Insert = field(init=False)
+    save: Update = field(init=False)
+    version_of: Select[int] = field(init=False)
+    load: Select[Any] = field(init=False)
+    by_idempotency_key: Select[Any] = field(init=False)
+    id_by_idempotency_key: Select[uuid.UUID] = field(init=False)
+    increment_attempts: Update = field(init=False)
+    increment_attempts_status: Update = field(init=False)
+    set_attempts: Update = field(init=False)
+    claim: Update = field(init=False)
+    renew: Update = field(init=False)
+    release: Update = field(init=False)
+    insert_reply: Insert = field(init=False)
+    list_replies: Select[Any] = field(init=False)
+    insert_outbox: Insert = field(init=False)
+    fetch_outbox: Update = field(init=False)
+    mark_sent: Update = field(init=False)
+    get_command_reply: Select[bytes] = field(init=False)
+    put_command_reply: Insert = field(init=False)
+    count_by_status: Select[str, int] = field(init=False)
+    _recovery_ids: dict[RecoveryFilter, Select[uuid.UUID]] = field(init=False, default_factory=dict)
+    _recovery_claims: dict[RecoveryFilter, Update] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = self.tables.executions
+        now = self.clock.now
+        bump = {"version": t.c.version + 1, "updated_at": now()}
+        every = list(t.c)
+
+        self.insert_execution = (
+            t.insert()
+            .values(
+                id=_p("id"),
+                name=_p("name"),
+                definition_version=_p("definition_version"),
+                status=_p("status"),
+                state=_p("state"),
+                steps=_p("steps"),
+                version=1,
+                recovery_attempts=_p("recovery_attempts"),
+                idempotency_key=_p("idempotency_key"),
+                user=_p("user"),
+                reply_deadline=_p("reply_deadline"),
+                owner=_p("owner"),
+                lease_until=_p("lease_until"),
+                error=_p("error"),
+                created_at=now(),
+                updated_at=now(),
+            )
+            .returning(t.c.created_at, t.c.updated_at)
+        )
+        self.save = (
+            update(t)
+            .where(t.c.id == _p("id"), t.c.version == _p("version"))
+            .values(
+                status=_p("status"),
+                state=_p("state"),
+                steps=_p("steps"),
+                recovery_attempts=_p("recovery_attempts"),
+                user=_p("user"),
+                reply_deadline=_p("reply_deadline"),
+                error=_p("error"),
+                **bump,
+            )
+            .returning(t.c.version, t.c.updated_at, t.c.owner, t.c.lease_until, t.c.created_at)
+        )
+        self.version_of = select(t.c.version).where(t.c.id == _p("id"))
+        self.load = select(*every).where(t.c.id == _p("id"))
+        self.by_idempotency_key = select(*every).where(t.c.idempotency_key == _p("key"))
+        self.id_by_idempotency_key = select(t.c.id).where(t.c.idempotency_key == _p("key"))
+
+        by_id = t.c.id == _p("id")
+        self.increment_attempts = (
+            update(t)
+            .where(by_id)
+            .values(recovery_attempts=t.c.recovery_attempts + 1, **bump)
+            .returning(t.c.id)
+        )
+        self.increment_attempts_status = (
+            update(t)
+            .where(by_id)
+            .values(recovery_attempts=t.c.recovery_attempts + 1, status=_p("status"), **bump)
+            .returning(t.c.id)
+        )
+        self.set_attempts = (
+            update(t).where(by_id).values(recovery_attempts=_p("attempts"), **bump).returning(t.c.id)
+        )
+
+        owner = _p("owner")
+        self.claim = (
+            update(t)
+            .where(
+                by_id,
+                or_(
+                    t.c.owner.is_(None),
+                    t.c.owner == owner,
+                    t.c.lease_until.is_(None),
+                    t.c.lease_until < now(),
+                ),
+            )
+            .values(owner=owner, lease_until=self.clock.shifted("lease"), **bump)
+            .returning(*every)
+        )
+        self.renew = (
+            update(t)
+            .where(by_id, t.c.owner == owner)
+            .values(lease_until=self.clock.shifted("lease"))
+            .returning(t.c.id)
+        )
+        self.release = (
+            update(t)
+            .where(by_id, t.c.owner == owner)
+            .values(owner=None, lease_until=None, **bump)
+            .returning(t.c.id)
+        )
+
+        r = self.tables.replies
+        self.insert_reply = r.insert().values(
+            execution_id=_p("execution_id"),
+            request_id=_p("request_id"),
+            status=_p("status"),
+            outcome=_p("outcome"),
+            reason=_p("reason"),
+            received_at=func.coalesce(_p("received_at", UtcDateTime()), now()),
+        )
+        self.list_replies = (
+            select(r.c.execution_id, r.c.request_id, r.c.status, r.c.outcome, r.c.reason, r.c.received_at)
+            .where(r.c.execution_id == _p("id"))
+            .order_by(r.c.id)
+        )
+
+        o = self.tables.outbox
+        self.insert_outbox = o.insert().values(
+            execution_id=_p("execution_id"),
+            topic=_p("topic"),
+            key=_p("key"),
+            value=_p("value"),
+            headers=_p("headers"),
+            created_at=now(),
+        )
+        pick = (
+            select(o.c.id)
+            .where(o.c.sent_at.is_(None), or_(o.c.claimed_until.is_(None), o.c.claimed_until < now()))
+            .order_by(o.c.id)
+            .limit(_p("limit", Integer()))
+        )
+        self.fetch_outbox = (
+            update(o)
+            .where(o.c.id.in_(self._lock(pick)))
+            .values(claimed_by=_p("owner"), claimed_until=self.clock.shifted("lease"))
+            .returning(o.c.id, o.c.execution_id, o.c.topic, o.c.key, o.c.value, o.c.headers, o.c.created_at)
+        )
+        self.mark_sent = (
+            update(o)
+            .where(o.c.id.in_(bindparam("p_ids", expanding=True)), o.c.sent_at.is_(None))
+            .values(sent_at=now())
+        )
+
+        c = self.tables.command_replies
+        self.get_command_reply = select(c.c.reply).where(c.c.idempotency_key == _p("key"))
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self.put_command_reply = (
+            insert(c)
+            .values(idempotency_key=_p("key"), reply=_p("reply"), created_at=now())
+            .on_conflict_do_nothing(index_elements=[c.c.idempotency_key])
+        )
+        self.count_by_status = select(t.c.status, func.count()).group_by(t.c.status)
+
+    def _lock(self, pick: Select[Any]) -> Select[Any]:
+        # PostgreSQL: concurrent claimers skip each other's rows instead of queueing behind them. SQLite
+        # serialises writers, and one UPDATE ... WHERE id IN (subquery) is atomic there.
+        if self.dialect == "postgresql":
+            return pick.with_for_update(skip_locked=True)
+        return pick
+
+    # -- recovery --------------------------------------------------------------------------------------
+
+    def _recoverable(self, flt: RecoveryFilter) -> ColumnElement[bool]:
+        t = self.tables.executions
+        statuses = sorted(s.value for s in RECOVERABLE_STATUSES)
+        conditions: list[ColumnElement[bool]] = [
+            or_(
+                t.c.status.in_([literal_column(f"'{s}'") for s in statuses]),
+                and_(
+                    t.c.status == literal_column(f"'{SagaStatus.PAUSED.value}'"),
+                    t.c.reply_deadline < self.clock.now(),
+                ),
+            ),
+            t.c.recovery_attempts < _p("max_attempts", Integer()),
+        ]
+        if flt.stale:
+            conditions.append(t.c.updated_at < self.clock.shifted("stale"))
+        if flt.by_name:
+            conditions.append(t.c.name == _p("name"))
+        return and_(*conditions)
+
+    def recovery_ids(self, flt: RecoveryFilter) -> Select[uuid.UUID]:
+        """``SELECT id`` of recoverable executions, oldest ``updated_at`` first (python-cqrs's query)."""
+        stmt = self._recovery_ids.get(flt)
+        if stmt is None:
+            t = self.tables.executions
+            stmt = (
+                select(t.c.id)
+                .where(self._recoverable(flt))
+                .order_by(t.c.updated_at, t.c.id)
+                .limit(_p("limit", Integer()))
+            )
+            self._recovery_ids[flt] = stmt
+        return stmt
+
+    def recovery_claim(self, flt: RecoveryFilter) -> Update:
+        """One ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING *`` claim."""
+        stmt = self._recovery_claims.get(flt)
+        if stmt is None:
+            t = self.tables.executions
+            now = self.clock.now
+            pick = (
+                select(t.c.id)
+                .where(
+                    self._recoverable(flt),
+                    or_(t.c.owner.is_(None), t.c.lease_until.is_(None), t.c.lease_until < now()),
+                )
+                .order_by(t.c.updated_at, t.c.id)
+                .limit(_p("limit", Integer()))
+            )
+            stmt = (
+                update(t)
+                .where(t.c.id.in_(self._lock(pick)))
+                .values(
+                    owner=_p("owner"),
+                    lease_until=self.clock.shifted("lease"),
+                    version=t.c.version + 1,
+                    updated_at=now(),
+                )
+                .returning(*t.c)
+            )
+            self._recovery_claims[flt] = stmt
+        return stmt
+
+    def delete_all(self) -> list[Delete]:
+        """``DELETE`` of every row of every table (test helper; no ``TRUNCATE`` on SQLite)."""
+        return [tbl.delete() for tbl in (self.tables.executions, self.tables.replies, self.tables.outbox)] + [
+            self.tables.command_replies.delete()
+        ]
+
+
+def recovery_params(
+    clock: Clock,
+    *,
+    limit: int,
+    max_recovery_attempts: int,
+    stale_after_seconds: int | None,
+    saga_name: str | None,
+    extra: Mapping[str, Any] | None = None,
+    **shifts: float,
+) -> tuple[RecoveryFilter, dict[str, Any]]:
+    """The statement variant and its parameters for a recovery call."""
+    if stale_after_seconds is not None:
+        shifts["stale"] = -float(stale_after_seconds)
+    params = clock.params(**shifts)
+    params["p_limit"] = limit
+    params["p_max_attempts"] = max_recovery_attempts
+    if saga_name is not None:
+        params["p_name"] = saga_name
+    if extra:
+        params.update(extra)
+    return RecoveryFilter(stale=stale_after_seconds is not None, by_name=saga_name is not None), params

@@ -1,0 +1,475 @@
+"""`SqlAlchemySagaStorage`: the `SagaStorage` port on SQLAlchemy 2 Core, for PostgreSQL and SQLite.
+
+One code path for both backends: the same Core statements (`storage.sql.statements`) over portable column
+types (`storage.sql.types`). What differs is confined to three places: where "now" comes from (the
+PostgreSQL server's clock, the client's on SQLite), ``FOR UPDATE SKIP LOCKED`` in the claiming subqueries
+(PostgreSQL only; SQLite serialises writers), and how a transaction is opened.
+
+Round trips, because they are the cost (DESIGN §7): ``create`` and ``save`` without outbox rows or a reply
+are one autocommit statement each; with them, one explicit transaction. A ``save`` that matched no row
+spends one more ``SELECT`` to tell "not found" from "stale version". Claims are a single conditional
+``UPDATE ... RETURNING``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+from sqlalchemy import URL, ColumnElement, event, func, make_url, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from storage.errors import (
+    ConcurrencyError,
+    DuplicateIdempotencyKeyError,
+    DuplicateReplyError,
+    ExecutionNotFoundError,
+)
+from storage.migrate import connect_args, upgrade_async
+from storage.records import (
+    ExecutionQuery,
+    ExecutionRecord,
+    OutboxMessage,
+    OutboxRecord,
+    QueryResult,
+    ReplyRecord,
+    StepRecord,
+)
+from storage.sql import codec
+from storage.sql.connections import ConnectionHolder, ErrorTranslator
+from storage.sql.schema import SagaTables, tables
+from storage.sql.statements import Clock, Statements, recovery_params
+from storage.status import SagaStatus
+
+__all__ = ["SqlAlchemySagaStorage"]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run while a writer commits; the busy timeout makes a second process wait for the
+    # write lock instead of failing at once.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+    finally:
+        cursor.close()
+
+
+class SqlAlchemySagaStorage:
+    """`SagaStorage` on PostgreSQL (``postgresql+asyncpg://``) or SQLite (``sqlite+aiosqlite://``).
+
+    Args:
+        url: SQLAlchemy async URL. May be omitted when ``engine`` is given.
+        echo: Log every statement (SQLAlchemy's ``echo``).
+        pool_size: How many connections the storage keeps open, i.e. how many statements run at once.
+            SQLite always uses one: it has a single writer anyway, and one connection avoids lock waits.
+        auto_migrate: Bring the tables up to date (Alembic ``head``) in `start`.
+        engine: Use this engine instead of creating one; the storage then does not dispose it on `stop`.
+        schema: PostgreSQL schema holding the tables (set as the connections' ``search_path``); only
+            applied to an engine the storage creates.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        echo: bool = False,
+        pool_size: int = 10,
+        auto_migrate: bool = True,
+        engine: AsyncEngine | None = None,
+        schema: str | None = None,
+    ) -> None:
+        if engine is None:
+            if url is None:
+                raise ValueError("SqlAlchemySagaStorage needs a url or an engine")
+            url_text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+            options: dict[str, Any] = {"echo": echo, "json_deserializer": orjson.loads}
+            if make_url(url_text).get_backend_name() != "sqlite":
+                options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+            engine = create_async_engine(url_text, connect_args=connect_args(url_text, schema), **options)
+            self._owns_engine = True
+        else:
+            self._owns_engine = False
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        self._sqlite = self._dialect == "sqlite"
+        if self._sqlite:
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        self._url = engine.url.render_as_string(hide_password=True)
+        self._auto_migrate = auto_migrate
+        self._started = False
+        self._tables = tables
+        self._clock = Clock(server=not self._sqlite)
+        self._s = Statements(tables, self._clock, self._dialect)
+        self._db = ConnectionHolder(
+            engine, 1 if self._sqlite else pool_size, begin_sql="BEGIN IMMEDIATE" if self._sqlite else "BEGIN"
+        )
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine (for migrations, admin queries and tests)."""
+        return self._engine
+
+    @property
+    def tables(self) -> SagaTables:
+        """The Core tables the storage reads and writes."""
+        return self._tables
+
+    def __repr__(self) -> str:
+        return f"SqlAlchemySagaStorage({self._url!r})"
+
+    def _guard(self, operation: str) -> ErrorTranslator:
+        return ErrorTranslator(self._url, operation)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate the schema to ``head`` if ``auto_migrate`` (once per storage); idempotent."""
+        if self._started:
+            return
+        if self._auto_migrate:
+            with self._guard("migrate"):
+                await upgrade_async(engine=self._engine)
+        self._started = True
+
+    async def stop(self) -> None:
+        """Close the storage's connections (and its engine, if it created it); idempotent."""
+        await self._db.close()
+        if self._owns_engine:
+            await self._engine.dispose()
+        self._started = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- executions ------------------------------------------------------------------------------------
+
+    async def create(
+        self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()
+    ) -> ExecutionRecord:
+        """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
+        params = codec.insert_params(record)
+        params.update(self._clock.params())
+        with self._guard("create"):
+            try:
+                if outbox:
+                    async with self._db.transaction() as conn:
+                        row = (await conn.execute(self._s.insert_execution, params)).one()
+                        await self._insert_outbox(conn, record.id, outbox)
+                else:
+                    async with self._db.connect() as conn:
+                        row = (await conn.execute(self._s.insert_execution, params)).one()
+            except sa_exc.IntegrityError as error:
+                await self._raise_create_conflict(record, error)
+        return dataclasses.replace(record, version=1, created_at=row[0], updated_at=row[1])
+
+    async def _raise_create_conflict(self, record: ExecutionRecord, error: sa_exc.IntegrityError) -> None:
+        if record.idempotency_key is not None:
+            async with self._db.connect() as conn:
+                existing = (
+                    await conn.execute(self._s.id_by_idempotency_key, {"p_key": record.idempotency_key})
+                ).scalar()
+            if existing is not None:
+                raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
+        # Otherwise the primary key: the caller expected no execution with this id (version 0).
+        raise ConcurrencyError(record.id, 0) from error
+
+    async def _insert_outbox(
+        self, conn: AsyncConnection, execution_id: uuid.UUID, outbox: Sequence[OutboxMessage]
+    ) -> None:
+        rows = codec.outbox_params(execution_id, outbox)
+        if not self._clock.server:
+            now = self._clock.params()
+            for row in rows:
+                row.update(now)
+        await conn.execute(self._s.insert_outbox, rows)
+
+    async def load(self, saga_id: uuid.UUID) -> ExecutionRecord:
+        """Return the stored execution; see `SagaStorage.load`."""
+        with self._guard("load"):
+            async with self._db.connect() as conn:
+                row = (await conn.execute(self._s.load, {"p_id": saga_id})).first()
+        if row is None:
+            raise ExecutionNotFoundError(saga_id)
+        return codec.execution_from_row(row)
+
+    async def find_by_idempotency_key(self, idempotency_key: str) -> ExecutionRecord | None:
+        """Return the execution started with this key, if any."""
+        with self._guard("find_by_idempotency_key"):
+            async with self._db.connect() as conn:
+                row = (await conn.execute(self._s.by_idempotency_key, {"p_key": idempotency_key})).first()
+        return None if row is None else codec.execution_from_row(row)
+
+    async def save(
+        self,
+        record: ExecutionRecord,
+        *,
+        outbox: Sequence[OutboxMessage] = (),
+        reply: ReplyRecord | None = None,
+    ) -> ExecutionRecord:
+        """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`."""
+        params = codec.save_params(record)
+        params.update(self._clock.params())
+        with self._guard("save"):
+            if not outbox and reply is None:
+                async with self._db.connect() as conn:
+                    row = (await conn.execute(self._s.save, params)).first()
+                    if row is None:
+                        await self._raise_save_conflict(conn, record)
+            else:
+                async with self._db.transaction() as conn:
+                    row = (await conn.execute(self._s.save, params)).first()
+                    if row is None:
+                        await self._raise_save_conflict(conn, record)
+                    if reply is not None:
+                        await self._insert_reply(conn, reply)
+                    if outbox:
+                        await self._insert_outbox(conn, record.id, outbox)
+        assert row is not None
+        version, updated_at, owner, lease_until, created_at = row
+        return dataclasses.replace(
+            record,
+            version=version,
+            updated_at=updated_at,
+            owner=owner,
+            lease_until=lease_until,
+            created_at=created_at,
+        )
+
+    async def _raise_save_conflict(self, conn: AsyncConnection, record: ExecutionRecord) -> None:
+        stored = (await conn.execute(self._s.version_of, {"p_id": record.id})).scalar()
+        if stored is None:
+            raise ExecutionNotFoundError(record.id)
+        raise ConcurrencyError(record.id, record.version)
+
+    async def _insert_reply(self, conn: AsyncConnection, reply: ReplyRecord) -> None:
+        params = codec.reply_params(reply)
+        params.update(self._clock.params())
+        try:
+            await conn.execute(self._s.insert_reply, params)
+        except sa_exc.IntegrityError as error:
+            if reply.outcome == "applied":
+                raise DuplicateReplyError(reply.execution_id, reply.request_id) from error
+            raise
+
+    async def get_steps(self, saga_id: uuid.UUID) -> list[StepRecord]:
+        """Step history, oldest first; see `SagaStorage.get_steps`."""
+        return list((await self.load(saga_id)).steps)
+
+    async def query(self, query: ExecutionQuery | None = None) -> QueryResult:
+        """Filtered page of executions, newest first, with the total; see `SagaStorage.query`."""
+        q = query or ExecutionQuery()
+        t = self._tables.executions
+        where: list[ColumnElement[bool]] = []
+        if q.statuses is not None:
+            where.append(t.c.status.in_([SagaStatus(s).value for s in q.statuses]))
+        if q.names is not None:
+            where.append(t.c.name.in_(list(q.names)))
+        if q.created_after is not None:
+            where.append(t.c.created_at >= q.created_after)
+        if q.created_before is not None:
+            where.append(t.c.created_at < q.created_before)
+        if q.updated_after is not None:
+            where.append(t.c.updated_at >= q.updated_after)
+        if q.updated_before is not None:
+            where.append(t.c.updated_at < q.updated_before)
+        page = (
+            select(*t.c)
+            .where(*where)
+            .order_by(t.c.created_at.desc(), t.c.id.desc())
+            .offset(q.offset)
+            .limit(q.limit)
+        )
+        total = select(func.count()).select_from(t).where(*where)
+        with self._guard("query"):
+            async with self._db.connect() as conn:
+                rows = (await conn.execute(page)).all()
+                count = (await conn.execute(total)).scalar_one()
+        return QueryResult(rows=[codec.execution_from_row(r) for r in rows], total=count)
+
+    async def count_by_status(self) -> dict[SagaStatus, int]:
+        """Executions per status; statuses with none are omitted."""
+        with self._guard("count_by_status"):
+            async with self._db.connect() as conn:
+                rows = (await conn.execute(self._s.count_by_status)).all()
+        return {SagaStatus(status): count for status, count in rows}
+
+    # -- recovery --------------------------------------------------------------------------------------
+
+    async def get_sagas_for_recovery(
+        self,
+        limit: int,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: int | None = None,
+        saga_name: str | None = None,
+    ) -> list[uuid.UUID]:
+        """Ids to recover, oldest ``updated_at`` first; see `SagaStorage.get_sagas_for_recovery`."""
+        flt, params = recovery_params(
+            self._clock,
+            limit=limit,
+            max_recovery_attempts=max_recovery_attempts,
+            stale_after_seconds=stale_after_seconds,
+            saga_name=saga_name,
+        )
+        with self._guard("get_sagas_for_recovery"):
+            async with self._db.connect() as conn:
+                ids = (await conn.execute(self._s.recovery_ids(flt), params)).scalars().all()
+        return [codec.as_uuid(i) for i in ids]
+
+    async def _update_one(self, operation: str, statement: Any, params: dict[str, Any]) -> bool:
+        """Run a single-row ``UPDATE ... RETURNING id``; whether it matched."""
+        params.update(self._clock.params())
+        with self._guard(operation):
+            async with self._db.connect() as conn:
+                return (await conn.execute(statement, params)).first() is not None
+
+    async def _require(self, saga_id: uuid.UUID) -> None:
+        with self._guard("load"):
+            async with self._db.connect() as conn:
+                found = (await conn.execute(self._s.version_of, {"p_id": saga_id})).first()
+        if found is None:
+            raise ExecutionNotFoundError(saga_id)
+
+    async def increment_recovery_attempts(
+        self, saga_id: uuid.UUID, new_status: SagaStatus | None = None
+    ) -> None:
+        """Add one to ``recovery_attempts`` (and set the status) in one statement."""
+        if new_status is None:
+            matched = await self._update_one("increment", self._s.increment_attempts, {"p_id": saga_id})
+        else:
+            matched = await self._update_one(
+                "increment",
+                self._s.increment_attempts_status,
+                {"p_id": saga_id, "p_status": SagaStatus(new_status).value},
+            )
+        if not matched:
+            raise ExecutionNotFoundError(saga_id)
+
+    async def set_recovery_attempts(self, saga_id: uuid.UUID, attempts: int) -> None:
+        """Set ``recovery_attempts`` (0 re-enables recovery; the maximum excludes the execution)."""
+        params = {"p_id": saga_id, "p_attempts": attempts}
+        if not await self._update_one("set_recovery_attempts", self._s.set_attempts, params):
+            raise ExecutionNotFoundError(saga_id)
+
+    # -- claims ----------------------------------------------------------------------------------------
+
+    async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> ExecutionRecord | None:
+        """Conditional ``UPDATE`` taking the claim; ``None`` if another owner's lease is live."""
+        params = self._clock.params(lease=lease_seconds)
+        params.update(p_id=saga_id, p_owner=owner)
+        with self._guard("claim"):
+            async with self._db.connect() as conn:
+                row = (await conn.execute(self._s.claim, params)).first()
+                if row is None:
+                    if (await conn.execute(self._s.version_of, {"p_id": saga_id})).first() is None:
+                        raise ExecutionNotFoundError(saga_id)
+                    return None
+        return codec.execution_from_row(row)
+
+    async def claim_for_recovery(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        max_recovery_attempts: int = 5,
+        stale_after_seconds: int | None = None,
+        saga_name: str | None = None,
+    ) -> list[ExecutionRecord]:
+        """Claim up to ``limit`` recoverable, unclaimed executions in one statement."""
+        flt, params = recovery_params(
+            self._clock,
+            limit=limit,
+            max_recovery_attempts=max_recovery_attempts,
+            stale_after_seconds=stale_after_seconds,
+            saga_name=saga_name,
+            extra={"p_owner": owner},
+            lease=lease_seconds,
+        )
+        with self._guard("claim_for_recovery"):
+            async with self._db.connect() as conn:
+                rows = (await conn.execute(self._s.recovery_claim(flt), params)).all()
+        return [codec.execution_from_row(r) for r in rows]
+
+    async def renew_claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> bool:
+        """Extend ``owner``'s lease (no version bump); ``False`` if it no longer holds the claim."""
+        params = self._clock.params(lease=lease_seconds)
+        params.update(p_id=saga_id, p_owner=owner)
+        if await self._update_one("renew_claim", self._s.renew, params):
+            return True
+        await self._require(saga_id)
+        return False
+
+    async def release_claim(self, saga_id: uuid.UUID, owner: str) -> None:
+        """Drop ``owner``'s claim; a no-op if someone else (or no one) holds it."""
+        if not await self._update_one("release_claim", self._s.release, {"p_id": saga_id, "p_owner": owner}):
+            await self._require(saga_id)
+
+    # -- replies ---------------------------------------------------------------------------------------
+
+    async def record_reply(self, reply: ReplyRecord) -> None:
+        """Record a reply for the audit trail; an ``applied`` one is deduplicated like in `save`."""
+        with self._guard("record_reply"):
+            async with self._db.connect() as conn:
+                await self._insert_reply(conn, reply)
+
+    async def list_replies(self, saga_id: uuid.UUID) -> list[ReplyRecord]:
+        """Every reply recorded for an execution, in arrival order."""
+        with self._guard("list_replies"):
+            async with self._db.connect() as conn:
+                rows = (await conn.execute(self._s.list_replies, {"p_id": saga_id})).all()
+        return [codec.reply_from_row(r) for r in rows]
+
+    # -- outbox ----------------------------------------------------------------------------------------
+
+    async def fetch_outbox(
+        self, limit: int = 100, *, owner: str | None = None, lease_seconds: float = 30.0
+    ) -> list[OutboxRecord]:
+        """Claim up to ``limit`` unsent rows, oldest first, for ``lease_seconds``."""
+        params = self._clock.params(lease=lease_seconds)
+        params.update(p_limit=limit, p_owner=owner)
+        with self._guard("fetch_outbox"):
+            async with self._db.connect() as conn:
+                rows = (await conn.execute(self._s.fetch_outbox, params)).all()
+        return sorted((codec.outbox_from_row(r) for r in rows), key=lambda r: r.id)
+
+    async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
+        """Mark rows as published so no relay fetches them again."""
+        if not ids:
+            return
+        params = self._clock.params()
+        params["p_ids"] = list(ids)
+        with self._guard("mark_outbox_sent"):
+            async with self._db.connect() as conn:
+                await conn.execute(self._s.mark_sent, params)
+
+    # -- participant side ------------------------------------------------------------------------------
+
+    async def get_command_reply(self, idempotency_key: str) -> bytes | None:
+        """The stored reply of a command already handled under this key."""
+        with self._guard("get_command_reply"):
+            async with self._db.connect() as conn:
+                reply = (await conn.execute(self._s.get_command_reply, {"p_key": idempotency_key})).scalar()
+        return None if reply is None else bytes(reply)
+
+    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
+        """Remember a command's reply; the first write wins (``INSERT ... ON CONFLICT DO NOTHING``)."""
+        params = self._clock.params()
+        params.update(p_key=idempotency_key, p_reply=reply)
+        with self._guard("put_command_reply"):
+            async with self._db.connect() as conn:
+                await conn.execute(self._s.put_command_reply, params)
