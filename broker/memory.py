@@ -66,11 +66,15 @@ class InMemoryPublisher:
 
     async def send(self, message: BrokerMessage) -> None:
         """Append ``message`` to its topic's log."""
-        self._pool._append(message)
+        await self.send_batch((message,))
 
     async def send_batch(self, messages: Sequence[BrokerMessage]) -> None:
-        """Append every message, in order; fails before appending anything if the pool is stopped."""
+        """Append every message, in order, or none when the pool is stopped or a message is malformed."""
+        # Yield like a network round trip would, so a loop that only publishes cannot starve other tasks.
+        await asyncio.sleep(0)
         self._pool._check_open()
+        for message in messages:
+            _check_message(message)
         for message in messages:
             self._pool._append(message)
 
@@ -118,6 +122,7 @@ class InMemorySubscriber:
         self._stopped = True
         if self._started:
             self._pool._leave(self)
+        self._pool._forget(self)
         self._positions.clear()
         self._wakeup.set()
 
@@ -149,6 +154,7 @@ class InMemorySubscriber:
             raise BrokerConfigError(f"max_records must be >= 1, got {max_records}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0.0)
+        await asyncio.sleep(0)  # always yield, as a fetch from Kafka does: no starvation in tight loops
         while True:
             self._check_active()
             self._wakeup.clear()
@@ -231,6 +237,17 @@ class InMemorySubscriber:
 
     def _notify(self) -> None:
         self._wakeup.set()
+
+
+def _check_message(message: BrokerMessage) -> None:
+    """Reject what Kafka's producer would reject, so tests on memory catch it too."""
+    if not isinstance(message.value, bytes | bytearray | memoryview):
+        raise TypeError(f"BrokerMessage.value must be bytes, got {type(message.value).__name__}")
+    if message.key is not None and not isinstance(message.key, bytes | bytearray | memoryview):
+        raise TypeError(f"BrokerMessage.key must be bytes or None, got {type(message.key).__name__}")
+    if not message.topic:
+        raise BrokerConfigError("BrokerMessage.topic must not be empty")
+    encode_headers(message.headers)
 
 
 def _next_offsets(messages: Sequence[BrokerMessage]) -> dict[TopicPartition, int]:
@@ -360,6 +377,7 @@ class InMemoryBrokerPool:
         (invalid UTF-8, null values) and see it surface in ``invalid_headers``.
         """
         decoded, invalid = decode_headers(headers)
+        self._check_open()
         self._append(
             BrokerMessage(topic=topic, key=key, value=value, headers=decoded, invalid_headers=invalid)
         )
@@ -393,9 +411,6 @@ class InMemoryBrokerPool:
 
     def _append(self, message: BrokerMessage) -> None:
         self._check_open()
-        if not isinstance(message.value, bytes | bytearray | memoryview):
-            raise TypeError(f"BrokerMessage.value must be bytes, got {type(message.value).__name__}")
-        encode_headers(message.headers)  # same type checks as the Kafka adapter
         logs = self._topic(message.topic)
         if message.key is None:
             partition = self._round_robin[message.topic] % len(logs)
@@ -415,6 +430,10 @@ class InMemoryBrokerPool:
             for member in group.members:
                 if tp in member._positions:
                     member._notify()
+
+    def _forget(self, subscriber: InMemorySubscriber) -> None:
+        if subscriber in self._subscribers:
+            self._subscribers.remove(subscriber)
 
     def _join(self, subscriber: InMemorySubscriber) -> None:
         for topic in subscriber.topics:
