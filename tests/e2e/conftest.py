@@ -150,7 +150,10 @@ async def e2e_database(database_url: str) -> AsyncIterator[str]:
     try:
         yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        await _admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if os.environ.get("E2E_KEEP_DATABASE") == "1":  # for a post-mortem: psql ... -d <name>
+            print(f"\nE2E_KEEP_DATABASE=1: kept database {name}")
+        else:
+            await _admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
