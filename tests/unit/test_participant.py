@@ -26,7 +26,7 @@ from saga.messages import (
     control_topic,
 )
 from saga.participant import H_DEAD_LETTER_REASON, H_DEAD_LETTER_TOPIC, CommandContext, SagaParticipant
-from storage import MemorySagaStorage, StorageUnavailableError
+from storage import MemorySagaStorage, StorageError, StorageUnavailableError
 
 REPLY = "orderReply"
 
@@ -483,3 +483,30 @@ async def test_instances_of_one_service_share_the_commands(
     assert first.calls and second.calls  # type: ignore[attr-defined]
     handled = [r.idempotency_key for r in (*first.calls, *second.calls)]  # type: ignore[attr-defined]
     assert sorted(handled) == sorted(c.idempotency_key for c in commands)
+
+
+class BrokenStorage(MemorySagaStorage):
+    """Refuses one key for good (a non-retriable error, like a key too long for its column)."""
+
+    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
+        if idempotency_key == "poison":
+            raise StorageError("value too long for type character varying(255)")
+        await super().put_command_reply(idempotency_key, reply)
+
+
+async def test_non_retriable_storage_error_dead_letters_the_record_and_keeps_going(
+    pool: InMemoryBrokerPool,
+) -> None:
+    participant = inventory(pool, BrokenStorage())
+    poison, good = command(key="poison"), command()
+    async with participant:
+        await pool.publisher().send_batch([poison.to_message(), good.to_message()])
+        await wait_for(lambda: participant.stats.dead_lettered == 1 and len(replies(pool)) == 1)
+        assert participant.running
+    [letter] = pool.topic_messages("inventoryDeadLetter")
+    assert letter.headers[H_IDEMPOTENCY_KEY] == "poison"
+    assert letter.headers[H_DEAD_LETTER_REASON] == (
+        "StorageError: value too long for type character varying(255)"
+    )
+    assert participant.stats.dead_letter_reasons == {"infrastructure": 1}
+    assert [r.request_id for r in replies(pool)] == [good.request_id]
