@@ -4,7 +4,7 @@
 runs the handler registered for each command, and replies on the command's reply topic. It gives the
 guarantees the orchestrator relies on:
 
-* **At most one effect per idempotency key.** Before a handler runs, the reply stored under the command's
+* **Duplicates are answered, not re-run.** Before a handler runs, the reply stored under the command's
   idempotency key is looked up; a redelivered or replayed command gets that reply again without the
   handler running twice. The reply is stored *before* it is published, so a crash between the two re-sends
   the same reply. A per-key lock keeps concurrent duplicates in one process from racing. Exactly-once needs
@@ -190,7 +190,7 @@ class SagaParticipant:
         dead_letter_topic: Where malformed input goes (default ``f"{service_name}DeadLetter"``).
         dedup_cache_size: Entries of the in-process store when ``storage`` is ``None``.
         max_records: Records fetched per poll.
-        poll_timeout: Seconds one poll waits for records; bounds how fast `stop` is noticed.
+        poll_timeout: Seconds one poll waits for records (`stop` does not wait for it).
         retry_backoff: First pause, in seconds, after a retriable failure; doubled up to ``max_backoff``.
         max_backoff: Longest pause between retries.
 
