@@ -21,14 +21,35 @@ from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage.errors import StorageError, StorageUnavailableError
+from storage.sql.sessions import AsyncpgSession, Plans, Session, SqlAlchemySession
 
-__all__ = ["ConnectionHolder", "ErrorTranslator"]
+try:  # the driver of the PostgreSQL fast path, whose errors arrive unwrapped by SQLAlchemy
+    import asyncpg  # type: ignore[import-untyped]
+
+    _PG_ERROR: tuple[type[BaseException], ...] = (asyncpg.PostgresError,)
+    _PG_INTEGRITY: tuple[type[BaseException], ...] = (asyncpg.IntegrityConstraintViolationError,)
+    _PG_CLIENT: tuple[type[BaseException], ...] = (asyncpg.InterfaceError, asyncpg.InternalClientError)
+except ImportError:  # pragma: no cover - asyncpg is a dependency, but SQLite alone does not need it
+    _PG_ERROR = _PG_INTEGRITY = _PG_CLIENT = ()
+
+__all__ = ["INTEGRITY_ERRORS", "ConnectionHolder", "ErrorTranslator"]
+
+#: A unique/primary-key violation, from SQLAlchemy or from asyncpg on the fast path.
+INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (sa_exc.IntegrityError, *_PG_INTEGRITY)
+
+# SQLSTATE classes meaning "the server or the connection", not "this statement": connection exception,
+# operator intervention (shutdown, cancel), insufficient resources (too many connections, disk full).
+_UNAVAILABLE_SQLSTATE = ("08", "57", "53")
 
 
 def _is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, _PG_ERROR):
+        return str(getattr(error, "sqlstate", "") or "")[:2] in _UNAVAILABLE_SQLSTATE
+    if isinstance(error, _PG_CLIENT):
+        return True
     if isinstance(error, sa_exc.DBAPIError):
         return error.connection_invalidated or isinstance(
             error, sa_exc.InterfaceError | sa_exc.OperationalError
@@ -72,12 +93,14 @@ class ErrorTranslator:
             raise StorageUnavailableError(
                 f"database {self._url} unavailable during {self._operation}: {_describe(exc)}"
             ) from exc
-        if isinstance(exc, sa_exc.SQLAlchemyError):
+        if isinstance(exc, sa_exc.SQLAlchemyError | _PG_ERROR):
             raise StorageError(f"{self._operation} failed on {self._url}: {_describe(exc)}") from exc
 
 
 def _reusable(error: BaseException) -> bool:
     # A constraint or data error leaves an autocommit connection perfectly usable.
+    if isinstance(error, _PG_ERROR):
+        return not _is_unavailable(error)
     return isinstance(
         error, StorageError | sa_exc.IntegrityError | sa_exc.DataError | sa_exc.ProgrammingError
     )
@@ -95,48 +118,56 @@ class ConnectionHolder:
     def __init__(self, engine: AsyncEngine, size: int, *, begin_sql: str) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._slots = asyncio.Semaphore(size)
-        self._idle: list[AsyncConnection] = []
+        self._idle: list[Session] = []
         self._begin_sql = begin_sql
+        self._plans = Plans(engine.dialect) if engine.dialect.driver == "asyncpg" else None
+
+    async def _open(self) -> Session:
+        conn = await self._engine.connect()
+        if self._plans is None:
+            return SqlAlchemySession(conn, self._begin_sql)
+        raw = (await conn.get_raw_connection()).driver_connection
+        return AsyncpgSession(conn, self._begin_sql, raw, self._plans)
 
     @asynccontextmanager
-    async def connect(self) -> AsyncIterator[AsyncConnection]:
-        """A connection in autocommit mode, exclusively the caller's until the block ends."""
+    async def connect(self) -> AsyncIterator[Session]:
+        """A session in autocommit mode, exclusively the caller's until the block ends."""
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._engine.connect()
+            session = self._idle.pop() if self._idle else await self._open()
             try:
-                yield conn
+                yield session
             except BaseException as error:
-                if _reusable(error) and not conn.invalidated:
-                    self._idle.append(conn)
+                if _reusable(error) and not session.conn.invalidated:
+                    self._idle.append(session)
                 else:
-                    await self._discard(conn)
+                    await self._discard(session)
                 raise
             else:
-                self._idle.append(conn)
+                self._idle.append(session)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A connection inside an explicit transaction, committed when the block ends without error."""
-        async with self.connect() as conn:
-            await conn.exec_driver_sql(self._begin_sql)
+    async def transaction(self) -> AsyncIterator[Session]:
+        """A session inside an explicit transaction, committed when the block ends without error."""
+        async with self.connect() as session:
+            await session.begin()
             try:
-                yield conn
+                yield session
             except BaseException:
                 # Best effort: if the connection died, `connect` discards it and the server rolls back.
                 with suppress(Exception):
-                    await conn.exec_driver_sql("ROLLBACK")
+                    await session.rollback()
                 raise
-            await conn.exec_driver_sql("COMMIT")
+            await session.commit()
 
-    async def _discard(self, conn: AsyncConnection) -> None:
+    async def _discard(self, session: Session) -> None:
         with suppress(Exception):
-            await conn.invalidate()
+            await session.conn.invalidate()
         with suppress(Exception):
-            await conn.close()
+            await session.conn.close()
 
     async def close(self) -> None:
         """Return every idle connection to the engine's pool."""
         idle, self._idle = self._idle, []
-        for conn in idle:
+        for session in idle:
             with suppress(Exception):
-                await conn.close()
+                await session.conn.close()

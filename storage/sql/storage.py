@@ -21,8 +21,7 @@ from typing import Any, Self
 
 import orjson
 from sqlalchemy import URL, ColumnElement, event, func, make_url, select
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from storage.errors import (
     ConcurrencyError,
@@ -41,8 +40,9 @@ from storage.records import (
     StepRecord,
 )
 from storage.sql import codec
-from storage.sql.connections import ConnectionHolder, ErrorTranslator
+from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
 from storage.sql.schema import SagaTables, tables
+from storage.sql.sessions import Session
 from storage.sql.statements import Clock, Statements, recovery_params
 from storage.status import SagaStatus
 
@@ -167,42 +167,42 @@ class SqlAlchemySagaStorage:
         with self._guard("create"):
             try:
                 if outbox:
-                    async with self._db.transaction() as conn:
-                        row = (await conn.execute(self._s.insert_execution, params)).one()
-                        await self._insert_outbox(conn, record.id, outbox)
+                    async with self._db.transaction() as session:
+                        row = await session.first(self._s.insert_execution, params)
+                        await self._insert_outbox(session, record.id, outbox)
                 else:
-                    async with self._db.connect() as conn:
-                        row = (await conn.execute(self._s.insert_execution, params)).one()
-            except sa_exc.IntegrityError as error:
+                    async with self._db.connect() as session:
+                        row = await session.first(self._s.insert_execution, params)
+            except INTEGRITY_ERRORS as error:
                 await self._raise_create_conflict(record, error)
+        assert row is not None
         return dataclasses.replace(record, version=1, created_at=row[0], updated_at=row[1])
 
-    async def _raise_create_conflict(self, record: ExecutionRecord, error: sa_exc.IntegrityError) -> None:
+    async def _raise_create_conflict(self, record: ExecutionRecord, error: BaseException) -> None:
         if record.idempotency_key is not None:
-            async with self._db.connect() as conn:
-                existing = (
-                    await conn.execute(self._s.id_by_idempotency_key, {"p_key": record.idempotency_key})
-                ).scalar()
-            if existing is not None:
+            async with self._db.connect() as session:
+                found = await session.first(self._s.id_by_idempotency_key, {"p_key": record.idempotency_key})
+            if found is not None:
+                existing = found[0]
                 raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
         # Otherwise the primary key: the caller expected no execution with this id (version 0).
         raise ConcurrencyError(record.id, 0) from error
 
     async def _insert_outbox(
-        self, conn: AsyncConnection, execution_id: uuid.UUID, outbox: Sequence[OutboxMessage]
+        self, session: Session, execution_id: uuid.UUID, outbox: Sequence[OutboxMessage]
     ) -> None:
         rows = codec.outbox_params(execution_id, outbox)
         if not self._clock.server:
             now = self._clock.params()
             for row in rows:
                 row.update(now)
-        await conn.execute(self._s.insert_outbox, rows)
+        await session.run_many(self._s.insert_outbox, rows)
 
     async def load(self, saga_id: uuid.UUID) -> ExecutionRecord:
         """Return the stored execution; see `SagaStorage.load`."""
         with self._guard("load"):
-            async with self._db.connect() as conn:
-                row = (await conn.execute(self._s.load, {"p_id": saga_id})).first()
+            async with self._db.connect() as session:
+                row = await session.first(self._s.load, {"p_id": saga_id})
         if row is None:
             raise ExecutionNotFoundError(saga_id)
         return codec.execution_from_row(row)
@@ -210,8 +210,8 @@ class SqlAlchemySagaStorage:
     async def find_by_idempotency_key(self, idempotency_key: str) -> ExecutionRecord | None:
         """Return the execution started with this key, if any."""
         with self._guard("find_by_idempotency_key"):
-            async with self._db.connect() as conn:
-                row = (await conn.execute(self._s.by_idempotency_key, {"p_key": idempotency_key})).first()
+            async with self._db.connect() as session:
+                row = await session.first(self._s.by_idempotency_key, {"p_key": idempotency_key})
         return None if row is None else codec.execution_from_row(row)
 
     async def save(
@@ -226,19 +226,19 @@ class SqlAlchemySagaStorage:
         params.update(self._clock.params())
         with self._guard("save"):
             if not outbox and reply is None:
-                async with self._db.connect() as conn:
-                    row = (await conn.execute(self._s.save, params)).first()
+                async with self._db.connect() as session:
+                    row = await session.first(self._s.save, params)
                     if row is None:
-                        await self._raise_save_conflict(conn, record)
+                        await self._raise_save_conflict(session, record)
             else:
-                async with self._db.transaction() as conn:
-                    row = (await conn.execute(self._s.save, params)).first()
+                async with self._db.transaction() as session:
+                    row = await session.first(self._s.save, params)
                     if row is None:
-                        await self._raise_save_conflict(conn, record)
+                        await self._raise_save_conflict(session, record)
                     if reply is not None:
-                        await self._insert_reply(conn, reply)
+                        await self._insert_reply(session, reply)
                     if outbox:
-                        await self._insert_outbox(conn, record.id, outbox)
+                        await self._insert_outbox(session, record.id, outbox)
         assert row is not None
         version, updated_at, owner, lease_until, created_at = row
         return dataclasses.replace(
@@ -250,18 +250,17 @@ class SqlAlchemySagaStorage:
             created_at=created_at,
         )
 
-    async def _raise_save_conflict(self, conn: AsyncConnection, record: ExecutionRecord) -> None:
-        stored = (await conn.execute(self._s.version_of, {"p_id": record.id})).scalar()
-        if stored is None:
+    async def _raise_save_conflict(self, session: Session, record: ExecutionRecord) -> None:
+        if await session.first(self._s.version_of, {"p_id": record.id}) is None:
             raise ExecutionNotFoundError(record.id)
         raise ConcurrencyError(record.id, record.version)
 
-    async def _insert_reply(self, conn: AsyncConnection, reply: ReplyRecord) -> None:
+    async def _insert_reply(self, session: Session, reply: ReplyRecord) -> None:
         params = codec.reply_params(reply)
         params.update(self._clock.params())
         try:
-            await conn.execute(self._s.insert_reply, params)
-        except sa_exc.IntegrityError as error:
+            await session.run(self._s.insert_reply, params)
+        except INTEGRITY_ERRORS as error:
             if reply.outcome == "applied":
                 raise DuplicateReplyError(reply.execution_id, reply.request_id) from error
             raise
@@ -296,16 +295,16 @@ class SqlAlchemySagaStorage:
         )
         total = select(func.count()).select_from(t).where(*where)
         with self._guard("query"):
-            async with self._db.connect() as conn:
-                rows = (await conn.execute(page)).all()
-                count = (await conn.execute(total)).scalar_one()
+            async with self._db.connect() as session:
+                rows = await session.sa_all(page)
+                ((count,),) = await session.sa_all(total)
         return QueryResult(rows=[codec.execution_from_row(r) for r in rows], total=count)
 
     async def count_by_status(self) -> dict[SagaStatus, int]:
         """Executions per status; statuses with none are omitted."""
         with self._guard("count_by_status"):
-            async with self._db.connect() as conn:
-                rows = (await conn.execute(self._s.count_by_status)).all()
+            async with self._db.connect() as session:
+                rows = await session.all(self._s.count_by_status)
         return {SagaStatus(status): count for status, count in rows}
 
     # -- recovery --------------------------------------------------------------------------------------
@@ -326,21 +325,21 @@ class SqlAlchemySagaStorage:
             saga_name=saga_name,
         )
         with self._guard("get_sagas_for_recovery"):
-            async with self._db.connect() as conn:
-                ids = (await conn.execute(self._s.recovery_ids(flt), params)).scalars().all()
-        return [codec.as_uuid(i) for i in ids]
+            async with self._db.connect() as session:
+                rows = await session.all(self._s.recovery_ids(flt), params)
+        return [codec.as_uuid(r[0]) for r in rows]
 
     async def _update_one(self, operation: str, statement: Any, params: dict[str, Any]) -> bool:
         """Run a single-row ``UPDATE ... RETURNING id``; whether it matched."""
         params.update(self._clock.params())
         with self._guard(operation):
-            async with self._db.connect() as conn:
-                return (await conn.execute(statement, params)).first() is not None
+            async with self._db.connect() as session:
+                return await session.first(statement, params) is not None
 
     async def _require(self, saga_id: uuid.UUID) -> None:
         with self._guard("load"):
-            async with self._db.connect() as conn:
-                found = (await conn.execute(self._s.version_of, {"p_id": saga_id})).first()
+            async with self._db.connect() as session:
+                found = await session.first(self._s.version_of, {"p_id": saga_id})
         if found is None:
             raise ExecutionNotFoundError(saga_id)
 
@@ -372,10 +371,10 @@ class SqlAlchemySagaStorage:
         params = self._clock.params(lease=lease_seconds)
         params.update(p_id=saga_id, p_owner=owner)
         with self._guard("claim"):
-            async with self._db.connect() as conn:
-                row = (await conn.execute(self._s.claim, params)).first()
+            async with self._db.connect() as session:
+                row = await session.first(self._s.claim, params)
                 if row is None:
-                    if (await conn.execute(self._s.version_of, {"p_id": saga_id})).first() is None:
+                    if await session.first(self._s.version_of, {"p_id": saga_id}) is None:
                         raise ExecutionNotFoundError(saga_id)
                     return None
         return codec.execution_from_row(row)
@@ -401,8 +400,8 @@ class SqlAlchemySagaStorage:
             lease=lease_seconds,
         )
         with self._guard("claim_for_recovery"):
-            async with self._db.connect() as conn:
-                rows = (await conn.execute(self._s.recovery_claim(flt), params)).all()
+            async with self._db.connect() as session:
+                rows = await session.all(self._s.recovery_claim(flt), params)
         return [codec.execution_from_row(r) for r in rows]
 
     async def renew_claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> bool:
@@ -424,14 +423,14 @@ class SqlAlchemySagaStorage:
     async def record_reply(self, reply: ReplyRecord) -> None:
         """Record a reply for the audit trail; an ``applied`` one is deduplicated like in `save`."""
         with self._guard("record_reply"):
-            async with self._db.connect() as conn:
-                await self._insert_reply(conn, reply)
+            async with self._db.connect() as session:
+                await self._insert_reply(session, reply)
 
     async def list_replies(self, saga_id: uuid.UUID) -> list[ReplyRecord]:
         """Every reply recorded for an execution, in arrival order."""
         with self._guard("list_replies"):
-            async with self._db.connect() as conn:
-                rows = (await conn.execute(self._s.list_replies, {"p_id": saga_id})).all()
+            async with self._db.connect() as session:
+                rows = await session.all(self._s.list_replies, {"p_id": saga_id})
         return [codec.reply_from_row(r) for r in rows]
 
     # -- outbox ----------------------------------------------------------------------------------------
@@ -443,8 +442,8 @@ class SqlAlchemySagaStorage:
         params = self._clock.params(lease=lease_seconds)
         params.update(p_limit=limit, p_owner=owner)
         with self._guard("fetch_outbox"):
-            async with self._db.connect() as conn:
-                rows = (await conn.execute(self._s.fetch_outbox, params)).all()
+            async with self._db.connect() as session:
+                rows = await session.all(self._s.fetch_outbox, params)
         return sorted((codec.outbox_from_row(r) for r in rows), key=lambda r: r.id)
 
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
@@ -454,22 +453,22 @@ class SqlAlchemySagaStorage:
         params = self._clock.params()
         params["p_ids"] = list(ids)
         with self._guard("mark_outbox_sent"):
-            async with self._db.connect() as conn:
-                await conn.execute(self._s.mark_sent, params)
+            async with self._db.connect() as session:
+                await session.run(self._s.mark_sent, params)
 
     # -- participant side ------------------------------------------------------------------------------
 
     async def get_command_reply(self, idempotency_key: str) -> bytes | None:
         """The stored reply of a command already handled under this key."""
         with self._guard("get_command_reply"):
-            async with self._db.connect() as conn:
-                reply = (await conn.execute(self._s.get_command_reply, {"p_key": idempotency_key})).scalar()
-        return None if reply is None else bytes(reply)
+            async with self._db.connect() as session:
+                row = await session.first(self._s.get_command_reply, {"p_key": idempotency_key})
+        return None if row is None else bytes(row[0])
 
     async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
         """Remember a command's reply; the first write wins (``INSERT ... ON CONFLICT DO NOTHING``)."""
         params = self._clock.params()
         params.update(p_key=idempotency_key, p_reply=reply)
         with self._guard("put_command_reply"):
-            async with self._db.connect() as conn:
-                await conn.execute(self._s.put_command_reply, params)
+            async with self._db.connect() as session:
+                await session.run(self._s.put_command_reply, params)
