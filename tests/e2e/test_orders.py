@@ -272,13 +272,15 @@ async def test_orders_end_to_end_two_orchestrators_in_one_group(
     inventory, payment = apps.apps[0], apps.apps[1]
     stats = stop_and_collect(apps, first, second, inventory, payment)
     assert_no_dead_letters(stats, apps)
-    # Both processes applied replies: the reply topic's partitions were split between them.
-    applied = {
-        name: (stats[name] or {}).get("consumer", {}).get("applied", 0)
+    # Both processes applied replies (the reply topic's partitions were split between them), and each
+    # finished sagas the other one started.
+    shares = {
+        name: (stats[name]["consumer"]["applied"], stats[name]["ended_here_started_elsewhere"])
         for name in ("orchestrator-a", "orchestrator-b")
     }
-    assert all(n > 0 for n in applied.values()), (
-        f"replies applied per orchestrator: {applied}\n{apps.report()}"
+    assert all(applied > 0 and foreign > 0 for applied, foreign in shares.values()), (
+        f"(replies applied, sagas ended here but started by the other) per orchestrator: {shares}\n"
+        f"{apps.report()}"
     )
     summary = {
         "sagas": SAGAS,

@@ -7,6 +7,7 @@ It joins the reply consumer group (``READY``), waits for ``--go-file`` to exist 
 several orchestrators are all in the group before replies flow), starts orders ``first .. first+count-1``
 with ``pause_on_disk=True`` (``STARTED <n> <seconds>``), then keeps consuming replies until SIGTERM.
 Replies may land on any orchestrator of the group: executions live in the database, not in a process.
+The ``STATS`` line says how many sagas ended in this process and how many of those another one started.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from typing import Any
 
 from saga import SagaRequest, SagaResponse
 from saga.context import SagaContext
 from saga.definitions import Saga
+from saga.hooks import SagaEvent, SagaHooks
 from saga.manager import SagaManager
-from storage import SqlAlchemySagaStorage
+from storage import TERMINAL_STATUSES, SqlAlchemySagaStorage
 from tests.e2e.apps import common
 from tests.e2e.workload import Names, orders
 
@@ -91,7 +94,20 @@ async def main() -> None:
     names = Names(args.suffix)
     storage = SqlAlchemySagaStorage(args.database_url, auto_migrate=False, pool_size=20)
     pool = common.kafka_pool(args.bootstrap, f"{names.orchestrator}-{args.name}")
-    manager = SagaManager(storage, pool, service_name=names.orchestrator, owner=f"{args.name}:{os.getpid()}")
+    started_here: set[uuid.UUID] = set()
+    ended_here: set[uuid.UUID] = set()
+
+    def status_changed(event: SagaEvent) -> None:
+        if event.status in TERMINAL_STATUSES:
+            ended_here.add(event.execution_id)
+
+    manager = SagaManager(
+        storage,
+        pool,
+        service_name=names.orchestrator,
+        owner=f"{args.name}:{os.getpid()}",
+        hooks=SagaHooks(on_status_changed=status_changed),
+    )
     saga = manager.register(order_saga(names))
     stats: dict[str, Any] = {}
     try:
@@ -104,7 +120,7 @@ async def main() -> None:
 
             async def start(order: Any) -> None:
                 async with semaphore:
-                    await manager.run(
+                    execution = await manager.run(
                         saga,
                         order.context(),
                         user="e2e",
@@ -112,6 +128,7 @@ async def main() -> None:
                         raise_on_error=False,
                         idempotency_key=order.idempotency_key,
                     )
+                    started_here.add(execution.id)
 
             batch = orders(args.first + args.count)[args.first :]
             began = time.perf_counter()
@@ -123,6 +140,9 @@ async def main() -> None:
                 return manager.consumer is not None and manager.consumer.running
 
             await common.serve_until_signal(alive)
+            # Sagas this process drove to their end, and how many of those another process started.
+            stats["ended_here"] = len(ended_here)
+            stats["ended_here_started_elsewhere"] = len(ended_here - started_here)
             if manager.consumer is not None:
                 stats["consumer"] = dict(manager.consumer.stats)
             if manager.relay is not None:
