@@ -120,7 +120,7 @@ def build_entries(quick: bool) -> list[Entry]:
     out.append(Entry(
         name="memory-rss:kafka-saga", group="memory-rss", lib="kafka-saga", storage="memory",
         scenario="rss", adapter="kafkasaga_memory.py", python="project", db=None,
-        cfg={"sagas": 500 if q else 10_000},
+        cfg={"sagas": 500 if q else 10_000, "runs": 1},
     ))
     for e in out:
         e.cfg = {k: v for k, v in e.cfg.items() if v is not None}

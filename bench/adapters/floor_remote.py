@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS floor_remote_saga (
 INS = "INSERT INTO floor_remote_saga (id, status, step, context) VALUES ($1, 'RUNNING', 0, '{}')"
 SENT = "UPDATE floor_remote_saga SET status = 'PAUSED', step = $2, request_id = $3, updated_at = now() WHERE id = $1"
 GOT = "UPDATE floor_remote_saga SET status = $2, context = $3, request_id = NULL, updated_at = now() WHERE id = $1"
-PARTITIONS = 6
+PARTITIONS = 4  # as many as kafka-saga's pool gives the topics it creates
 
 
 async def main() -> None:
