@@ -16,6 +16,7 @@ reused.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
@@ -43,17 +44,23 @@ INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (sa_exc.IntegrityError, *_PG
 # SQLSTATE classes meaning "the server or the connection", not "this statement": connection exception,
 # operator intervention (shutdown, cancel), insufficient resources (too many connections, disk full).
 _UNAVAILABLE_SQLSTATE = ("08", "57", "53")
+_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o")
 
 
 def _is_unavailable(error: BaseException) -> bool:
-    if isinstance(error, _PG_ERROR):
-        return str(getattr(error, "sqlstate", "") or "")[:2] in _UNAVAILABLE_SQLSTATE
-    if isinstance(error, _PG_CLIENT):
+    """Whether ``error`` means "the database or the connection is gone" (retriable) rather than "this
+    statement is wrong"."""
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
-    if isinstance(error, sa_exc.DBAPIError):
-        return error.connection_invalidated or isinstance(
-            error, sa_exc.InterfaceError | sa_exc.OperationalError
-        )
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig is not None else error
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate[:2] in _UNAVAILABLE_SQLSTATE
+    if isinstance(orig, sqlite3.OperationalError):
+        # SQLite reports a busy database and a broken schema with the same class: only the former retries.
+        return any(m in str(orig).lower() for m in _SQLITE_UNAVAILABLE)
+    if isinstance(error, sa_exc.InterfaceError | sa_exc.OperationalError) or isinstance(orig, _PG_CLIENT):
+        return True
     # OSError covers refused/reset connections; TimeoutError covers pool and connect timeouts.
     return isinstance(error, OSError | TimeoutError | sa_exc.TimeoutError | sa_exc.DisconnectionError)
 
@@ -93,17 +100,17 @@ class ErrorTranslator:
             raise StorageUnavailableError(
                 f"database {self._url} unavailable during {self._operation}: {_describe(exc)}"
             ) from exc
-        if isinstance(exc, sa_exc.SQLAlchemyError | _PG_ERROR):
+        if isinstance(exc, (sa_exc.SQLAlchemyError, *_PG_ERROR)):
             raise StorageError(f"{self._operation} failed on {self._url}: {_describe(exc)}") from exc
 
 
 def _reusable(error: BaseException) -> bool:
     # A constraint or data error leaves an autocommit connection perfectly usable.
-    if isinstance(error, _PG_ERROR):
+    if isinstance(error, StorageError):
+        return True
+    if isinstance(error, (sa_exc.DBAPIError, *_PG_ERROR)):
         return not _is_unavailable(error)
-    return isinstance(
-        error, StorageError | sa_exc.IntegrityError | sa_exc.DataError | sa_exc.ProgrammingError
-    )
+    return False
 
 
 class ConnectionHolder:

@@ -1,0 +1,347 @@
+"""`SqlAlchemySagaStorage` against a real PostgreSQL: claim races, the migration path and the query plans.
+
+Every test works in a schema of its own (created here, dropped afterwards), because the database is shared
+with other suites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from storage.migrate import upgrade_async
+from storage.sql import SqlAlchemySagaStorage
+from storage.sql.sessions import Plans
+from storage.sql.statements import recovery_params
+
+pytestmark = [pytest.mark.postgres]
+
+WORKERS = 8
+ROWS = 1000
+
+
+def _dsn(database_url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _connect(database_url: str, schema: str | None = None) -> Any:
+    import asyncpg  # type: ignore[import-untyped]
+
+    settings = {"search_path": schema} if schema else None
+    return await asyncpg.connect(_dsn(database_url), server_settings=settings)
+
+
+@pytest.fixture
+async def schema(database_url: str) -> AsyncIterator[str]:
+    """An empty schema of this test's own."""
+    name = f"saga_storage_{uuid.uuid4().hex[:10]}"
+    conn = await _connect(database_url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {name}")
+    finally:
+        await conn.close()
+    try:
+        yield name
+    finally:
+        conn = await _connect(database_url)
+        try:
+            await conn.execute(f"DROP SCHEMA {name} CASCADE")
+        finally:
+            await conn.close()
+
+
+async def _insert_stale(database_url: str, schema: str, rows: int, **columns: str) -> None:
+    """Insert ``rows`` RUNNING executions last updated an hour ago, in one statement."""
+    values = {
+        "status": "'running'",
+        "updated_at": "now() - interval '1 hour'",
+        "owner": "NULL",
+        "lease_until": "NULL",
+        **columns,
+    }
+    conn = await _connect(database_url, schema)
+    try:
+        await conn.execute(
+            "INSERT INTO saga_executions (id, name, definition_version, status, state, steps, version,"
+            " recovery_attempts, owner, lease_until, created_at, updated_at)"
+            f" SELECT gen_random_uuid(), 'order', 1, {values['status']}, '\\x7b7d'::bytea, '[]'::jsonb, 1, 0,"
+            f" {values['owner']}, {values['lease_until']}, now() - interval '2 hours', {values['updated_at']}"
+            f" FROM generate_series(1, {rows})"
+        )
+    finally:
+        await conn.close()
+
+
+# -- claim races ---------------------------------------------------------------------------------------
+
+
+async def test_concurrent_recovery_workers_claim_each_row_once(database_url: str, schema: str) -> None:
+    await upgrade_async(database_url, schema=schema)
+    await _insert_stale(database_url, schema, ROWS)
+    # Stale like the others, but its holder's lease outlives the test: nobody may take it.
+    await _insert_stale(database_url, schema, 1, owner="'holder'", lease_until="now() + interval '1 hour'")
+    conn = await _connect(database_url, schema)
+    try:
+        held = (await conn.fetchrow("SELECT id FROM saga_executions WHERE owner = 'holder'"))["id"]
+    finally:
+        await conn.close()
+
+    storages = [
+        SqlAlchemySagaStorage(database_url, schema=schema, auto_migrate=False, pool_size=2)
+        for _ in range(WORKERS)
+    ]
+    claimed: Counter[uuid.UUID] = Counter()
+    batches: list[int] = []
+
+    async def worker(n: int, storage: SqlAlchemySagaStorage) -> None:
+        empty = 0
+        while empty < 2:  # SKIP LOCKED may hide rows a peer is claiming right now: look twice
+            batch = await storage.claim_for_recovery(
+                f"worker-{n}", limit=10, lease_seconds=600, stale_after_seconds=60
+            )
+            batches.append(len(batch))
+            empty = 0 if batch else empty + 1
+            for record in batch:
+                assert record.owner == f"worker-{n}"
+                claimed[record.id] += 1
+            await asyncio.sleep(0)
+
+    try:
+        await asyncio.gather(*(s.start() for s in storages))
+        await asyncio.gather(*(worker(n, s) for n, s in enumerate(storages)))
+        # A second round without the staleness filter must not hand out any live claim either.
+        again = await asyncio.gather(
+            *(s.claim_for_recovery(f"late-{n}", limit=50, lease_seconds=60) for n, s in enumerate(storages))
+        )
+    finally:
+        await asyncio.gather(*(s.stop() for s in storages))
+
+    assert len(claimed) == ROWS
+    assert set(claimed.values()) == {1}, [i for i, c in claimed.items() if c > 1][:5]
+    assert held not in claimed
+    assert max(batches) <= 10
+    assert all(batch == [] for batch in again)
+
+    conn = await _connect(database_url, schema)
+    try:
+        rows = await conn.fetch("SELECT owner, version FROM saga_executions")
+    finally:
+        await conn.close()
+    owners = Counter(r["owner"] for r in rows)
+    assert owners["holder"] == 1
+    assert sum(c for o, c in owners.items() if o.startswith("worker-")) == ROWS
+    assert {r["version"] for r in rows if r["owner"] != "holder"} == {2}
+
+
+async def test_claim_of_one_execution_by_many_workers_has_one_winner(database_url: str, schema: str) -> None:
+    await upgrade_async(database_url, schema=schema)
+    await _insert_stale(database_url, schema, 1)
+    storages = [
+        SqlAlchemySagaStorage(database_url, schema=schema, auto_migrate=False) for _ in range(WORKERS)
+    ]
+    try:
+        (saga_id,) = await storages[0].get_sagas_for_recovery(10)
+        results = await asyncio.gather(
+            *(s.claim(saga_id, f"w{n}", lease_seconds=60) for n, s in enumerate(storages))
+        )
+    finally:
+        await asyncio.gather(*(s.stop() for s in storages))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert winners[0].version == 2
+
+
+# -- migrations ----------------------------------------------------------------------------------------
+
+
+async def test_upgrade_from_revision_1_keeps_rows_and_adds_recovery_attempts(
+    database_url: str, schema: str
+) -> None:
+    await upgrade_async(database_url, "0001_initial", schema=schema)
+    saga_id = uuid.uuid4()
+    conn = await _connect(database_url, schema)
+    try:
+        columns = {
+            r["column_name"]
+            for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = $1"
+                " AND table_name = 'saga_executions'",
+                schema,
+            )
+        }
+        assert "recovery_attempts" not in columns
+        await conn.execute(
+            "INSERT INTO saga_executions (id, name, definition_version, status, state, steps, version,"
+            " created_at, updated_at) VALUES ($1, 'order', 1, 'running', '\\x7b7d'::bytea, '[]'::jsonb, 3,"
+            " now() - interval '1 hour', now() - interval '1 hour')",
+            saga_id,
+        )
+    finally:
+        await conn.close()
+
+    async with SqlAlchemySagaStorage(database_url, schema=schema) as storage:  # auto_migrate: to head
+        record = await storage.load(saga_id)
+        assert record.recovery_attempts == 0
+        assert record.version == 3
+        assert await storage.get_sagas_for_recovery(10, stale_after_seconds=60) == [saga_id]
+        await storage.increment_recovery_attempts(saga_id)
+        assert await storage.get_sagas_for_recovery(10, max_recovery_attempts=1) == []
+
+    conn = await _connect(database_url, schema)
+    try:
+        assert await conn.fetchval("SELECT version_num FROM saga_alembic_version") == "0002_recovery_attempts"
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema)
+        }
+    finally:
+        await conn.close()
+    assert "ix_saga_executions_recovery" in indexes
+    assert "ix_saga_executions_status_updated" not in indexes
+
+
+async def test_migrated_schema_matches_the_metadata(database_url: str, schema: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from storage.sql import metadata
+
+    await upgrade_async(database_url, schema=schema)
+
+    def compare(sync: Any) -> Any:
+        context = MigrationContext.configure(sync, opts={"version_table": "saga_alembic_version"})
+        return compare_metadata(context, metadata)
+
+    storage = SqlAlchemySagaStorage(database_url, schema=schema, auto_migrate=False)
+    try:
+        async with storage.engine.connect() as conn:
+            diff = await conn.run_sync(compare)
+    finally:
+        await storage.stop()
+    assert diff == []
+
+
+# -- query plans ---------------------------------------------------------------------------------------
+
+EXPLAIN_ROWS = 100_000
+
+
+async def _fill_for_explain(database_url: str, schema: str) -> None:
+    """100k executions shaped like a live system: almost all finished, a few in flight."""
+    conn = await _connect(database_url, schema)
+    try:
+        await conn.execute(
+            f"""
+            INSERT INTO saga_executions (id, name, definition_version, status, state, steps, version,
+                recovery_attempts, reply_deadline, created_at, updated_at)
+            SELECT gen_random_uuid(),
+                   (ARRAY['order', 'refund', 'shipping'])[1 + i % 3],
+                   1,
+                   CASE WHEN i % 100 = 0 THEN 'running'
+                        WHEN i % 100 = 1 THEN 'paused'
+                        WHEN i % 250 = 2 THEN 'failed'
+                        WHEN i % 500 = 3 THEN 'compensating'
+                        WHEN i % 100 < 5 THEN 'errored'
+                        ELSE 'finished' END,
+                   '\\x7b7d'::bytea, '[]'::jsonb, 4, i % 7,
+                   CASE WHEN i % 100 = 1 THEN now() + (i % 200 - 100) * interval '1 minute' END,
+                   now() - (i * interval '1 second') - interval '1 day',
+                   now() - (i * interval '1 second')
+            FROM generate_series(1, {EXPLAIN_ROWS}) AS i
+            """
+        )
+        await conn.execute("ANALYZE saga_executions")
+    finally:
+        await conn.close()
+
+
+async def test_recovery_query_uses_indexes(database_url: str, schema: str) -> None:
+    await upgrade_async(database_url, schema=schema)
+    await _fill_for_explain(database_url, schema)
+    storage = SqlAlchemySagaStorage(database_url, schema=schema, auto_migrate=False)
+    report: list[str] = []
+    try:
+        variants: list[dict[str, Any]] = [
+            {"stale_after_seconds": None, "saga_name": None},
+            {"stale_after_seconds": 300, "saga_name": None},
+            {"stale_after_seconds": 300, "saga_name": "order"},
+        ]
+        plans = Plans(storage.engine.dialect)
+        conn = await _connect(database_url, schema)
+        try:
+            for variant in variants:
+                flt, params = recovery_params(storage._s.clock, limit=100, max_recovery_attempts=5, **variant)
+                params.update(p_owner="explain", p_lease=timedelta(seconds=30))
+                for statement in (storage._s.recovery_ids(flt), storage._s.recovery_claim(flt)):
+                    plan = plans.get(statement)
+                    assert plan is not None
+                    args = plan.args(params)
+                    for mode in ("force_custom_plan", "force_generic_plan"):
+                        await conn.execute(f"SET plan_cache_mode = {mode}")
+                        # EXPLAIN ANALYZE of the claim really claims: roll it back.
+                        transaction = conn.transaction()
+                        await transaction.start()
+                        try:
+                            rows = await conn.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {plan.sql}", *args)
+                        finally:
+                            await transaction.rollback()
+                        text = "\n".join(r[0] for r in rows)
+                        report.append(f"-- {variant} {mode}\n{plan.sql}\n{text}")
+                        assert "Seq Scan on saga_executions" not in text, text
+                        assert "Index" in text, text
+        finally:
+            await conn.close()
+
+        # Latency of the recovery query through the storage, as a recovery worker runs it.
+        await storage.start()
+        for variant in variants:
+            timings = []
+            for _ in range(200):
+                started = time.perf_counter()
+                ids = await storage.get_sagas_for_recovery(100, **variant)
+                timings.append(time.perf_counter() - started)
+            assert ids
+            timings.sort()
+            report.append(
+                f"-- latency {variant}: median {statistics.median(timings) * 1e3:.2f} ms,"
+                f" p95 {timings[int(len(timings) * 0.95)] * 1e3:.2f} ms, {len(ids)} ids"
+            )
+    finally:
+        await storage.stop()
+    print("\n\n".join(report))
+
+
+# -- failures ------------------------------------------------------------------------------------------
+
+
+async def test_dropped_connection_is_unavailable_then_replaced(database_url: str, schema: str) -> None:
+    from storage import ExecutionRecord, SagaStatus, StorageUnavailableError
+
+    await upgrade_async(database_url, schema=schema)
+    async with SqlAlchemySagaStorage(database_url, schema=schema, pool_size=1) as storage:
+        created = await storage.create(ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"))
+        (session,) = storage._db._idle  # the storage's one connection
+        pid = session.raw.get_server_pid()  # type: ignore[attr-defined]
+        conn = await _connect(database_url)
+        try:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.2)
+        with pytest.raises(StorageUnavailableError) as info:
+            await storage.load(created.id)
+        assert info.value.retriable
+        assert info.value.__cause__ is not None
+        assert "load" in str(info.value)
+        # the dead connection was dropped: the next call opens a new one
+        assert (await storage.load(created.id)).id == created.id
