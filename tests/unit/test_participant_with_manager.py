@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from broker import InMemoryBrokerPool
-from saga import CommandContext, SagaBusinessError, SagaParticipant, SagaStatus
-from saga.manager import SagaManager
+from saga import CommandContext, SagaBusinessError, SagaManager, SagaParticipant, SagaStatus
 from saga.messages import SagaControl
 from storage import MemorySagaStorage
 from tests.e2e.apps.orchestrator import order_saga

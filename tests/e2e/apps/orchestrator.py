@@ -18,11 +18,8 @@ import time
 import uuid
 from typing import Any
 
-from saga import SagaRequest, SagaResponse
-from saga.context import SagaContext
-from saga.definitions import Saga
+from saga import Saga, SagaContext, SagaManager, SagaRequest, SagaResponse
 from saga.hooks import SagaEvent, SagaHooks
-from saga.manager import SagaManager
 from storage import TERMINAL_STATUSES, SqlAlchemySagaStorage
 from tests.e2e.apps import common
 from tests.e2e.workload import Names, orders
