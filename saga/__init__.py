@@ -1,5 +1,7 @@
 """Saga orchestration: definitions, executions, the manager and its workers."""
 
+from saga.context import SagaContext
+from saga.definitions import Saga
 from saga.errors import (
     MalformedMessageError,
     SagaBusinessError,
@@ -13,22 +15,35 @@ from saga.errors import (
     SagaStepError,
     UnknownSagaDefinitionError,
 )
+from saga.execution import SagaExecution
+from saga.hooks import SagaEvent, SagaHooks
+from saga.manager import SagaManager
 from saga.messages import SagaRequest, SagaResponse, SagaResponseStatus
 from saga.participant import CommandContext, ParticipantStats, SagaParticipant
+from saga.registry import SagaRegistry
+from saga.retry import RetryPolicy
 from storage import SagaStatus
 
 __all__ = [
     "CommandContext",
     "MalformedMessageError",
     "ParticipantStats",
+    "RetryPolicy",
+    "Saga",
     "SagaBusinessError",
     "SagaBusyError",
     "SagaConfigError",
+    "SagaContext",
     "SagaContextError",
     "SagaDefinitionError",
     "SagaError",
+    "SagaEvent",
+    "SagaExecution",
     "SagaExecutionError",
+    "SagaHooks",
+    "SagaManager",
     "SagaParticipant",
+    "SagaRegistry",
     "SagaRequest",
     "SagaResponse",
     "SagaResponseStatus",

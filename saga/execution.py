@@ -1,0 +1,524 @@
+"""`SagaExecution`: one run of a saga, as an I/O-free state machine.
+
+The execution holds everything about a run (context, cursor, awaited request, step history) and moves it
+forward one step at a time: `advance` runs exactly one step (or emits one command), `apply_reply` applies
+the awaited reply, `on_timeout` handles an overdue one. Each returns a `Transition` telling the caller what
+to persist and publish; the execution itself never touches storage or the broker, which is what lets the
+manager keep the rule "persist, then publish" in one place and lets tests drive the machine directly.
+
+Cursor: a path of ints into the definition. ``[i]`` is top-level step ``i``; a conditional step that took
+branch ``b`` extends it to ``[i, b, j]`` (step ``j`` of that branch's sub-saga), and so on. Compensation walks
+the executed paths in reverse.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from saga import execution_steps as _steps
+from saga.context import SagaContext, decode_context, encode_context
+from saga.definitions import Saga
+from saga.errors import SagaStateError
+from saga.hooks import SagaHooks
+from saga.messages import ControlAction, SagaControl, SagaResponse
+from saga.state import STATE_FORMAT, AwaitedRequest, Transition, outbox_message
+from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep
+from storage import ExecutionRecord, OutboxMessage, SagaStatus, StepRecord
+from storage.records import ReplyOutcome, StepPhase
+
+__all__ = ["SagaExecution", "Transition"]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _deadline_error() -> dict[str, Any]:
+    return {"step": None, "error": "saga deadline passed", "type": "deadline"}
+
+
+class SagaExecution:
+    """One run of a saga definition.
+
+    Build one with `start` (a new run) or `from_record` (a stored run); drive it with `advance`,
+    `apply_reply`, `on_timeout` and `replay`; store it with `to_record`. Every driving method returns a
+    `Transition`; when its ``persist`` is true the caller saves `to_record()` together with the
+    transition's ``outbox`` before publishing anything.
+
+    Attributes:
+        id: Execution id.
+        definition: The committed saga definition.
+        status: Current status.
+        context: The saga's data.
+        user: User the saga runs for (forwarded in command headers).
+        idempotency_key: Start key, if the run was started with one.
+        autocommit: Whether the terminal state sends commit/reject to participants by itself.
+        error: Structured error once the run failed.
+        steps: Step history (storage records), oldest first.
+        participants: Services that replied, in first-reply order (they receive commit/reject).
+        awaiting: The request whose reply is awaited, while paused.
+        deadline: Saga deadline, if the definition sets one.
+        decision_sent: Whether commit/reject was already written to the outbox.
+        record_version: Storage version of the last stored record (for the optimistic save).
+        recovery_attempts: As stored.
+    """
+
+    __slots__ = (
+        "_attempt_started",
+        "_clock",
+        "_ctx_snapshot",
+        "answered",
+        "attempt",
+        "autocommit",
+        "awaiting",
+        "claim_lost",
+        "compensated",
+        "context",
+        "created_at",
+        "cursor",
+        "deadline",
+        "decision_sent",
+        "definition",
+        "error",
+        "executed",
+        "hooks",
+        "id",
+        "idempotency_key",
+        "participants",
+        "phase",
+        "record_version",
+        "recovery_attempts",
+        "reply_topic",
+        "saga_name",
+        "status",
+        "steps",
+        "updated_at",
+        "user",
+    )
+
+    def __init__(
+        self,
+        definition: Saga,
+        *,
+        execution_id: uuid.UUID,
+        context: SagaContext,
+        reply_topic: str,
+        status: SagaStatus = SagaStatus.RUNNING,
+        user: str | None = None,
+        autocommit: bool = True,
+        idempotency_key: str | None = None,
+        deadline: datetime | None = None,
+        hooks: SagaHooks | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        name = definition.name
+        if not definition.committed or name is None:
+            raise SagaStateError(f"definition {definition!r} must be named and committed before it runs")
+        self.definition = definition
+        #: Definition name (cached: it is written with every record).
+        self.saga_name: str = name
+        self.id = execution_id
+        self.context = context
+        self.reply_topic = reply_topic
+        self.status = status
+        self.user = user
+        self.autocommit = autocommit
+        self.idempotency_key = idempotency_key
+        self.deadline = deadline
+        self.hooks = hooks
+        self._clock = clock or _utc_now
+        self.error: dict[str, Any] | None = None
+        self.steps: list[StepRecord] = []
+        self.participants: list[str] = []
+        self.awaiting: AwaitedRequest | None = None
+        self.decision_sent = False
+        self.phase: StepPhase = "execute"
+        self.cursor: list[int] = [0]
+        self.attempt = 0
+        self.executed: list[tuple[int, ...]] = []
+        self.compensated = 0
+        self.answered: list[str] = []
+        self.record_version = 0
+        self.recovery_attempts = 0
+        self.created_at: datetime | None = None
+        self.updated_at: datetime | None = None
+        self._ctx_snapshot: dict[str, Any] = {}
+        self._attempt_started: datetime | None = None
+        #: Set by the manager's heartbeat when another worker took the claim while this run was driven.
+        self.claim_lost = False
+
+    # -- construction ----------------------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        definition: Saga,
+        context: SagaContext | Mapping[str, Any] | None = None,
+        *,
+        reply_topic: str,
+        now: datetime,
+        user: str | None = None,
+        autocommit: bool = True,
+        idempotency_key: str | None = None,
+        execution_id: uuid.UUID | None = None,
+        hooks: SagaHooks | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> SagaExecution:
+        """A new run in ``RUNNING`` status, cursor on the first step (nothing has run yet)."""
+        ctx = SagaContext(context) if context is not None else SagaContext()
+        deadline = None if definition.deadline is None else now + timedelta(seconds=definition.deadline)
+        return cls(
+            definition,
+            execution_id=execution_id or uuid.uuid4(),
+            context=ctx,
+            reply_topic=reply_topic,
+            user=user,
+            autocommit=autocommit,
+            idempotency_key=idempotency_key,
+            deadline=deadline,
+            hooks=hooks,
+            clock=clock,
+        )
+
+    @classmethod
+    def from_record(
+        cls,
+        record: ExecutionRecord,
+        definition: Saga,
+        *,
+        reply_topic: str,
+        hooks: SagaHooks | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> SagaExecution:
+        """Rebuild a stored run. ``definition`` must be the one registered as ``(record.name, version)``."""
+        if definition.name != record.name or definition.version != record.definition_version:
+            raise SagaStateError(
+                f"execution {record.id} is {record.name!r} v{record.definition_version}, "
+                f"not {definition.name!r} v{definition.version}",
+                execution_id=record.id,
+            )
+        state = orjson.loads(record.state)
+        if state.get("v") != STATE_FORMAT:
+            raise SagaStateError(f"unknown state format {state.get('v')!r}", execution_id=record.id)
+        deadline = state["dl"]
+        execution = cls(
+            definition,
+            execution_id=record.id,
+            context=decode_context(state["ctx"]),
+            reply_topic=reply_topic,
+            status=record.status,
+            user=record.user,
+            autocommit=state["auto"],
+            idempotency_key=record.idempotency_key,
+            deadline=None if deadline is None else datetime.fromisoformat(deadline),
+            hooks=hooks,
+            clock=clock,
+        )
+        execution._ctx_snapshot = state["ctx"]
+        execution.phase = state["phase"]
+        execution.cursor = state["cur"]
+        execution.attempt = state["att"]
+        execution.executed = [tuple(path) for path in state["done"]]
+        execution.compensated = state["comp"]
+        execution.answered = state["ans"]
+        execution.participants = state["parts"]
+        execution.decision_sent = state["dec"]
+        awaiting = state["await"]
+        execution.awaiting = None if awaiting is None else AwaitedRequest.from_json(awaiting)
+        execution.steps = list(record.steps)
+        execution.error = None if record.error is None else dict(record.error)
+        execution.mark_stored(record)
+        return execution
+
+    def mark_stored(self, record: ExecutionRecord) -> None:
+        """Take the storage-owned fields (version, timestamps, attempts) from the record as stored."""
+        self.record_version = record.version
+        self.recovery_attempts = record.recovery_attempts
+        self.created_at = record.created_at
+        self.updated_at = record.updated_at
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        """The execution id (Minos's name for it)."""
+        return self.id
+
+    @property
+    def name(self) -> str:
+        """Definition name."""
+        return self.saga_name
+
+    @property
+    def definition_version(self) -> int:
+        """Definition version."""
+        return self.definition.version
+
+    @property
+    def terminal(self) -> bool:
+        """FINISHED, ERRORED or DEAD_LETTER."""
+        status = self.status
+        return (
+            status is SagaStatus.FINISHED or status is SagaStatus.ERRORED or status is SagaStatus.DEAD_LETTER
+        )
+
+    @property
+    def reply_deadline(self) -> datetime | None:
+        """While paused: when recovery must look at the run (reply overdue or saga deadline passed)."""
+        awaiting = self.awaiting
+        if awaiting is None or self.status is not SagaStatus.PAUSED:
+            return None
+        if self.phase == "compensate" or self.deadline is None:
+            return awaiting.deadline
+        if awaiting.deadline is None:
+            return self.deadline
+        return min(awaiting.deadline, self.deadline)
+
+    def step_at(self, path: tuple[int, ...] | list[int]) -> SagaStep:
+        """The step a cursor path points to."""
+        step: SagaStep = self.definition._steps[path[0]]
+        for i in range(1, len(path), 2):
+            assert isinstance(step, ConditionalSagaStep)
+            step = step.branch(path[i])._steps[path[i + 1]]
+        return step
+
+    # -- storing ---------------------------------------------------------------------------------------
+
+    def to_record(
+        self, *, owner: str | None = None, lease_until: datetime | None = None, step: str | None = None
+    ) -> ExecutionRecord:
+        """The storage row for the current state.
+
+        The ``state`` document holds the tagged context, the cursor, the executed paths, the awaited
+        request and the participants, as orjson bytes.
+
+        Args:
+            owner: Claim owner to write (storage decides whether ``save`` honours it).
+            lease_until: Lease end to write alongside.
+            step: The step that just ran, named in a `SagaContextError`.
+
+        Raises:
+            SagaContextError: The context holds a value that cannot be stored (names the key and step).
+        """
+        ctx = encode_context(self.context._data, step=step)
+        awaiting = self.awaiting
+        state = {
+            "v": STATE_FORMAT,
+            "ctx": ctx,
+            "phase": self.phase,
+            "cur": self.cursor,
+            "att": self.attempt,
+            "done": self.executed,
+            "comp": self.compensated,
+            "await": None if awaiting is None else awaiting.to_json(),
+            "ans": self.answered,
+            "parts": self.participants,
+            "auto": self.autocommit,
+            "dec": self.decision_sent,
+            "dl": None if self.deadline is None else self.deadline.isoformat(),
+        }
+        data = orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS)
+        self._ctx_snapshot = ctx
+        return ExecutionRecord(
+            id=self.id,
+            name=self.saga_name,
+            definition_version=self.definition.version,
+            status=self.status,
+            state=data,
+            steps=tuple(self.steps),
+            version=self.record_version,
+            recovery_attempts=self.recovery_attempts,
+            idempotency_key=self.idempotency_key,
+            user=self.user,
+            reply_deadline=None if awaiting is None else self.reply_deadline,
+            owner=owner,
+            lease_until=lease_until,
+            error=self.error,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+    def _restore_context(self) -> None:
+        """Undo in-place changes a failed callback made, back to the last stored context."""
+        self.context = decode_context(self._ctx_snapshot)
+
+    # -- driving ---------------------------------------------------------------------------------------
+
+    async def advance(self, now: datetime) -> Transition:
+        """Run exactly one step forward (or one compensation) and say what to persist and publish.
+
+        Conditional steps are decided inline: their conditions run and the first step of the chosen
+        branch runs in the same move. A step that fails with retries left returns a transition with
+        ``retry_after`` and nothing to persist; the caller waits that long and calls ``advance`` again.
+
+        Raises:
+            SagaStateError: The run is paused or terminal.
+            SagaContextError: A callback stored a value that cannot be stored (``step`` is set); the
+                caller marks the run FAILED from its last stored record.
+        """
+        if self.awaiting is not None or self.terminal:
+            raise SagaStateError(
+                f"cannot advance execution {self.id} in status {self.status}", execution_id=self.id
+            )
+        if self.phase == "compensate":
+            return await _steps.compensate_next(self, now)
+        if self.deadline is not None and now >= self.deadline:
+            return await _steps.begin_compensation(self, _deadline_error())
+        return await _steps.execute_next(self, now)
+
+    def classify_reply(self, response: SagaResponse) -> ReplyOutcome:
+        """Whether ``response`` would be applied, and if not why (changes nothing).
+
+        ``duplicate``: that request was answered before; ``stale``: any other request that is not awaited;
+        ``unknown_status``: the awaited request, but a status other than 200/400/500.
+        """
+        awaiting = self.awaiting
+        if awaiting is None or response.request_id != awaiting.request_id or response.execution_id != self.id:
+            return "duplicate" if str(response.request_id) in self.answered else "stale"
+        if response.known_status is None:
+            return "unknown_status"
+        return "applied"
+
+    async def apply_reply(self, response: SagaResponse, now: datetime) -> Transition:
+        """Apply the reply to the awaited request; any other reply changes nothing (``persist`` false).
+
+        The transition's ``outcome`` is ``applied`` or why the reply was ignored (see `classify_reply`).
+        An ``unknown_status`` reply leaves the step waiting: its timeout decides.
+
+        Raises:
+            SagaContextError: A reply handler stored a value that cannot be stored.
+        """
+        outcome = self.classify_reply(response)
+        if outcome != "applied":
+            return Transition(self.status, persist=False, outcome=outcome)
+        awaiting = self.awaiting
+        status = response.known_status
+        assert awaiting is not None and status is not None
+        self.awaiting = None
+        self.answered.append(str(response.request_id))
+        service = response.service_name
+        if service and service not in self.participants:
+            self.participants.append(service)
+        if awaiting.phase == "compensate":
+            result = await _steps.compensation_replied(self, awaiting, status, response, now)
+        else:
+            result = await _steps.step_replied(self, awaiting, status, response, now)
+        return Transition(result.status, result.outbox, outcome="applied", step=result.step)
+
+    def overdue(self, now: datetime) -> bool:
+        """Whether the awaited reply is late, or the saga deadline passed while waiting for one."""
+        awaiting = self.awaiting
+        if awaiting is None:
+            return False
+        if awaiting.deadline is not None and now >= awaiting.deadline:
+            return True
+        return awaiting.phase == "execute" and self.deadline is not None and now >= self.deadline
+
+    async def on_timeout(self, now: datetime) -> Transition:
+        """The awaited reply is overdue (or the saga deadline passed): replay, compensate or dead-letter.
+
+        A step whose retry policy allows another attempt is replayed under the same request id and
+        idempotency key; otherwise the step is compensated too (it may have run and only its reply was
+        lost) along with everything before it. An overdue compensation follows its compensation retry
+        policy, then goes to DEAD_LETTER. Not overdue yet: nothing changes (``persist`` false).
+
+        Raises:
+            SagaStateError: Nothing is awaited.
+        """
+        awaiting = self.awaiting
+        if awaiting is None:
+            raise SagaStateError(f"execution {self.id} awaits no reply", execution_id=self.id)
+        step = self.step_at(awaiting.path)
+        assert isinstance(step, RemoteSagaStep)
+        if awaiting.phase == "execute" and self.deadline is not None and now >= self.deadline:
+            return await _steps.abandon_request(self, awaiting, step, _deadline_error())
+        if awaiting.deadline is None or now < awaiting.deadline:
+            return Transition(self.status, persist=False, step=step.name)
+        policy = step.retry if awaiting.phase == "execute" else _steps.compensation_policy(self, step)
+        if policy.allows(awaiting.attempt):
+            return await self.replay(now)
+        error = {"step": step.name, "error": "no reply before the step's timeout", "type": "timeout"}
+        if awaiting.phase == "compensate":
+            return await _steps.compensation_timed_out(self, awaiting, step, error)
+        return await _steps.abandon_request(self, awaiting, step, error)
+
+    async def replay(self, now: datetime) -> Transition:
+        """Re-send the awaited command under the same request id and idempotency key (one more attempt).
+
+        Raises:
+            SagaStateError: Nothing is awaited.
+        """
+        awaiting = self.awaiting
+        if awaiting is None:
+            raise SagaStateError(f"execution {self.id} awaits no reply to replay", execution_id=self.id)
+        step = self.step_at(awaiting.path)
+        assert isinstance(step, RemoteSagaStep)
+        awaiting.attempt += 1
+        timeout = step.timeout
+        awaiting.deadline = None if timeout is None else now + timedelta(seconds=timeout)
+        _steps.update_record(self, awaiting.record, "waiting", attempts=awaiting.attempt)
+        await _steps.set_status(self, SagaStatus.PAUSED)
+        command = awaiting.command(
+            execution_id=self.id, reply_topic=self.reply_topic, user=self.user, saga=self.name, step=step.name
+        )
+        return Transition(SagaStatus.PAUSED, (outbox_message(command),), step=step.name)
+
+    async def resume(self) -> None:
+        """Take a FAILED run (or a retried DEAD_LETTER one) back to RUNNING or COMPENSATING.
+
+        The interrupted step runs again from the start (at-least-once).
+
+        Raises:
+            SagaStateError: The run is not FAILED, DEAD_LETTER or CREATED.
+        """
+        if self.status not in (SagaStatus.FAILED, SagaStatus.DEAD_LETTER, SagaStatus.CREATED):
+            raise SagaStateError(f"execution {self.id} is {self.status}, not failed", execution_id=self.id)
+        self.attempt = 0
+        target = SagaStatus.COMPENSATING if self.phase == "compensate" else SagaStatus.RUNNING
+        if self.awaiting is not None:
+            target = SagaStatus.PAUSED
+        await _steps.set_status(self, target)
+
+    async def mark_failed(self, error: dict[str, Any]) -> None:
+        """Record an error outside step logic (unstorable context, crash); recovery resumes FAILED runs."""
+        self.error = error
+        await _steps.set_status(self, SagaStatus.FAILED)
+
+    def decide(self, action: ControlAction) -> Transition:
+        """Write commit (FINISHED) or reject (ERRORED) for every participant, once.
+
+        A second call returns a transition with nothing to persist or send.
+
+        Raises:
+            SagaStateError: The status does not fit the action.
+        """
+        expected = SagaStatus.FINISHED if action == "commit" else SagaStatus.ERRORED
+        if self.status is not expected:
+            raise SagaStateError(
+                f"cannot {action} execution {self.id}: it is {self.status}, not {expected}",
+                execution_id=self.id,
+            )
+        if self.decision_sent:
+            return Transition(self.status, persist=False)
+        return Transition(self.status, self._decision(action))
+
+    def _decision(self, action: ControlAction) -> tuple[OutboxMessage, ...]:
+        """Control messages for every participant; remembered so each is sent once."""
+        self.decision_sent = True
+        messages = []
+        for service in self.participants:
+            message = SagaControl(action=action, execution_id=self.id, service=service).to_message()
+            messages.append(
+                OutboxMessage(
+                    topic=message.topic, key=message.key, value=message.value, headers=message.headers
+                )
+            )
+        return tuple(messages)
+
+    def __repr__(self) -> str:
+        return f"<SagaExecution {self.id} {self.name!r} {self.status}>"

@@ -1,0 +1,642 @@
+"""`SagaManager`: runs sagas durably — the only place where executions meet storage and the broker.
+
+Durability rules (DESIGN §4), in the order they happen:
+
+1. A new run is inserted first (status RUNNING, claimed by this process with a lease), before any step.
+2. After each step the state is saved: exactly one ``storage.save`` per step on the hot path.
+3. A remote step's command goes into the ``outbox`` of the same save that stores the PAUSED state; only
+   then is it published (and marked sent). A crash in between leaves the row to `OutboxRelay`.
+4. A reply is applied under a claim, and the first save after it carries the applied-reply dedup row, so the
+   dedup and the state change commit together; the Kafka offset is committed after that (`ReplyConsumer`).
+5. The terminal save carries the commit/reject messages (autocommit), once per participant service.
+
+Claims: the manager identifies itself as ``owner``. Within one process, a set of executions being driven
+keeps two tasks from advancing the same execution; across processes, the storage claim (with a lease
+renewed by a heartbeat while callbacks run) does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, overload
+
+from dependency_injector.wiring import Provide
+
+from broker import BrokerClientPool, BrokerError, BrokerMessage
+from saga.consumer import H_DEAD_LETTER_REASON, ReplyConsumer, dead_letter_message
+from saga.context import SagaContext
+from saga.definitions import Saga
+from saga.driver import AlreadyAppliedError, ExecutionDriver
+from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, SagaStateError
+from saga.execution import SagaExecution
+from saga.hooks import SagaHooks
+from saga.messages import SagaResponse
+from saga.registry import SagaRegistry
+from saga.relay import OutboxRelay
+from storage import (
+    TERMINAL_STATUSES,
+    DuplicateIdempotencyKeyError,
+    ExecutionRecord,
+    ReplyRecord,
+    SagaStatus,
+    SagaStorage,
+    StorageError,
+)
+from storage.records import ReplyOutcome
+
+__all__ = ["SagaManager"]
+
+_log = logging.getLogger(__name__)
+
+
+def _default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _check_resolved(value: object, name: str) -> None:
+    # dependency-injector markers (Provide[...], Provider[...], Closing[...]) all carry this class flag.
+    if getattr(type(value), "__IS_MARKER__", False):
+        raise SagaConfigError(
+            name,
+            f"got the unresolved dependency-injector marker {value!r}: pass a {name} explicitly, or build "
+            "the manager in a process wired by a container that provides it "
+            "(saga.container.create_container)",
+        )
+
+
+class SagaManager(ExecutionDriver):
+    """Starts, resumes and recovers saga executions.
+
+    Args:
+        storage: Where executions live.
+        broker_pool: Transport for commands, replies and decisions. Injected by a wired dependency-injector
+            container (``Provide["broker_pool"]``); outside one, pass it explicitly.
+        service_name: This orchestrator's service name (topic defaults derive from it).
+        reply_topic: Where participants reply (default ``"{service_name}Reply"``, as in Minos).
+        dead_letter_topic: Where unusable replies go (default ``"{service_name}DeadLetter"``).
+        registry: Definitions by ``(name, version)``; a new one by default.
+        hooks: Lifecycle hooks called as executions progress.
+        owner: Claim owner identity (default ``"{hostname}:{pid}:{random}"``).
+        lease_seconds: Claim lease; renewed every third of it while a step runs.
+        consume_replies: Whether ``setup()`` starts the `ReplyConsumer`.
+        relay_outbox: Whether ``setup()`` starts the `OutboxRelay`.
+        relay_interval: Seconds between relay passes.
+        consumer_group: Reply consumer group (default ``"{service_name}-orchestrator"``).
+        wait_poll_interval: While ``run(pause_on_disk=False)`` waits, how often it re-reads the execution
+            to notice progress made by another process (and to act on an overdue reply).
+        clock: Source of "now" (timezone-aware); tests pass a controllable one.
+
+    Raises:
+        SagaConfigError: ``broker_pool`` (or ``storage``) is an unresolved ``Provide`` marker, or an option
+            is out of range.
+    """
+
+    def __init__(
+        self,
+        storage: SagaStorage,
+        broker_pool: BrokerClientPool = Provide["broker_pool"],
+        *,
+        service_name: str = "saga",
+        reply_topic: str | None = None,
+        dead_letter_topic: str | None = None,
+        registry: SagaRegistry | None = None,
+        hooks: SagaHooks | None = None,
+        owner: str | None = None,
+        lease_seconds: float = 30.0,
+        consume_replies: bool = True,
+        relay_outbox: bool = True,
+        relay_interval: float = 1.0,
+        consumer_group: str | None = None,
+        wait_poll_interval: float = 1.0,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        _check_resolved(broker_pool, "broker_pool")
+        _check_resolved(storage, "storage")
+        if not service_name:
+            raise SagaConfigError("service_name", "must be a non-empty string")
+        for key, value in (
+            ("lease_seconds", lease_seconds),
+            ("relay_interval", relay_interval),
+            ("wait_poll_interval", wait_poll_interval),
+        ):
+            if not value > 0:
+                raise SagaConfigError(key, f"must be > 0, got {value!r}")
+        self.storage = storage
+        self.broker_pool = broker_pool
+        self.service_name = service_name
+        self.reply_topic = reply_topic or f"{service_name}Reply"
+        self.dead_letter_topic = dead_letter_topic or f"{service_name}DeadLetter"
+        self.registry = registry if registry is not None else SagaRegistry()
+        self.hooks = hooks
+        self.owner = owner or _default_owner()
+        self.lease_seconds = float(lease_seconds)
+        self.consume_replies = consume_replies
+        self.relay_outbox = relay_outbox
+        self.relay_interval = relay_interval
+        self.consumer_group = consumer_group or f"{service_name}-orchestrator"
+        self.wait_poll_interval = wait_poll_interval
+        self.clock: Callable[[], datetime] = clock or _utc_now
+        self.consumer: ReplyConsumer | None = None
+        self.relay: OutboxRelay | None = None
+        self._lease = timedelta(seconds=self.lease_seconds)
+        self._active: set[uuid.UUID] = set()
+        self._waiters: dict[uuid.UUID, list[asyncio.Future[SagaExecution | None]]] = {}
+        self._early_waiters: dict[uuid.UUID, asyncio.Future[SagaExecution | None]] = {}
+        self._driving: set[SagaExecution] = set()
+        self._beat: asyncio.TimerHandle | None = None
+        self._beat_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._closing = False
+
+    @classmethod
+    def from_config(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> SagaManager:
+        """A manager built from a YAML file or mapping (see `saga.config`); call ``setup()`` next."""
+        from saga.config import build_manager
+
+        return build_manager(source)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Start storage and broker pool, then the reply consumer and the outbox relay; idempotent."""
+        if self._started:
+            return
+        self._closing = False
+        await self.storage.start()
+        await self.broker_pool.start()
+        if self.consume_replies:
+            await self.broker_pool.ensure_topics([self.reply_topic, self.dead_letter_topic])
+            self.consumer = ReplyConsumer(
+                self,
+                self.broker_pool,
+                topic=self.reply_topic,
+                group_id=self.consumer_group,
+                dead_letter_topic=self.dead_letter_topic,
+            )
+            await self.consumer.start()
+        if self.relay_outbox:
+            self.relay = OutboxRelay(
+                self.storage,
+                self.broker_pool,
+                owner=self.owner,
+                interval=self.relay_interval,
+                lease_seconds=self.lease_seconds,
+            )
+            await self.relay.start()
+        self._started = True
+
+    async def destroy(self) -> None:
+        """Stop consumer and relay (finishing work in progress), release waiters, stop pool and storage.
+
+        Callers still waiting in ``run(pause_on_disk=False)`` get the execution as stored (PAUSED).
+        """
+        self._closing = True
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        await asyncio.sleep(0)  # let released waiters read the stored state before storage stops
+        self._stop_beat()
+        await self.broker_pool.stop()
+        await self.storage.stop()
+        self._started = False
+
+    async def __aenter__(self) -> SagaManager:
+        await self.setup()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.destroy()
+
+    # -- definitions -----------------------------------------------------------------------------------
+
+    def register(self, saga: Saga, *, name: str | None = None) -> Saga:
+        """Register a definition (naming a nameless one, committing an open one); see `SagaRegistry`."""
+        return self.registry.register(saga, name=name)
+
+    def _definition_for(self, definition: Saga) -> Saga:
+        if definition.name is not None and definition.committed:
+            known = self.registry._definitions.get((definition.name, definition.version))
+            if known is definition:
+                return definition
+        return self.registry.register(definition)
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    @overload
+    async def run(
+        self,
+        definition: Saga | None = None,
+        context: SagaContext | Mapping[str, Any] | None = None,
+        *,
+        response: SagaResponse | None = None,
+        user: str | None = None,
+        autocommit: bool = True,
+        pause_on_disk: bool = False,
+        raise_on_error: bool = True,
+        return_execution: Literal[True] = True,
+        idempotency_key: str | None = None,
+    ) -> SagaExecution: ...
+
+    @overload
+    async def run(
+        self,
+        definition: Saga | None = None,
+        context: SagaContext | Mapping[str, Any] | None = None,
+        *,
+        response: SagaResponse | None = None,
+        user: str | None = None,
+        autocommit: bool = True,
+        pause_on_disk: bool = False,
+        raise_on_error: bool = True,
+        return_execution: Literal[False],
+        idempotency_key: str | None = None,
+    ) -> uuid.UUID: ...
+
+    @overload
+    async def run(
+        self,
+        definition: Saga | None = None,
+        context: SagaContext | Mapping[str, Any] | None = None,
+        *,
+        response: SagaResponse | None = None,
+        user: str | None = None,
+        autocommit: bool = True,
+        pause_on_disk: bool = False,
+        raise_on_error: bool = True,
+        return_execution: bool = True,
+        idempotency_key: str | None = None,
+    ) -> SagaExecution | uuid.UUID: ...
+
+    async def run(
+        self,
+        definition: Saga | None = None,
+        context: SagaContext | Mapping[str, Any] | None = None,
+        *,
+        response: SagaResponse | None = None,
+        user: str | None = None,
+        autocommit: bool = True,
+        pause_on_disk: bool = False,
+        raise_on_error: bool = True,
+        return_execution: bool = True,
+        idempotency_key: str | None = None,
+    ) -> SagaExecution | uuid.UUID:
+        """Start a saga, or resume one with a reply (Minos semantics).
+
+        Args:
+            definition: Start a new execution of it (registered on the fly if needed).
+            context: Initial context of a new execution.
+            response: Resume the execution this reply names instead.
+            user: User the saga runs for (forwarded in command headers).
+            autocommit: Send commit/reject to the participants by itself when the saga ends; with
+                ``False`` call `commit` / `reject` yourself.
+            pause_on_disk: Return as soon as the execution waits for a reply (PAUSED, stored); with
+                ``False``, wait here until it ends.
+            raise_on_error: Raise `SagaExecutionError` when it ends ERRORED or DEAD_LETTER.
+            return_execution: Return the `SagaExecution` (else its id).
+            idempotency_key: A second start with the same key returns the first execution.
+
+        Raises:
+            SagaExecutionError: It ended ERRORED/DEAD_LETTER and ``raise_on_error`` is set.
+            SagaContextError: A context value cannot be stored (the execution, if created, is FAILED).
+            SagaBusyError: (resume) Another worker holds the execution's claim; try again later.
+            UnknownSagaDefinitionError: (resume) The execution's definition is not registered.
+        """
+        if response is not None:
+            execution, _ = await self._process_reply(response, None, wait=not pause_on_disk)
+        elif definition is not None:
+            execution = await self._start(
+                definition, context, user, autocommit, idempotency_key, pause_on_disk
+            )
+        else:
+            raise SagaStateError("run() needs a definition to start or a response to resume")
+        if not pause_on_disk and not execution.terminal:
+            execution = await self._wait(execution)
+        if raise_on_error and execution.status in (SagaStatus.ERRORED, SagaStatus.DEAD_LETTER):
+            error = execution.error or {}
+            raise SagaExecutionError(
+                f"saga {execution.name!r} execution {execution.id} ended {execution.status}: "
+                f"{error.get('error')}",
+                execution_id=execution.id,
+                step=error.get("step"),
+                status=str(execution.status),
+                error=dict(error),
+            )
+        return execution if return_execution else execution.id
+
+    async def _start(
+        self,
+        definition: Saga,
+        context: SagaContext | Mapping[str, Any] | None,
+        user: str | None,
+        autocommit: bool,
+        idempotency_key: str | None,
+        pause_on_disk: bool,
+    ) -> SagaExecution:
+        saga = self._definition_for(definition)
+        if idempotency_key is not None:
+            existing = await self.storage.find_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return self._execution(existing)
+        now = self.clock()
+        execution = SagaExecution.start(
+            saga,
+            context,
+            reply_topic=self.reply_topic,
+            now=now,
+            user=user,
+            autocommit=autocommit,
+            idempotency_key=idempotency_key,
+            hooks=self.hooks,
+            clock=self.clock,
+        )
+        record = execution.to_record(owner=self.owner, lease_until=now + self._lease)
+        try:
+            stored = await self.storage.create(record)
+        except DuplicateIdempotencyKeyError as exc:
+            return self._execution(await self.storage.load(exc.existing_id))
+        execution.mark_stored(stored)
+        return await self._drive(execution, stored, wait=not pause_on_disk, release=False)
+
+    async def _wait(self, execution: SagaExecution) -> SagaExecution:
+        """Wait for a terminal status: resolved by this process's reply handling, else by polling."""
+        future = self._early_waiters.pop(execution.id, None) or self._waiter(execution.id)
+        try:
+            while True:
+                if not future.done():
+                    await asyncio.wait((future,), timeout=self.wait_poll_interval)
+                if future.done():
+                    result = future.result()
+                    if result is not None:
+                        return result
+                    return self._execution(await self.storage.load(execution.id))  # shutting down
+                record = await self.storage.load(execution.id)
+                if record.status in TERMINAL_STATUSES:
+                    return self._execution(record)
+                if record.reply_deadline is not None and record.reply_deadline <= self.clock():
+                    try:
+                        recovered = await self.recover(execution.id)
+                    except SagaBusyError:
+                        continue
+                    if recovered.terminal:
+                        return recovered
+        finally:
+            self._drop_waiter(execution.id, future)
+
+    def _waiter(self, execution_id: uuid.UUID) -> asyncio.Future[SagaExecution | None]:
+        future: asyncio.Future[SagaExecution | None] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            future.set_result(None)
+        self._waiters.setdefault(execution_id, []).append(future)
+        return future
+
+    def _drop_waiter(self, execution_id: uuid.UUID, future: asyncio.Future[SagaExecution | None]) -> None:
+        futures = self._waiters.get(execution_id)
+        if futures is not None:
+            if future in futures:
+                futures.remove(future)
+            if not futures:
+                del self._waiters[execution_id]
+
+    def _resolve_waiters(self, execution: SagaExecution) -> None:
+        for future in self._waiters.get(execution.id, ()):
+            if not future.done():
+                future.set_result(execution)
+
+    # -- replies ---------------------------------------------------------------------------------------
+
+    async def handle_reply(
+        self, response: SagaResponse, *, message: BrokerMessage | None = None
+    ) -> ReplyOutcome:
+        """Apply one participant reply (what the `ReplyConsumer` calls); never waits for the saga to end.
+
+        Claims the execution, checks the reply against the awaited request, applies it and runs the
+        following steps up to the next pause or the end, exactly like a fresh run. A duplicate, stale or
+        unknown-status reply is recorded (``storage.record_reply``) and changes nothing; an unknown-status
+        one is also copied to the dead-letter topic (``message``, the record as received, when given).
+
+        Returns:
+            ``applied``, ``duplicate``, ``stale`` or ``unknown_status``.
+
+        Raises:
+            ExecutionNotFoundError: No such execution.
+            UnknownSagaDefinitionError: Its definition is not registered here (execution untouched).
+            SagaBusyError: Another worker holds its claim (retriable).
+            SagaContextError: A reply handler stored an unstorable value; the execution is now FAILED.
+        """
+        _, outcome = await self._process_reply(response, message, wait=False)
+        return outcome
+
+    async def _process_reply(
+        self, response: SagaResponse, message: BrokerMessage | None, *, wait: bool
+    ) -> tuple[SagaExecution, ReplyOutcome]:
+        execution_id = response.execution_id
+        record, execution = await self._claim(execution_id)
+        outcome = execution.classify_reply(response)
+        if outcome != "applied":
+            await self._ignore_reply(execution, response, outcome, message)
+            return execution, outcome
+        reply = ReplyRecord(execution_id, response.request_id, int(response.status), "applied")
+        self._active.add(execution_id)
+        try:
+            transition = await self._guard(execution, record, execution.apply_reply(response, self.clock()))
+            execution = await self._drive(execution, record, transition=transition, reply=reply, wait=wait)
+        except AlreadyAppliedError:
+            await self._release(execution_id)
+            return execution, "duplicate"
+        finally:
+            self._active.discard(execution_id)
+        return execution, outcome
+
+    async def _ignore_reply(
+        self,
+        execution: SagaExecution,
+        response: SagaResponse,
+        outcome: ReplyOutcome,
+        message: BrokerMessage | None,
+    ) -> None:
+        if _log.isEnabledFor(logging.INFO):
+            _log.info(
+                "execution %s: %s reply to request %s (status %s) ignored",
+                execution.id,
+                outcome,
+                response.request_id,
+                response.status,
+            )
+        reason = f"{outcome}: status {int(response.status)}" if outcome == "unknown_status" else outcome
+        try:
+            await self.storage.record_reply(
+                ReplyRecord(execution.id, response.request_id, int(response.status), outcome, reason=reason)
+            )
+        finally:
+            await self._release(execution.id)
+        if outcome == "unknown_status":
+            original = message if message is not None else response.to_message(self.reply_topic)
+            copy = dead_letter_message(original, self.dead_letter_topic, reason)
+            await self.broker_pool.publisher().send(copy)
+            assert copy.headers[H_DEAD_LETTER_REASON] == reason
+
+    # -- operations on stored executions ---------------------------------------------------------------
+
+    def _execution(self, record: ExecutionRecord) -> SagaExecution:
+        definition = self.registry.get(record.name, record.definition_version, execution_id=record.id)
+        return SagaExecution.from_record(
+            record, definition, reply_topic=self.reply_topic, hooks=self.hooks, clock=self.clock
+        )
+
+    async def get(self, execution_id: uuid.UUID) -> SagaExecution:
+        """The stored execution. Raises `ExecutionNotFoundError`, `UnknownSagaDefinitionError`."""
+        return self._execution(await self.storage.load(execution_id))
+
+    async def commit(self, execution_id: uuid.UUID) -> SagaExecution:
+        """Send commit to the participants of a FINISHED execution (once; a second call sends nothing)."""
+        return await self._decide(execution_id, "commit")
+
+    async def reject(self, execution_id: uuid.UUID) -> SagaExecution:
+        """Send reject to the participants of an ERRORED execution (once; a second call sends nothing)."""
+        return await self._decide(execution_id, "reject")
+
+    async def _decide(self, execution_id: uuid.UUID, action: Literal["commit", "reject"]) -> SagaExecution:
+        record = await self.storage.load(execution_id)
+        execution = self._execution(record)
+        transition = execution.decide(action)
+        if transition.persist:
+            stored = await self.storage.save(execution.to_record(), outbox=transition.outbox)
+            execution.mark_stored(stored)
+            if transition.outbox:
+                await self._flush_outbox()
+        return execution
+
+    async def replay(self, execution_id: uuid.UUID) -> SagaExecution:
+        """Re-send the pending command of a PAUSED execution (same request id and idempotency key).
+
+        Raises:
+            SagaStateError: The execution is not PAUSED.
+            SagaBusyError: Another worker holds its claim.
+        """
+        record, execution = await self._claim(execution_id)
+        if execution.status is not SagaStatus.PAUSED or execution.awaiting is None:
+            await self._release(execution_id)
+            raise SagaStateError(
+                f"cannot replay execution {execution_id}: it is {execution.status}, not paused",
+                execution_id=execution_id,
+            )
+        self._active.add(execution_id)
+        try:
+            transition = await execution.replay(self.clock())
+            return await self._drive(execution, record, transition=transition)
+        finally:
+            self._active.discard(execution_id)
+
+    async def retry(self, execution_id: uuid.UUID) -> ExecutionRecord:
+        """Move a DEAD_LETTER or FAILED execution to FAILED with no recovery attempts, for recovery to resume.
+
+        Does not need the definition (admin tools can call it). Raises `SagaStateError` for other statuses.
+        """
+        record = await self.storage.load(execution_id)
+        if record.status not in (SagaStatus.DEAD_LETTER, SagaStatus.FAILED):
+            raise SagaStateError(
+                f"cannot retry execution {execution_id}: it is {record.status}, not dead_letter or failed",
+                execution_id=execution_id,
+            )
+        return await self.storage.save(
+            dataclasses.replace(record, status=SagaStatus.FAILED, recovery_attempts=0)
+        )
+
+    async def recover(self, execution_id: uuid.UUID) -> SagaExecution:
+        """Resume a stalled execution from storage; what a recovery worker calls for each candidate.
+
+        Claims it (as ``self.owner``), then:
+
+        * RUNNING / FAILED / CREATED: continue forward from the cursor — the interrupted step runs again
+          (at-least-once; make local steps idempotent);
+        * COMPENSATING: continue compensating;
+        * PAUSED with the reply overdue: replay the command if the step's retry policy allows another
+          attempt (same request id and idempotency key), else compensate (error ``timeout``); a FAILED run
+          that was waiting re-sends its command;
+        * saga deadline passed: compensate whatever ran;
+        * PAUSED and not overdue, or terminal: nothing (the claim is released).
+
+        Returns the execution as it now stands (PAUSED, terminal, ...). Recovery attempts are not counted
+        here: the worker increments them when this raises.
+
+        Raises:
+            SagaBusyError: Another worker (or a task of this process) is advancing it.
+            UnknownSagaDefinitionError: Its definition is not registered (execution untouched).
+            ExecutionNotFoundError: No such execution.
+            StorageError, BrokerError: Infrastructure trouble; retry later.
+        """
+        record, execution = await self._claim(execution_id)
+        if execution.terminal:
+            await self._release(execution_id)
+            return execution
+        self._active.add(execution_id)
+        try:
+            now = self.clock()
+            transition = None
+            if execution.awaiting is not None:
+                if execution.overdue(now):
+                    transition = await self._guard(execution, record, execution.on_timeout(now))
+                elif execution.status is not SagaStatus.PAUSED:
+                    await execution.resume()
+                    transition = await execution.replay(now)
+                else:
+                    await self._release(execution_id)
+                    return execution
+            elif execution.status in (SagaStatus.FAILED, SagaStatus.CREATED):
+                await execution.resume()
+            return await self._drive(execution, record, transition=transition)
+        finally:
+            self._active.discard(execution_id)
+
+    async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
+        if execution_id in self._active:
+            raise SagaBusyError(
+                f"execution {execution_id} is being advanced by this process", execution_id=execution_id
+            )
+        record = await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
+        if record is None:
+            raise SagaBusyError(
+                f"execution {execution_id} is claimed by another worker", execution_id=execution_id
+            )
+        try:
+            return record, self._execution(record)
+        except Exception:
+            await self._release(execution_id)
+            raise
+
+    async def _release(self, execution_id: uuid.UUID) -> None:
+        try:
+            await self.storage.release_claim(execution_id, self.owner)
+        except StorageError as exc:  # the lease runs out by itself
+            _log.warning("execution %s: releasing the claim failed: %s", execution_id, exc)
+
+    async def _flush_outbox(self) -> None:
+        """Publish the outbox rows just stored (and any other unsent ones); the relay covers failures."""
+        from saga.relay import publish_outbox
+
+        try:
+            await publish_outbox(
+                self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
+            )
+        except (BrokerError, StorageError) as exc:
+            _log.warning("publishing outbox rows failed (%s); the outbox relay will retry", exc)
+            if self.relay is not None:
+                self.relay.wake()

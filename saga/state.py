@@ -1,0 +1,149 @@
+"""Pieces of an execution's durable state: the awaited request, the transition type, error shapes.
+
+Kept apart from `saga.execution` so the state machine reads as logic, and so the encoding of the engine's
+``state`` document (see `SagaExecution.to_record`) is defined in one place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from saga.messages import SagaCommand
+from storage import OutboxMessage, SagaStatus
+from storage.records import ReplyOutcome, StepPhase
+from storage.status import TERMINAL_STATUSES
+
+__all__ = ["AwaitedRequest", "Transition", "exception_error", "outbox_message"]
+
+#: Version of the ``state`` document layout; bump it with a migration when the layout changes.
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What one move of the state machine asks the caller (the manager) to do.
+
+    Attributes:
+        status: Execution status after the move.
+        outbox: Commands and control messages to write with the state and publish once it is stored.
+        persist: Whether the state changed and must be saved (``False`` for ignored replies and for
+            retries waiting for their backoff).
+        retry_after: Seconds to wait before calling ``advance`` again (a local retry with backoff).
+        outcome: For replies: ``applied``, or why the reply was ignored.
+        step: Name of the step the move concerned, when there is one.
+    """
+
+    status: SagaStatus
+    outbox: tuple[OutboxMessage, ...] = ()
+    persist: bool = True
+    retry_after: float | None = None
+    outcome: ReplyOutcome | None = None
+    step: str | None = None
+
+    @property
+    def paused(self) -> bool:
+        """The execution waits for a reply."""
+        return self.status is SagaStatus.PAUSED
+
+    @property
+    def terminal(self) -> bool:
+        """The execution reached FINISHED, ERRORED or DEAD_LETTER."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def stops(self) -> bool:
+        """The driver must stop calling ``advance`` (paused, terminal or failed)."""
+        return self.status is SagaStatus.PAUSED or self.status is SagaStatus.FAILED or self.terminal
+
+
+@dataclass(slots=True)
+class AwaitedRequest:
+    """The command whose reply the execution waits for; everything needed to replay it.
+
+    Attributes:
+        request_id: Only a reply carrying this id is applied.
+        idempotency_key: Same on replays, so the participant can drop duplicates.
+        path: Cursor path of the step that sent it.
+        phase: ``execute`` or ``compensate``.
+        target: Command topic.
+        content: Command payload (JSON-able).
+        attempt: Sends so far for this step/phase (replays and retries included).
+        deadline: When the reply is overdue (``None``: no step timeout).
+        record: Index in the step history of the record this request updates.
+    """
+
+    request_id: uuid.UUID
+    idempotency_key: str
+    path: tuple[int, ...]
+    phase: StepPhase
+    target: str
+    content: Any
+    attempt: int
+    deadline: datetime | None
+    record: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form for the state document."""
+        return {
+            "rid": str(self.request_id),
+            "key": self.idempotency_key,
+            "path": list(self.path),
+            "phase": self.phase,
+            "target": self.target,
+            "content": self.content,
+            "attempt": self.attempt,
+            "deadline": None if self.deadline is None else self.deadline.isoformat(),
+            "record": self.record,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AwaitedRequest:
+        """Inverse of `to_json`."""
+        deadline = data["deadline"]
+        return cls(
+            request_id=uuid.UUID(data["rid"]),
+            idempotency_key=data["key"],
+            path=tuple(data["path"]),
+            phase=data["phase"],
+            target=data["target"],
+            content=data["content"],
+            attempt=data["attempt"],
+            deadline=None if deadline is None else datetime.fromisoformat(deadline),
+            record=data["record"],
+        )
+
+    def command(
+        self,
+        *,
+        execution_id: uuid.UUID,
+        reply_topic: str,
+        user: str | None,
+        saga: str,
+        step: str,
+    ) -> SagaCommand:
+        """The command to (re)send for this request."""
+        return SagaCommand(
+            target=self.target,
+            content=self.content,
+            execution_id=execution_id,
+            request_id=self.request_id,
+            reply_topic=reply_topic,
+            idempotency_key=self.idempotency_key,
+            user=user,
+            saga=saga,
+            step=step,
+        )
+
+
+def outbox_message(command: SagaCommand) -> OutboxMessage:
+    """The outbox row of a command (encodes its content; raises ``TypeError`` for non-JSON content)."""
+    message = command.to_message()
+    return OutboxMessage(topic=message.topic, key=message.key, value=message.value, headers=message.headers)
+
+
+def exception_error(step: str | None, exc: BaseException) -> dict[str, Any]:
+    """Structured error of a step that raised."""
+    return {"step": step, "error": str(exc) or type(exc).__name__, "type": type(exc).__name__}
