@@ -5,7 +5,15 @@ not yet started `SagaManager`. The reference of every key is in the README and i
 `saga.config.model`.
 """
 
-from saga.config.build import build_broker_pool, build_manager, build_storage, import_sagas, manager_options
+from saga.config.build import (
+    apply_default_timeout,
+    build_broker_pool,
+    build_manager,
+    build_recovery_worker,
+    build_storage,
+    import_sagas,
+    manager_options,
+)
 from saga.config.embedded import EMBEDDED_CONFIG, default_config_path
 from saga.config.loader import interpolate, load_config, read_config_file
 from saga.config.model import (
@@ -37,8 +45,10 @@ __all__ = [
     "StorageConfig",
     "TimeoutsConfig",
     "TopicsConfig",
+    "apply_default_timeout",
     "build_broker_pool",
     "build_manager",
+    "build_recovery_worker",
     "build_storage",
     "default_config_path",
     "import_sagas",

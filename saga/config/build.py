@@ -21,8 +21,17 @@ from storage import MemorySagaStorage, SagaStorage
 if TYPE_CHECKING:
     from saga.definitions import Saga
     from saga.manager import SagaManager
+    from saga.recovery import RecoveryTarget, SagaRecoveryWorker
 
-__all__ = ["build_broker_pool", "build_manager", "build_storage", "import_sagas", "manager_options"]
+__all__ = [
+    "apply_default_timeout",
+    "build_broker_pool",
+    "build_manager",
+    "build_recovery_worker",
+    "build_storage",
+    "import_sagas",
+    "manager_options",
+]
 
 ConfigSource = str | os.PathLike[str] | Mapping[str, Any] | SagaConfig
 
@@ -33,7 +42,13 @@ def build_storage(config: SagaConfig) -> SagaStorage:
         return MemorySagaStorage()
     from storage import SqlAlchemySagaStorage
 
-    return SqlAlchemySagaStorage(config.storage.url, auto_migrate=config.storage.auto_migrate)
+    return SqlAlchemySagaStorage(
+        config.storage.url,
+        auto_migrate=config.storage.auto_migrate,
+        pool_size=config.storage.pool_size,
+        schema=config.storage.schema,
+        echo=config.storage.echo,
+    )
 
 
 def build_broker_pool(config: SagaConfig) -> BrokerClientPool:
@@ -93,7 +108,7 @@ def _article(name: str) -> str:
 
 def manager_options(config: SagaConfig) -> dict[str, Any]:
     """Keyword arguments of `SagaManager` that the configuration sets."""
-    options: dict[str, Any] = {
+    return {
         "service_name": config.service.name,
         "reply_topic": config.topics.reply,
         "dead_letter_topic": config.topics.dead_letter,
@@ -101,7 +116,26 @@ def manager_options(config: SagaConfig) -> dict[str, Any]:
         "lease_seconds": config.recovery.lease_seconds,
         "relay_interval": config.outbox.relay_interval,
     }
-    return options
+
+
+def apply_default_timeout(saga: Saga, seconds: float | None) -> None:
+    """Give ``seconds`` as reply timeout to the remote steps (sub-sagas included) that set none.
+
+    A step whose timeout came from an earlier configuration is updated; one set in code is left alone.
+    """
+    from saga.steps import ConditionalSagaStep, RemoteSagaStep
+
+    for step in saga.steps:
+        if isinstance(step, RemoteSagaStep):
+            if step.timeout is None or getattr(step, _TIMEOUT_MARK, False):
+                step.timeout = seconds
+                setattr(step, _TIMEOUT_MARK, seconds is not None)
+        elif isinstance(step, ConditionalSagaStep):
+            for sub in step.sub_sagas():
+                apply_default_timeout(sub, seconds)
+
+
+_TIMEOUT_MARK = "_saga_config_default_timeout"
 
 
 def build_manager(
@@ -139,4 +173,23 @@ def build_manager(
             raise SagaConfigError(
                 f"sagas[{index}]", f"{entry!r} cannot be registered: {exc}", source=config.source
             ) from exc
+        if config.timeouts.default_reply_seconds is not None:
+            apply_default_timeout(saga, config.timeouts.default_reply_seconds)
     return manager
+
+
+def build_recovery_worker(manager: RecoveryTarget, config: SagaConfig) -> SagaRecoveryWorker:
+    """The `SagaRecoveryWorker` the ``recovery`` section describes, for ``manager``."""
+    from saga.recovery import SagaRecoveryWorker
+
+    recovery = config.recovery
+    return SagaRecoveryWorker(
+        manager,
+        interval=recovery.interval,
+        batch_size=recovery.batch_size,
+        max_recovery_attempts=recovery.max_recovery_attempts,
+        stale_after_seconds=recovery.stale_after_seconds,
+        saga_names=recovery.saga_names or None,
+        lease_seconds=recovery.lease_seconds,
+        concurrency=recovery.concurrency,
+    )

@@ -49,6 +49,8 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "recovery.max_recovery_attempts": (1, True),
     "recovery.stale_after_seconds": (0, True),
     "recovery.lease_seconds": (0, False),
+    "recovery.concurrency": (1, True),
+    "storage.pool_size": (1, True),
     "timeouts.default_reply_seconds": (0, False),
 }
 
@@ -362,6 +364,10 @@ def _check_cross_field(config: SagaConfig, data: Mapping[str, Any], ctx: _Contex
                 "broker.kafka.bootstrap_servers", "missing value (required when broker.type is 'kafka')"
             )
     _check_storage_url(config.storage.url, ctx)
+    if config.storage.schema is not None and not config.storage.url.startswith("postgresql"):
+        raise ctx.error(
+            "storage.schema", "is only supported with PostgreSQL (storage.url postgresql+asyncpg://...)"
+        )
     for index, entry in enumerate(config.sagas):
         module, sep, attribute = entry.partition(":")
         if not sep or not _is_dotted_name(module) or not _is_dotted_name(attribute):

@@ -77,10 +77,16 @@ class StorageConfig:
             ``memory://`` for `MemorySagaStorage` (lost when the process ends).
         auto_migrate: Bring the database schema up to date when storage starts; turn off when
             ``kafka-saga db upgrade`` runs as a deployment step instead.
+        pool_size: Database connections kept open (SQLite always uses one).
+        schema: PostgreSQL schema holding the tables (``None``: the connection's default).
+        echo: Log every SQL statement.
     """
 
     url: str = MEMORY_STORAGE_URL
     auto_migrate: bool = True
+    pool_size: int = 10
+    schema: str | None = None
+    echo: bool = False
 
     @property
     def is_memory(self) -> bool:
@@ -134,17 +140,20 @@ class RecoveryConfig:
         batch_size: Executions claimed per scan.
         max_recovery_attempts: Failed recoveries after which an execution goes to ``DEAD_LETTER``.
         stale_after_seconds: Only recover executions not updated for this long (``None``: no minimum).
-        lease_seconds: How long a claim lasts unless the heartbeat renews it.
+        lease_seconds: How long a claim lasts unless the heartbeat renews it; the manager's claims while
+            it runs steps use it too.
         saga_names: Recover only these sagas (empty: all).
+        concurrency: Recoveries running at once.
     """
 
     enabled: bool = True
     interval: float = 5.0
-    batch_size: int = 50
+    batch_size: int = 100
     max_recovery_attempts: int = 5
     stale_after_seconds: int | None = None
     lease_seconds: float = 30.0
     saga_names: tuple[str, ...] = ()
+    concurrency: int = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,8 +161,8 @@ class TimeoutsConfig:
     """Default deadlines.
 
     Attributes:
-        default_reply_seconds: Reply timeout of remote steps that set no ``timeout=`` of their own
-            (``None``: wait indefinitely).
+        default_reply_seconds: Reply timeout given to the remote steps of the configured sagas that set
+            no ``timeout=`` of their own (``None``: they wait without limit).
     """
 
     default_reply_seconds: float | None = None

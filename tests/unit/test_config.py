@@ -157,8 +157,9 @@ def test_misspelt_kafka_setting_suggests_the_closest() -> None:
 
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
-    error = error_of({"storage": {"pool": 5}})
-    assert str(error) == "storage.pool: unknown key (valid keys: url, auto_migrate)"
+    error = error_of({"storage": {"driver": "asyncpg"}})
+    valid = "url, auto_migrate, pool_size, schema, echo"
+    assert str(error) == f"storage.driver: unknown key (valid keys: {valid})"
 
 
 def test_wrong_type(tmp_path: Path) -> None:
@@ -258,6 +259,12 @@ def test_missing_values(data: dict[str, Any], message: str) -> None:
             "sagas[0]: expected 'module:attribute', got 'saga.demo.ORDER_SAGA'",
         ),
         ({"sagas": ["saga demo:X"]}, "sagas[0]: expected 'module:attribute', got 'saga demo:X'"),
+        ({"recovery": {"concurrency": 0}}, "recovery.concurrency: must be at least 1, got 0"),
+        ({"storage": {"pool_size": 0}}, "storage.pool_size: must be at least 1, got 0"),
+        (
+            {"storage": {"url": "sqlite+aiosqlite:///x.db", "schema": "sagas"}},
+            "storage.schema: is only supported with PostgreSQL (storage.url postgresql+asyncpg://...)",
+        ),
     ],
 )
 def test_invalid_values(data: dict[str, Any], message: str) -> None:

@@ -1,0 +1,5 @@
+"""``python -m saga.cli``."""
+
+from saga.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""Administration commands: inspect and repair executions in the configured storage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+
+from saga.cli.app import CommandError, configure_logging, resolve_config
+from saga.cli.output import (
+    decode_context,
+    execution_to_json,
+    format_duration,
+    format_error,
+    format_time,
+    print_json,
+    render_table,
+    reply_to_json,
+    step_to_json,
+)
+from saga.config import SagaConfig, build_storage
+from saga.manager import SagaManager
+from storage import TERMINAL_STATUSES, ExecutionQuery, ExecutionRecord, SagaStatus, SagaStorage
+
+__all__ = [
+    "cmd_db_upgrade",
+    "cmd_dead_letter",
+    "cmd_list",
+    "cmd_replay",
+    "cmd_retry",
+    "cmd_set_attempts",
+    "cmd_show",
+    "cmd_stats",
+]
+
+_T = TypeVar("_T")
+
+
+def _config(args: argparse.Namespace) -> SagaConfig:
+    config = resolve_config(args.config)
+    configure_logging(config.logging)
+    if config.storage.is_memory:
+        print(
+            "kafka-saga: note: storage.url is memory://, so this process sees only its own (empty) store",
+            file=sys.stderr,
+        )
+    return config
+
+
+def _run(config: SagaConfig, fn: Callable[[SagaStorage], Awaitable[_T]]) -> _T:
+    return _run_with(build_storage(config), fn)
+
+
+def _saga_label(record: ExecutionRecord) -> str:
+    return f"{record.name} v{record.definition_version}"
+
+
+def _status_label(status: SagaStatus) -> str:
+    return status.value.upper()
+
+
+# -- list / dead-letter --------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``kafka-saga list``."""
+    config = _config(args)
+    query = ExecutionQuery(
+        statuses=args.status or None, names=args.name or None, limit=args.limit, offset=args.offset
+    )
+    result = _run(config, lambda storage: storage.query(query))
+    if args.json:
+        print_json(
+            {
+                "total": result.total,
+                "offset": args.offset,
+                "limit": args.limit,
+                "executions": [execution_to_json(r) for r in result.rows],
+            }
+        )
+        return 0
+    rows = [
+        (
+            str(r.id),
+            _saga_label(r),
+            _status_label(r.status),
+            r.recovery_attempts,
+            format_time(r.created_at),
+            format_time(r.updated_at),
+            format_error(r.error, width=60),
+        )
+        for r in result.rows
+    ]
+    print(render_table(("ID", "SAGA", "STATUS", "RECOVERY", "CREATED (UTC)", "UPDATED (UTC)", "ERROR"), rows))
+    print(_page_footer(len(result.rows), result.total, args.offset, "execution"))
+    return 0
+
+
+def _page_footer(shown: int, total: int, offset: int, noun: str) -> str:
+    plural = noun if total == 1 else f"{noun}s"
+    if shown == 0:
+        return f"no {noun}s shown; {total} {plural} match" if total else f"no {noun}s match"
+    return f"{offset + 1}-{offset + shown} of {total} {plural}"
+
+
+def cmd_dead_letter(args: argparse.Namespace) -> int:
+    """``kafka-saga dead-letter``."""
+    config = _config(args)
+    query = ExecutionQuery(
+        statuses=[SagaStatus.DEAD_LETTER], names=args.name or None, limit=args.limit, offset=args.offset
+    )
+    result = _run(config, lambda storage: storage.query(query))
+    if args.json:
+        print_json(
+            {
+                "total": result.total,
+                "offset": args.offset,
+                "limit": args.limit,
+                "executions": [execution_to_json(r) for r in result.rows],
+            }
+        )
+        return 0
+    rows = [
+        (
+            str(r.id),
+            _saga_label(r),
+            r.recovery_attempts,
+            format_time(r.updated_at),
+            (r.error or {}).get("step"),
+            format_error(r.error, width=70),
+        )
+        for r in result.rows
+    ]
+    print(render_table(("ID", "SAGA", "RECOVERY", "SINCE (UTC)", "STEP", "ERROR"), rows))
+    print(_page_footer(len(result.rows), result.total, args.offset, "dead-lettered execution"))
+    if result.rows:
+        print("retry one with: kafka-saga retry ID")
+    return 0
+
+
+# -- show ----------------------------------------------------------------------------------------------
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``kafka-saga show ID``."""
+    config = _config(args)
+    saga_id: uuid.UUID = args.id
+
+    async def fetch(storage: SagaStorage) -> tuple[ExecutionRecord, list[Any]]:
+        record = await storage.load(saga_id)
+        return record, await storage.list_replies(saga_id)
+
+    record, replies = _run(config, fetch)
+    if args.json:
+        data = execution_to_json(record, with_state=True)
+        data["steps"] = [step_to_json(s) for s in record.steps]
+        data["replies"] = [reply_to_json(r) for r in replies]
+        print_json(data)
+        return 0
+    overview = [
+        ("execution", str(record.id)),
+        ("saga", _saga_label(record)),
+        ("status", _status_label(record.status)),
+        ("created", f"{format_time(record.created_at)} UTC"),
+        ("updated", f"{format_time(record.updated_at)} UTC"),
+        ("duration", format_duration(record.created_at, record.updated_at)),
+        ("recovery", f"{record.recovery_attempts} attempt(s)"),
+        ("version", record.version),
+        ("idempotency", record.idempotency_key),
+        ("user", record.user),
+        ("reply due", format_time(record.reply_deadline)),
+        ("claimed by", _claim(record)),
+        ("error", format_error(record.error, width=None)),
+    ]
+    for label, value in overview:
+        if value is not None or label in ("error",):
+            print(f"{label + ':':<13}{'-' if value is None else value}")
+    context = decode_context(record.state)
+    if context:
+        print()
+        print("Context")
+        for key, value in context.items():
+            shown = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+            print(f"  {key}: {shown if len(shown) <= 100 else shown[:99] + '…'}")
+    print()
+    print(f"Steps ({len(record.steps)})")
+    if record.steps:
+        rows = [
+            (
+                index,
+                s.name,
+                s.kind,
+                s.phase,
+                s.status.upper(),
+                s.attempts,
+                format_time(s.started_at),
+                format_duration(s.started_at, s.finished_at),
+                format_error(s.error, width=60),
+            )
+            for index, s in enumerate(record.steps, start=1)
+        ]
+        print(
+            render_table(
+                ("#", "STEP", "KIND", "PHASE", "STATUS", "ATTEMPTS", "STARTED (UTC)", "TOOK", "ERROR"),
+                rows,
+                indent="  ",
+            )
+        )
+    else:
+        print("  (none)")
+    print()
+    print(f"Replies ({len(replies)})")
+    if replies:
+        steps_by_request = {
+            s.request_id: f"{s.name} ({s.phase})" for s in record.steps if s.request_id is not None
+        }
+        reply_rows = [
+            (
+                format_time(r.received_at),
+                steps_by_request.get(r.request_id),
+                str(r.request_id),
+                r.status,
+                r.outcome,
+                r.reason,
+            )
+            for r in replies
+        ]
+        print(
+            render_table(
+                ("RECEIVED (UTC)", "STEP", "REQUEST", "STATUS", "OUTCOME", "REASON"), reply_rows, indent="  "
+            )
+        )
+    else:
+        print("  (none)")
+    return 0
+
+
+def _claim(record: ExecutionRecord) -> str | None:
+    """Who is advancing the execution right now (a live claim on an unfinished one), if anyone."""
+    if record.owner is None or record.lease_until is None or record.status in TERMINAL_STATUSES:
+        return None
+    if record.lease_until <= datetime.now(UTC):
+        return f"{record.owner} (lease expired {format_time(record.lease_until)} UTC)"
+    return f"{record.owner} until {format_time(record.lease_until)} UTC"
+
+
+# -- stats ---------------------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """``kafka-saga stats``."""
+    config = _config(args)
+    counts = _run(config, lambda storage: storage.count_by_status())
+    total = sum(counts.values())
+    if args.json:
+        print_json({"counts": {s.value: counts.get(s, 0) for s in SagaStatus}, "total": total})
+        return 0
+    rows = [(_status_label(s), counts.get(s, 0)) for s in SagaStatus]
+    rows.append(("TOTAL", total))
+    print(render_table(("STATUS", "COUNT"), rows))
+    return 0
+
+
+# -- repairs -------------------------------------------------------------------------------------------
+
+
+def cmd_set_attempts(args: argparse.Namespace) -> int:
+    """``kafka-saga set-attempts ID N``."""
+    config = _config(args)
+    saga_id: uuid.UUID = args.id
+
+    async def apply(storage: SagaStorage) -> tuple[ExecutionRecord, ExecutionRecord]:
+        before = await storage.load(saga_id)
+        await storage.set_recovery_attempts(saga_id, args.attempts)
+        return before, await storage.load(saga_id)
+
+    before, after = _run(config, apply)
+    if args.json:
+        print_json({**execution_to_json(after), "previous_recovery_attempts": before.recovery_attempts})
+        return 0
+    print(
+        f"execution {after.id}: recovery attempts {before.recovery_attempts} -> {after.recovery_attempts} "
+        f"(status {_status_label(after.status)})"
+    )
+    if after.status is SagaStatus.DEAD_LETTER:
+        print("it stays DEAD_LETTER until retried: kafka-saga retry ID")
+    return 0
+
+
+def _manager(config: SagaConfig) -> SagaManager:
+    """A manager for one administrative operation: no reply consumer, no relay."""
+    from saga.config import build_manager
+
+    return build_manager(config, consume_replies=False, relay_outbox=False)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """``kafka-saga retry ID``."""
+    config = _config(args)
+    manager = _manager(config)
+    saga_id: uuid.UUID = args.id
+
+    async def apply(storage: SagaStorage) -> tuple[ExecutionRecord, ExecutionRecord]:
+        before = await storage.load(saga_id)
+        return before, await manager.retry(saga_id)
+
+    before, after = _run_with(manager.storage, apply)
+    if args.json:
+        print_json(
+            {
+                **execution_to_json(after),
+                "previous_status": before.status.value,
+                "previous_recovery_attempts": before.recovery_attempts,
+            }
+        )
+        return 0
+    print(
+        f"execution {after.id}: {_status_label(before.status)} -> {_status_label(after.status)}, "
+        f"recovery attempts {before.recovery_attempts} -> {after.recovery_attempts}"
+    )
+    print("a running `kafka-saga worker` with recovery enabled resumes it from the step that failed")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``kafka-saga replay ID``."""
+    config = _config(args)
+    manager = _manager(config)
+    saga_id: uuid.UUID = args.id
+    if config.broker.type == "memory":
+
+        async def check(storage: SagaStorage) -> None:
+            await storage.load(saga_id)  # an unknown id is reported as such first
+
+        _run_with(manager.storage, check)
+        raise CommandError(
+            "replay publishes the pending command, and broker.type is memory: no other process would "
+            "receive it. Use a Kafka configuration (or let the worker's recovery replay overdue steps)."
+        )
+
+    async def apply() -> ExecutionRecord:
+        async with manager:
+            await manager.replay(saga_id)
+            return await manager.storage.load(saga_id)
+
+    after = asyncio.run(apply())
+    awaited = _awaited_step(after)
+    if args.json:
+        print_json({**execution_to_json(after), "replayed_step": awaited})
+        return 0
+    print(
+        f"execution {after.id}: re-sent the command of step {awaited or '?'} ({_status_label(after.status)})"
+    )
+    return 0
+
+
+def _awaited_step(record: ExecutionRecord) -> str | None:
+    waiting = [s for s in record.steps if s.status == "waiting"]
+    return waiting[-1].name if waiting else None
+
+
+def _run_with(storage: SagaStorage, fn: Callable[[SagaStorage], Awaitable[_T]]) -> _T:
+    async def go() -> _T:
+        async with storage:
+            return await fn(storage)
+
+    return asyncio.run(go())
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """``kafka-saga db upgrade``."""
+    config = resolve_config(args.config)
+    configure_logging(config.logging)
+    if config.storage.is_memory:
+        print("storage.url is memory://: there is no database schema to upgrade")
+        return 0
+    try:
+        from storage import migrate
+    except ImportError as exc:
+        raise CommandError(f"database migrations are not available ({exc})") from exc
+    migrate.upgrade(config.storage.url, args.revision, schema=config.storage.schema)
+    print(f"database schema is at {args.revision}")
+    return 0

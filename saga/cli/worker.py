@@ -1,0 +1,94 @@
+"""``kafka-saga worker``: the orchestrator's background process.
+
+One process runs the reply consumer (replies advance paused executions), the outbox relay (stored commands
+reach Kafka even after a crash between store and publish) and, when ``recovery.enabled``, the recovery
+worker. SIGTERM or SIGINT drains: the recovery worker finishes what it started, the consumer finishes the
+replies in hand and commits their offsets, the relay publishes what it fetched; then the process exits 0.
+A second signal stops waiting for the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from saga.cli.app import configure_logging, resolve_config
+from saga.cli.demo import describe_setup
+from saga.config import SagaConfig, build_manager, build_recovery_worker
+from saga.manager import SagaManager
+
+__all__ = ["run_worker", "serve"]
+
+_log = logging.getLogger("saga.worker")
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT; exit 0 after a clean drain."""
+    config = resolve_config(args.config)
+    manager = build_manager(config)  # configuration errors surface here, before anything starts
+    configure_logging(config.logging)
+    return asyncio.run(serve(config, manager))
+
+
+def _say(message: str) -> None:
+    print(f"kafka-saga worker: {message}", file=sys.stderr, flush=True)
+
+
+async def serve(config: SagaConfig, manager: SagaManager, *, stop: asyncio.Event | None = None) -> int:
+    """Set up ``manager`` (and the recovery worker), wait for ``stop`` or a signal, then drain.
+
+    Returns:
+        0 after a clean drain, 1 when a second signal cut the drain short.
+    """
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    signals = 0
+    main_task = asyncio.current_task()
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            _say(f"{signal.Signals(signum).name} received: draining in-flight work (signal again to force)")
+            stop.set()
+        elif main_task is not None:
+            _say("second signal: stopping without waiting for the drain")
+            main_task.cancel()
+
+    installed = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / Windows
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+    try:
+        await manager.setup()
+        recovery = build_recovery_worker(manager, config) if config.recovery.enabled else None
+        try:
+            if recovery is not None:
+                await recovery.start()
+            if config.broker.type == "memory":
+                _log.warning("broker.type is memory: only participants in this process can reach this worker")
+            sagas = ", ".join(f"{s.name} v{s.version}" for s in manager.registry) or "none"
+            _say(
+                f"ready: service {manager.service_name!r}, {describe_setup(config)}; replies on "
+                f"{manager.reply_topic!r} (group {manager.consumer_group!r}); sagas: {sagas}; recovery "
+                + (f"every {config.recovery.interval:g}s" if recovery is not None else "off")
+            )
+            await stop.wait()
+        finally:
+            if recovery is not None:
+                await recovery.stop()
+            await manager.destroy()
+    except asyncio.CancelledError:
+        if signals > 1:
+            return 1
+        raise
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+    _say("stopped cleanly")
+    return 0
