@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
 from broker import BrokerClientPool, BrokerClosedError, BrokerError, BrokerMessage, BrokerSubscriber
+from saga.consumer import H_DEAD_LETTER_REASON
 from saga.errors import MalformedMessageError, SagaBusinessError, SagaStateError
 from saga.messages import (
     H_SERVICE,
@@ -60,7 +61,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-H_DEAD_LETTER_REASON = "saga-dead-letter-reason"
+#: Header added to dead letters naming the topic the record was consumed from (the reason header,
+#: ``H_DEAD_LETTER_REASON``, is the reply consumer's, so both sides dead-letter alike).
 H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
