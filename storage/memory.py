@@ -5,13 +5,13 @@ so code tested on it behaves the same on PostgreSQL. Nothing survives the proces
 
 Concurrency: every method body runs without an ``await`` between reading and writing the dicts, so under
 asyncio each call is atomic with respect to other tasks; no lock is needed. Records are frozen dataclasses,
-and the only mutable parts they may carry (``error`` and ``headers`` mappings) are deep-copied on the way in
-and on the way out, so callers can never change stored state behind the storage's back.
+and the only mutable parts they may carry (``error`` and ``headers`` mappings) are copied on the way in and
+on the way out, through JSON like the SQL adapter stores them, so callers can never change stored state
+behind the storage's back.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import uuid
@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
+from storage._json import json_copy
 from storage.errors import (
     ConcurrencyError,
     DuplicateIdempotencyKeyError,
@@ -48,7 +49,9 @@ def _utc_now() -> datetime:
 
 
 def _copy_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    return None if value is None else copy.deepcopy(dict(value))
+    # A JSON round trip rather than deepcopy: it copies, and it refuses (TypeError) exactly what the SQL
+    # adapter's JSON columns would refuse, so tests on memory catch it too.
+    return None if value is None else json_copy(value)
 
 
 def _copy_steps(steps: Iterable[StepRecord]) -> tuple[StepRecord, ...]:

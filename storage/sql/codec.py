@@ -101,7 +101,7 @@ def save_params(record: ExecutionRecord) -> dict[str, Any]:
     return {
         "p_id": record.id,
         "p_version": record.version,
-        "p_status": record.status.value,
+        "p_status": SagaStatus(record.status).value,
         "p_state": record.state,
         "p_steps": record.steps,
         "p_recovery_attempts": record.recovery_attempts,

@@ -96,6 +96,14 @@ class ErrorTranslator:
     ) -> None:
         if exc is None or isinstance(exc, StorageError) or not isinstance(exc, Exception):
             return
+        if (
+            isinstance(exc, sa_exc.StatementError)
+            and not isinstance(exc, sa_exc.DBAPIError)
+            and isinstance(exc.orig, TypeError | ValueError)
+        ):
+            # A value that cannot be bound (not JSON-able, wrong type) is the caller's bug, not the
+            # database's: surface it as is, as the asyncpg path (which binds outside SQLAlchemy) does.
+            raise exc.orig from exc
         if _is_unavailable(exc):
             raise StorageUnavailableError(
                 f"database {self._url} unavailable during {self._operation}: {_describe(exc)}"
@@ -106,7 +114,9 @@ class ErrorTranslator:
 
 def _reusable(error: BaseException) -> bool:
     # A constraint or data error leaves an autocommit connection perfectly usable.
-    if isinstance(error, StorageError):
+    if isinstance(error, StorageError | TypeError | ValueError):
+        return True  # raised before anything reached the server
+    if isinstance(error, sa_exc.StatementError) and not isinstance(error, sa_exc.DBAPIError):
         return True
     if isinstance(error, (sa_exc.DBAPIError, *_PG_ERROR)):
         return not _is_unavailable(error)
@@ -128,6 +138,7 @@ class ConnectionHolder:
         self._idle: list[Session] = []
         self._begin_sql = begin_sql
         self._plans = Plans(engine.dialect) if engine.dialect.driver == "asyncpg" else None
+        self._closed = False
 
     async def _open(self) -> Session:
         conn = await self._engine.connect()
@@ -140,17 +151,25 @@ class ConnectionHolder:
     async def connect(self) -> AsyncIterator[Session]:
         """A session in autocommit mode, exclusively the caller's until the block ends."""
         async with self._slots:
+            self._closed = False
             session = self._idle.pop() if self._idle else await self._open()
             try:
                 yield session
             except BaseException as error:
                 if _reusable(error) and not session.conn.invalidated:
-                    self._idle.append(session)
+                    await self._put_back(session)
                 else:
                     await self._discard(session)
                 raise
             else:
-                self._idle.append(session)
+                await self._put_back(session)
+
+    async def _put_back(self, session: Session) -> None:
+        if self._closed:  # `close` ran while this call was in flight: do not keep the connection
+            with suppress(Exception):
+                await session.conn.close()
+        else:
+            self._idle.append(session)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
@@ -173,7 +192,8 @@ class ConnectionHolder:
             await session.conn.close()
 
     async def close(self) -> None:
-        """Return every idle connection to the engine's pool."""
+        """Return every idle connection to the engine's pool (busy ones follow when their call ends)."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for session in idle:
             with suppress(Exception):

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,21 +21,14 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from storage._json import dumps
+
 __all__ = ["JsonDocument", "UtcDateTime", "dumps_json"]
-
-
-def _default(value: object) -> object:
-    # Mappings that are not dicts (MappingProxyType, frozen dicts) arrive in `error` and `headers`.
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, tuple | frozenset | set):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def dumps_json(value: object) -> str:
     """Encode ``value`` as JSON text (orjson; dataclasses, UUID and datetime included)."""
-    return orjson.dumps(value, default=_default).decode()
+    return dumps(value).decode()
 
 
 def _loads_json(value: object) -> object:

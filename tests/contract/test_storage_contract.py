@@ -271,6 +271,18 @@ async def test_stale_save_raises_and_changes_nothing(storage: SagaStorage) -> No
     assert await unsent(storage) == []
 
 
+async def test_values_json_cannot_hold_are_refused_and_change_nothing(storage: SagaStorage) -> None:
+    created = await storage.create(execution())
+    with pytest.raises(TypeError):
+        await storage.save(dataclasses.replace(created, error={"exception": object()}))
+    with pytest.raises(TypeError):
+        await storage.create(execution(error={"exception": object()}))
+    assert await storage.load(created.id) == created
+    assert (await storage.query()).total == 1
+    # and the storage is still fine afterwards
+    assert (await storage.save(dataclasses.replace(created, error={"type": "X"}))).version == 2
+
+
 async def test_idempotency_key_is_unique(storage: SagaStorage) -> None:
     first = await storage.create(execution(idempotency_key="start-1"))
     with pytest.raises(DuplicateIdempotencyKeyError) as info:
