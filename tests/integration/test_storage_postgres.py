@@ -7,6 +7,7 @@ with other suites.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import time
 import uuid
@@ -159,6 +160,33 @@ async def test_claim_of_one_execution_by_many_workers_has_one_winner(database_ur
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
     assert winners[0].version == 2
+
+
+# -- round trips ---------------------------------------------------------------------------------------
+
+
+async def test_single_statement_writes_are_one_statement_each(database_url: str, schema: str) -> None:
+    """create/save without outbox or reply: one autocommit statement, no BEGIN/COMMIT around it."""
+    from storage import ExecutionRecord, OutboxMessage, SagaStatus
+
+    await upgrade_async(database_url, schema=schema)
+    async with SqlAlchemySagaStorage(database_url, schema=schema, pool_size=1) as storage:
+        warm = await storage.create(ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"))
+        await storage.save(warm, outbox=[OutboxMessage("t", None, b"v")])  # prepares every statement once
+        (session,) = storage._db._idle
+        queries: list[str] = []
+        session.raw.add_query_logger(lambda q: queries.append(q.query.split()[0].upper()))  # type: ignore[attr-defined]
+
+        created = await storage.create(ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"))
+        saved = await storage.save(dataclasses.replace(created, state=b"1"))
+        await storage.save(dataclasses.replace(saved, state=b"2"))
+        await asyncio.sleep(0.01)  # asyncpg calls query loggers soon after, not during, the query
+        assert queries == ["INSERT", "UPDATE", "UPDATE"]
+
+        queries.clear()
+        await storage.save(dataclasses.replace(warm, version=2), outbox=[OutboxMessage("t", None, b"v")])
+        await asyncio.sleep(0.01)
+        assert queries == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
 
 
 # -- migrations ----------------------------------------------------------------------------------------
