@@ -91,7 +91,8 @@ def build_entries(quick: bool) -> list[Entry]:
         ("kafka-saga", ["memory", "postgres"], "kafkasaga_local.py", "project"),
         ("python-cqrs", ["memory", "postgres"], "cqrs_local.py", "cqrs"),
         ("dbos", ["postgres"], "dbos_local.py", "dbos"),
-        ("minos", ["memory", "postgres"], "minos_local.py", "minos"),
+        # Minos 0.7 has no PostgreSQL saga repository: LMDB is its durable storage.
+        ("minos", ["memory", "lmdb"], "minos_local.py", "minos"),
         ("floor", ["postgres"], "floor_local.py", "project"),
     ]
     for lib, storages, adapter, py in local_libs:
