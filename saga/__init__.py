@@ -1,5 +1,7 @@
 """Saga orchestration: definitions, executions, the manager and its workers."""
 
+from saga.config import SagaConfig, load_config
+from saga.container import SagaContainer, create_container
 from saga.context import SagaContext
 from saga.definitions import Saga
 from saga.errors import (
@@ -32,7 +34,9 @@ __all__ = [
     "Saga",
     "SagaBusinessError",
     "SagaBusyError",
+    "SagaConfig",
     "SagaConfigError",
+    "SagaContainer",
     "SagaContext",
     "SagaContextError",
     "SagaDefinitionError",
@@ -51,4 +55,6 @@ __all__ = [
     "SagaStatus",
     "SagaStepError",
     "UnknownSagaDefinitionError",
+    "create_container",
+    "load_config",
 ]

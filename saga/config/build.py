@@ -161,9 +161,11 @@ def build_manager(
 
     config = load_config(source)
     sagas = import_sagas(config)
+    # Keywords, not positions: once a container wired saga.manager, dependency-injector adds
+    # broker_pool=... itself unless it is passed by keyword.
     manager = SagaManager(
-        storage if storage is not None else build_storage(config),
-        broker_pool if broker_pool is not None else build_broker_pool(config),
+        storage=storage if storage is not None else build_storage(config),
+        broker_pool=broker_pool if broker_pool is not None else build_broker_pool(config),
         **{**manager_options(config), **overrides},
     )
     for index, (entry, saga) in enumerate(zip(config.sagas, sagas, strict=True)):

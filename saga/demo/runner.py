@@ -217,7 +217,8 @@ async def run_demo(
     manager = build_manager(config, storage=storage, broker_pool=pool)
     if (ORDER_SAGA_NAME, ORDER_SAGA.version) not in manager.registry:
         manager.register(ORDER_SAGA)
-    services = DemoServices(pool, storage=storage, latency=latency)
+    # Participant groups per orchestrator service: two demos against one Kafka keep to their own commands.
+    services = DemoServices(pool, storage=storage, latency=latency, group_suffix=f"-{config.service.name}")
     plans = plan_orders(orders, crash=crash)
     tracker = _Tracker(plans, on_progress)
     CRASH_SWITCH.reset()
