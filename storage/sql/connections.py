@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage.errors import StorageError, StorageUnavailableError
-from storage.sql.sessions import AsyncpgSession, Plans, Session, SqlAlchemySession
+from storage.sql.sessions import AiosqliteSession, AsyncpgSession, Plans, Session, SqlAlchemySession
 
 try:  # the driver of the PostgreSQL fast path, whose errors arrive unwrapped by SQLAlchemy
     import asyncpg  # type: ignore[import-untyped]
@@ -38,8 +38,15 @@ except ImportError:  # pragma: no cover - asyncpg is a dependency, but SQLite al
 
 __all__ = ["INTEGRITY_ERRORS", "ConnectionHolder", "ErrorTranslator"]
 
-#: A unique/primary-key violation, from SQLAlchemy or from asyncpg on the fast path.
-INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (sa_exc.IntegrityError, *_PG_INTEGRITY)
+#: Errors the driver sessions raise unwrapped (SQLAlchemy would have wrapped them in ``DBAPIError``).
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, *_PG_ERROR)
+
+#: A unique/primary-key violation, from SQLAlchemy or from a driver session.
+INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.IntegrityError,
+    sqlite3.IntegrityError,
+    *_PG_INTEGRITY,
+)
 
 # SQLSTATE classes meaning "the server or the connection", not "this statement": connection exception,
 # operator intervention (shutdown, cancel), insufficient resources (too many connections, disk full).
@@ -108,7 +115,7 @@ class ErrorTranslator:
             raise StorageUnavailableError(
                 f"database {self._url} unavailable during {self._operation}: {_describe(exc)}"
             ) from exc
-        if isinstance(exc, (sa_exc.SQLAlchemyError, *_PG_ERROR)):
+        if isinstance(exc, (sa_exc.SQLAlchemyError, *_DRIVER_ERRORS)):
             raise StorageError(f"{self._operation} failed on {self._url}: {_describe(exc)}") from exc
 
 
@@ -118,7 +125,7 @@ def _reusable(error: BaseException) -> bool:
         return True  # raised before anything reached the server
     if isinstance(error, sa_exc.StatementError) and not isinstance(error, sa_exc.DBAPIError):
         return True
-    if isinstance(error, (sa_exc.DBAPIError, *_PG_ERROR)):
+    if isinstance(error, (sa_exc.DBAPIError, *_DRIVER_ERRORS)):
         return not _is_unavailable(error)
     return False
 
@@ -137,15 +144,19 @@ class ConnectionHolder:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Session] = []
         self._begin_sql = begin_sql
-        self._plans = Plans(engine.dialect) if engine.dialect.driver == "asyncpg" else None
+        self._driver = engine.dialect.driver
+        self._plans = Plans(engine.dialect, process_results=self._driver == "aiosqlite")
         self._closed = False
 
     async def _open(self) -> Session:
         conn = await self._engine.connect()
-        if self._plans is None:
-            return SqlAlchemySession(conn, self._begin_sql)
-        raw = (await conn.get_raw_connection()).driver_connection
-        return AsyncpgSession(conn, self._begin_sql, raw, self._plans)
+        if self._driver == "asyncpg":
+            raw = (await conn.get_raw_connection()).driver_connection
+            return AsyncpgSession(conn, self._begin_sql, raw, self._plans)
+        if self._driver == "aiosqlite":
+            raw = (await conn.get_raw_connection()).driver_connection
+            return AiosqliteSession(conn, self._begin_sql, raw, self._plans)
+        return SqlAlchemySession(conn, self._begin_sql)
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Session]:
