@@ -1,14 +1,16 @@
 """`SqlAlchemySagaStorage`: the `SagaStorage` port on SQLAlchemy 2 Core, for PostgreSQL and SQLite.
 
 One code path for both backends: the same Core statements (`storage.sql.statements`) over portable column
-types (`storage.sql.types`). What differs is confined to three places: where "now" comes from (the
-PostgreSQL server's clock, the client's on SQLite), ``FOR UPDATE SKIP LOCKED`` in the claiming subqueries
-(PostgreSQL only; SQLite serialises writers), and how a transaction is opened.
+types (`storage.sql.types`), built once per storage and executed through a `Session`
+(`storage.sql.sessions`) that runs SQLAlchemy's compiled form of each on the driver. What differs by
+backend is confined to where "now" comes from (the PostgreSQL server's clock, the client's on SQLite),
+``FOR UPDATE SKIP LOCKED`` in the claiming subqueries (PostgreSQL only; SQLite serialises writers), and the
+statement that opens a transaction.
 
 Round trips, because they are the cost (DESIGN §7): ``create`` and ``save`` without outbox rows or a reply
 are one autocommit statement each; with them, one explicit transaction. A ``save`` that matched no row
 spends one more ``SELECT`` to tell "not found" from "stale version". Claims are a single conditional
-``UPDATE ... RETURNING``.
+``UPDATE ... RETURNING``; so is each heartbeat.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class SqlAlchemySagaStorage:
             url_text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
             options: dict[str, Any] = {"echo": echo, "json_deserializer": orjson.loads}
             if make_url(url_text).get_backend_name() != "sqlite":
-                options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+                options.update(pool_size=pool_size, max_overflow=pool_size)
             engine = create_async_engine(url_text, connect_args=connect_args(url_text, schema), **options)
             self._owns_engine = True
         else:
@@ -98,7 +100,7 @@ class SqlAlchemySagaStorage:
         self._engine = engine
         self._dialect = engine.dialect.name
         self._sqlite = self._dialect == "sqlite"
-        if self._sqlite:
+        if self._sqlite and not event.contains(engine.sync_engine, "connect", _sqlite_pragmas):
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         self._url = engine.url.render_as_string(hide_password=True)
         self._auto_migrate = auto_migrate

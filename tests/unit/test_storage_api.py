@@ -1,0 +1,60 @@
+"""The storage package's public names: pinned, sorted, importable, and independent of saga/broker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import storage
+
+PUBLIC = [
+    "RECOVERABLE_STATUSES",
+    "TERMINAL_STATUSES",
+    "ConcurrencyError",
+    "DuplicateIdempotencyKeyError",
+    "DuplicateReplyError",
+    "ExecutionNotFoundError",
+    "ExecutionQuery",
+    "ExecutionRecord",
+    "ISagaStorage",
+    "MemorySagaStorage",
+    "OutboxMessage",
+    "OutboxRecord",
+    "QueryResult",
+    "ReplyRecord",
+    "SagaStatus",
+    "SagaStorage",
+    "SqlAlchemySagaStorage",
+    "StepRecord",
+    "StorageError",
+    "StorageUnavailableError",
+]
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    # ruff's RUF022 order: CONSTANTS, then Classes, then functions, each alphabetical.
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert storage.__all__ == PUBLIC
+    assert storage.__all__ == sorted(storage.__all__, key=_isort_key)
+
+
+def test_every_public_name_resolves() -> None:
+    for name in storage.__all__:
+        assert getattr(storage, name) is not None
+
+
+def test_adapters_satisfy_the_port() -> None:
+    assert isinstance(storage.MemorySagaStorage(), storage.SagaStorage)
+    assert isinstance(storage.SqlAlchemySagaStorage("sqlite+aiosqlite://"), storage.SagaStorage)
+
+
+def test_importing_storage_does_not_import_sqlalchemy_or_the_engine() -> None:
+    code = (
+        "import sys, storage; "
+        "assert 'sqlalchemy' not in sys.modules, 'sqlalchemy'; "
+        "assert not any(m == 'saga' or m.startswith(('saga.', 'broker')) for m in sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
