@@ -22,6 +22,7 @@ from saga.hooks import SagaEvent, SagaHooks
 from saga.manager import SagaManager
 from saga.messages import SagaRequest, SagaResponse, SagaResponseStatus
 from saga.participant import CommandContext, ParticipantStats, SagaParticipant
+from saga.recovery import SagaRecoveryWorker, recover_saga
 from saga.registry import SagaRegistry
 from saga.retry import RetryPolicy
 from storage import SagaStatus
@@ -47,6 +48,7 @@ __all__ = [
     "SagaHooks",
     "SagaManager",
     "SagaParticipant",
+    "SagaRecoveryWorker",
     "SagaRegistry",
     "SagaRequest",
     "SagaResponse",
@@ -57,4 +59,5 @@ __all__ = [
     "UnknownSagaDefinitionError",
     "create_container",
     "load_config",
+    "recover_saga",
 ]
