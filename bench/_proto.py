@@ -54,7 +54,7 @@ def rss_bytes() -> int:
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, round(q / 100.0 * len(s) + 0.5) - 1))
     return s[k]
 
 
@@ -100,13 +100,12 @@ async def run_local_async(
     n, conc, runs = int(cfg["n"]), int(cfg.get("concurrency", 1)), int(cfg.get("runs", 3))
     warm = int(cfg.get("warmup", min(100, max(5, n // 10))))
     base = 0
-    await drive_async(warm, min(conc, max(1, warm)), lambda i: one(base + i))
+    await drive_async(warm, min(conc, max(1, warm)), one)
     base += warm
     for r in range(runs):
         emit({"event": "ready", "run": r})
         await await_go()
-        b = base
-        wall, cpu = await drive_async(n, conc, lambda i: one(b + i))
+        wall, cpu = await drive_async(n, conc, lambda i, b=base: one(b + i))
         base += n
         extra = await check() if check else {}
         emit({"event": "done", "run": r, "result": throughput_result(n, wall, cpu, **extra)})

@@ -31,8 +31,16 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     idx = _index(doc)
     out: list[dict[str, Any]] = []
 
-    def ratio(what: str, a: str, b: str, key: str, bound: float, *, higher_is_better: bool = True,
-              invert: bool = False) -> None:
+    def ratio(
+        what: str,
+        a: str,
+        b: str,
+        key: str,
+        bound: float,
+        *,
+        higher_is_better: bool = True,
+        invert: bool = False,
+    ) -> None:
         va, vb = _m(idx, a, key), _m(idx, b, key)
         if va is None or vb is None or vb == 0:
             out.append({"target": what, "value": None, "bound": bound, "met": None})
@@ -44,32 +52,73 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for scen in ("seq", "conc50"):
         label = SCEN_LABEL[scen]
         ks = f"local:kafka-saga:postgres:{scen}"
-        ratio(f"PostgreSQL, {label}: kafka-saga / python-cqrs sagas/s >= 5", ks,
-              f"local:python-cqrs:postgres:{scen}", "sagas_per_s", 5.0)
-        ratio(f"PostgreSQL, {label}: kafka-saga / DBOS sagas/s >= 5", ks, f"local:dbos:postgres:{scen}",
-              "sagas_per_s", 5.0)
-        ratio(f"PostgreSQL, {label}: kafka-saga / asyncpg floor sagas/s >= 0.5 (within 2x)", ks,
-              f"local:floor:postgres:{scen}", "sagas_per_s", 0.5)
+        ratio(
+            f"PostgreSQL, {label}: kafka-saga / python-cqrs sagas/s >= 5",
+            ks,
+            f"local:python-cqrs:postgres:{scen}",
+            "sagas_per_s",
+            5.0,
+        )
+        ratio(
+            f"PostgreSQL, {label}: kafka-saga / DBOS sagas/s >= 5",
+            ks,
+            f"local:dbos:postgres:{scen}",
+            "sagas_per_s",
+            5.0,
+        )
+        ratio(
+            f"PostgreSQL, {label}: kafka-saga / asyncpg floor sagas/s >= 0.5 (within 2x)",
+            ks,
+            f"local:floor:postgres:{scen}",
+            "sagas_per_s",
+            0.5,
+        )
     for scen in ("seq", "conc50"):
-        ratio(f"Memory, {SCEN_LABEL[scen]}: kafka-saga / python-cqrs sagas/s >= 3",
-              f"local:kafka-saga:memory:{scen}", f"local:python-cqrs:memory:{scen}", "sagas_per_s", 3.0)
+        ratio(
+            f"Memory, {SCEN_LABEL[scen]}: kafka-saga / python-cqrs sagas/s >= 3",
+            f"local:kafka-saga:memory:{scen}",
+            f"local:python-cqrs:memory:{scen}",
+            "sagas_per_s",
+            3.0,
+        )
     for n in (1, 50, 500):
-        ratio(f"Remote steps, {n} in flight: p50 per step / floor's <= 1.5",
-              f"remote:kafka-saga:inflight{n}", f"remote:floor:inflight{n}", "step_p50_us", 1.5,
-              higher_is_better=False)
-    ratio("Remote steps, 500 in flight: steps/s / floor's >= 0.5", "remote:kafka-saga:inflight500",
-          "remote:floor:inflight500", "steps_per_s", 0.5)
+        ratio(
+            f"Remote steps, {n} in flight: p50 per step / floor's <= 1.5",
+            f"remote:kafka-saga:inflight{n}",
+            f"remote:floor:inflight{n}",
+            "step_p50_us",
+            1.5,
+            higher_is_better=False,
+        )
+    ratio(
+        "Remote steps, 500 in flight: steps/s / floor's >= 0.5",
+        "remote:kafka-saga:inflight500",
+        "remote:floor:inflight500",
+        "steps_per_s",
+        0.5,
+    )
     p50 = _m(idx, "recovery:kafka-saga", "p50_ms")
     rows = (idx.get("recovery:kafka-saga") or {}).get("config", {}).get("rows")
-    out.append({"target": f"get_sagas_for_recovery(limit=100) p50 < 5 ms at {rows or '?':,} rows"
-                if isinstance(rows, int) else "get_sagas_for_recovery(limit=100) p50 < 5 ms",
-                "value": p50, "bound": 5.0, "met": None if p50 is None else p50 < 5.0})
+    out.append(
+        {
+            "target": f"get_sagas_for_recovery(limit=100) p50 < 5 ms at {rows or '?':,} rows"
+            if isinstance(rows, int)
+            else "get_sagas_for_recovery(limit=100) p50 < 5 ms",
+            "value": p50,
+            "bound": 5.0,
+            "met": None if p50 is None else p50 < 5.0,
+        }
+    )
     return out
+
+
+DASH = "\u2013"
+NOT_MET = {True: "yes", False: "**no**", None: "not measured"}
 
 
 def _fmt(v: Any, nd: int = 0) -> str:
     if v is None:
-        return "–"
+        return DASH
     if isinstance(v, float):
         return f"{v:,.{nd}f}"
     if isinstance(v, int):
@@ -77,127 +126,220 @@ def _fmt(v: Any, nd: int = 0) -> str:
     return str(v)
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    idx = _index(doc)
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _header(doc: dict[str, Any]) -> list[str]:
     m = doc.get("machine", {})
     pg = doc.get("postgres", {})
+    kind = ""
+    if doc.get("quick"):
+        kind += " \u2014 QUICK (smoke sizes, not figures)"
+    if doc.get("only"):
+        kind += f" \u2014 partial: `{doc.get('only')}`"
     lines = [
         "# kafka-saga benchmark results",
         "",
-        f"Run {doc.get('started')} ({doc.get('duration_s')} s){' — QUICK (smoke sizes, not figures)' if doc.get('quick') else ''}"
-        f"{' — partial: ' + str(doc.get('only')) if doc.get('only') else ''}; kafka-saga at `{doc.get('kafka_saga_commit')}`; "
+        f"Run {doc.get('started')} ({doc.get('duration_s')} s){kind}; "
+        f"kafka-saga at `{doc.get('kafka_saga_commit')}`; "
         f"median of {doc.get('runs_per_scenario')} runs per scenario.",
         "",
-        f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, {m.get('platform')}; "
-        f"Python {m.get('python')}; load average at start {_load(m.get('loadavg'))}, at end {_load(m.get('loadavg_end'))}.",
+        f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, "
+        f"{m.get('platform')}; Python {m.get('python')}; load average (1/5/15 min) at start "
+        f"{_load(m.get('loadavg'))}, at end {_load(m.get('loadavg_end'))}.",
     ]
     if pg:
-        lines.append(f"PostgreSQL {pg.get('server_version')}: fsync={pg.get('fsync')}, "
-                     f"synchronous_commit={pg.get('synchronous_commit')}, wal_sync_method={pg.get('wal_sync_method')}.")
+        lines.append(
+            f"PostgreSQL {pg.get('server_version')}: fsync={pg.get('fsync')}, "
+            f"synchronous_commit={pg.get('synchronous_commit')}, wal_sync_method={pg.get('wal_sync_method')}."
+        )
     peers = doc.get("peers") or {}
     if peers:
         vers = []
         for name, st in peers.items():
-            v = st.get("versions", {})
-            vers.append(f"{name}: {', '.join(f'{k} {x}' for k, x in v.items()) or '–'} ({st.get('install', '?')})")
+            v = ", ".join(f"{k} {x}" for k, x in st.get("versions", {}).items()) or DASH
+            vers.append(f"{name}: {v} ({st.get('install', '?')})")
         lines.append("Peers: " + "; ".join(vers) + ".")
     lines.append("")
+    return lines
 
-    # ---- local sagas
+
+def _local(doc: dict[str, Any], idx: dict[str, dict[str, Any]]) -> list[str]:
     local = [r for r in doc.get("results", []) if r.get("group") == "local"]
-    if local:
-        lines += [
-            "## Saga of 3 local steps",
-            "",
-            "Each step adds one key to the context; with PostgreSQL every completed step is durable (fsync on) "
-            "before the next starts. µs/saga is wall time per saga (1 / throughput); client CPU is the "
-            "benchmark process's CPU time per saga. SQL statements (pg_stat_statements calls, BEGIN/COMMIT "
-            "included) and commits (pg_stat_database.xact_commit) are per saga, for the library's own database.",
-            "",
-            "| library | storage | scenario | sagas/s | µs/saga | client CPU µs/saga | SQL stmts/saga | commits/saga |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in local:
-            md = r.get("median", {})
-            err = r.get("error")
-            lines.append(
-                f"| {LIB_LABEL.get(r['lib'], r['lib'])} | {r['storage']} | {SCEN_LABEL.get(r['scenario'], r['scenario'])} | "
-                + (f"{_fmt(md.get('sagas_per_s'))} | {_fmt(md.get('us_per_saga'))} | "
-                   f"{_fmt(md.get('client_cpu_us_per_saga'))} | {_fmt(md.get('sql_statements_per_saga'), 1)} | "
-                   f"{_fmt(md.get('commits_per_saga'), 1)} |" if not err else f"not run: {_short(err)} | | | | |"))
-        lines.append("")
-        lines += _ratio_table(idx)
+    if not local:
+        return []
+    lines = [
+        "## Saga of 3 local steps",
+        "",
+        "Each step adds one key to the context. With PostgreSQL every completed step is durable (fsync "
+        "on) before the next one starts (Minos: see the notes). µs/saga is wall time per saga (1 / "
+        "throughput); client CPU is the benchmark process's CPU time per saga. SQL statements "
+        "(pg_stat_statements calls, BEGIN/COMMIT included) and commits (pg_stat_database.xact_commit, "
+        "first run) are per saga, in the library's own database.",
+        "",
+        _row(
+            "library",
+            "storage",
+            "scenario",
+            "sagas/s",
+            "µs/saga",
+            "client CPU µs/saga",
+            "SQL stmts/saga",
+            "commits/saga",
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in local:
+        md = r.get("median", {})
+        head = (LIB_LABEL.get(r["lib"], r["lib"]), r["storage"], SCEN_LABEL.get(r["scenario"], r["scenario"]))
+        if r.get("error"):
+            lines.append(_row(*head, f"not run: {_short(r['error'])}", "", "", "", ""))
+            continue
+        lines.append(
+            _row(
+                *head,
+                _fmt(md.get("sagas_per_s")),
+                _fmt(md.get("us_per_saga")),
+                _fmt(md.get("client_cpu_us_per_saga")),
+                _fmt(md.get("sql_statements_per_saga"), 1),
+                _fmt(md.get("commits_per_saga"), 1),
+            )
+        )
+    lines.append("")
+    return lines + _ratio_table(idx)
 
+
+def _remote(doc: dict[str, Any]) -> list[str]:
     remote = [r for r in doc.get("results", []) if r.get("group") == "remote"]
-    if remote:
-        lines += [
-            "## Saga of 3 remote steps over Kafka + PostgreSQL",
-            "",
-            "Per remote step: from the orchestrator starting the step to the reply being applied and durable. "
-            "The floor is a raw aiokafka request/reply ping-pong with two asyncpg autocommit writes per hop "
-            "(state before the request, result after the reply), at the same number of sagas in flight.",
-            "",
-            "| implementation | sagas in flight | p50 µs/step | p99 µs/step | remote steps/s | SQL stmts/saga | commits/saga |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in remote:
-            md = r.get("median", {})
-            err = r.get("error")
-            lines.append(
-                f"| {LIB_LABEL.get(r['lib'], r['lib'])} | {r['scenario'].removeprefix('inflight')} | "
-                + (f"{_fmt(md.get('step_p50_us'))} | {_fmt(md.get('step_p99_us'))} | {_fmt(md.get('steps_per_s'))} | "
-                   f"{_fmt(md.get('sql_statements_per_saga'), 1)} | {_fmt(md.get('commits_per_saga'), 1)} |"
-                   if not err else f"not run: {_short(err)} | | | | |"))
-        lines.append("")
+    if not remote:
+        return []
+    lines = [
+        "## Saga of 3 remote steps over Kafka + PostgreSQL",
+        "",
+        "Per remote step: from the step starting to the next step starting (the last one: to `run()` "
+        "returning), i.e. the command's durable write, the Kafka round trip through an in-process "
+        "participant, and the reply's durable write. The floor is a raw aiokafka request/reply ping-pong "
+        "with two asyncpg autocommit writes per hop, at the same number of sagas in flight.",
+        "",
+        _row(
+            "implementation",
+            "sagas in flight",
+            "p50 µs/step",
+            "p99 µs/step",
+            "remote steps/s",
+            "client CPU µs/step",
+            "SQL stmts/saga",
+            "commits/saga",
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in remote:
+        md = r.get("median", {})
+        head = (LIB_LABEL.get(r["lib"], r["lib"]), r["scenario"].removeprefix("inflight"))
+        if r.get("error"):
+            lines.append(_row(*head, f"not run: {_short(r['error'])}", "", "", "", "", ""))
+            continue
+        lines.append(
+            _row(
+                *head,
+                _fmt(md.get("step_p50_us")),
+                _fmt(md.get("step_p99_us")),
+                _fmt(md.get("steps_per_s")),
+                _fmt(md.get("client_cpu_us_per_step")),
+                _fmt(md.get("sql_statements_per_saga"), 1),
+                _fmt(md.get("commits_per_saga"), 1),
+            )
+        )
+    lines.append("")
+    return lines
 
+
+def _recovery(idx: dict[str, dict[str, Any]]) -> list[str]:
     rec = idx.get("recovery:kafka-saga")
-    if rec:
-        md = rec.get("median", {})
-        lines += ["## Recovery query", "",
-                  "`get_sagas_for_recovery(limit=100)` through kafka-saga's SqlAlchemySagaStorage, with the rows "
-                  "inserted by `INSERT ... SELECT generate_series` (mostly finished sagas, some stalled).", "",
-                  "| rows stored | candidates | calls | p50 ms | p99 ms | mean ms |", "|---:|---:|---:|---:|---:|---:|"]
-        if rec.get("error"):
-            lines.append(f"| not run: {_short(rec['error'])} | | | | | |")
-        else:
-            lines.append(f"| {_fmt(md.get('rows'))} | {_fmt(md.get('candidates'))} | {_fmt(md.get('calls'))} | "
-                         f"{_fmt(md.get('p50_ms'), 2)} | {_fmt(md.get('p99_ms'), 2)} | {_fmt(md.get('mean_ms'), 2)} |")
-        plan = (rec.get("info") or {}).get("plan")
-        if plan:
-            lines += ["", "Plan:", "", "```", *plan, "```"]
-        lines.append("")
+    if not rec:
+        return []
+    md = rec.get("median", {})
+    lines = [
+        "## Recovery query",
+        "",
+        "`get_sagas_for_recovery(limit=100)` through kafka-saga's `SqlAlchemySagaStorage`, rows inserted by "
+        "`INSERT ... SELECT generate_series` (97% finished, 1.5% errored, 0.5% dead letter; 1% running, "
+        "failed, compensating or paused, spread over 30 days of `updated_at`).",
+        "",
+        _row("rows stored", "recoverable rows", "calls", "p50 ms", "p99 ms", "mean ms"),
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    if rec.get("error"):
+        lines.append(_row(f"not run: {_short(rec['error'])}", "", "", "", "", ""))
+    else:
+        lines.append(
+            _row(
+                _fmt(md.get("rows")),
+                _fmt(md.get("candidates")),
+                _fmt(md.get("calls")),
+                _fmt(md.get("p50_ms"), 2),
+                _fmt(md.get("p99_ms"), 2),
+                _fmt(md.get("mean_ms"), 2),
+            )
+        )
+    plan = (rec.get("info") or {}).get("plan")
+    if plan:
+        lines += ["", "Plan (EXPLAIN ANALYZE of the storage's statement):", "", "```", *plan, "```"]
+    return [*lines, ""]
 
+
+def _memory(idx: dict[str, dict[str, Any]]) -> list[str]:
     mem = idx.get("memory-rss:kafka-saga")
-    if mem:
-        md = mem.get("median", {})
-        lines += ["## Memory", "",
-                  "RSS growth of the orchestrator process while sagas wait in memory for a remote reply "
-                  "(`pause_on_disk=False`, in-memory broker and storage, no participant).", "",
-                  "| sagas waiting | RSS growth MiB | MiB per 10,000 | KiB per saga |", "|---:|---:|---:|---:|"]
-        if mem.get("error"):
-            lines.append(f"| not run: {_short(mem['error'])} | | | |")
-        else:
-            lines.append(f"| {_fmt(md.get('sagas'))} | {_fmt(md.get('rss_growth_mib'), 1)} | "
-                         f"{_fmt(md.get('rss_mib_per_10k'), 1)} | {_fmt(md.get('kib_per_saga'), 2)} |")
-        lines.append("")
+    if not mem:
+        return []
+    md = mem.get("median", {})
+    lines = [
+        "## Memory",
+        "",
+        "RSS growth of the orchestrator process while sagas wait in memory for a remote reply "
+        "(`pause_on_disk=False`; in-memory broker and storage, no participant, so nothing replies).",
+        "",
+        _row("sagas waiting", "RSS growth MiB", "MiB per 10,000", "KiB per saga"),
+        "|---:|---:|---:|---:|",
+    ]
+    if mem.get("error"):
+        lines.append(_row(f"not run: {_short(mem['error'])}", "", "", ""))
+    else:
+        lines.append(
+            _row(
+                _fmt(md.get("sagas")),
+                _fmt(md.get("rss_growth_mib"), 1),
+                _fmt(md.get("rss_mib_per_10k"), 1),
+                _fmt(md.get("kib_per_saga"), 2),
+            )
+        )
+    return [*lines, ""]
 
+
+def markdown(doc: dict[str, Any]) -> str:
+    idx = _index(doc)
+    lines = _header(doc) + _local(doc, idx) + _remote(doc) + _recovery(idx) + _memory(idx)
     tg = doc.get("targets") or []
     if tg:
-        lines += ["## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
-        for t in tg:
-            met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-            lines.append(f"| {t['target']} | {_fmt(t['value'], 2)} | {met} |")
+        lines += ["## Targets", "", _row("target", "measured", "met"), "|---|---:|:---:|"]
+        lines += [_row(t["target"], _fmt(t["value"], 2), NOT_MET[t["met"]]) for t in tg]
         lines.append("")
-
     errs = [r for r in doc.get("results", []) if r.get("error")]
     if errs:
         lines += ["## Not run or failed", ""]
-        for r in errs:
-            lines.append(f"- `{r['name']}`: {r['error']}")
+        lines += [f"- `{r['name']}`: {r['error']}" for r in errs]
         lines.append("")
-    for name, st in peers.items():
+    for name, st in (doc.get("peers") or {}).items():
         if st.get("install_error"):
-            lines += [f"{name}: the plain `pip install` failed with:", "", "```", st["install_error"], "```", ""]
+            lines += [
+                f"{name}: the plain `pip install` failed with:",
+                "",
+                "```",
+                st["install_error"],
+                "```",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -210,15 +352,22 @@ def _ratio_table(idx: dict[str, dict[str, Any]]) -> list[str]:
                 continue
             cells = []
             for lib in ("python-cqrs", "dbos", "minos", "floor"):
-                st = storage
+                # Minos has no PostgreSQL saga storage: its durable figure is on LMDB.
+                st = "lmdb" if lib == "minos" and storage == "postgres" else storage
                 v = _m(idx, f"local:{lib}:{st}:{scen}", "sagas_per_s")
-                cells.append(f"{ks / v:.2f}x" if v else "–")
-            rows.append(f"| {storage} | {SCEN_LABEL[scen]} | " + " | ".join(cells) + " |")
+                cells.append(f"{ks / v:.2f}x" if v else DASH)
+            rows.append(_row(storage, SCEN_LABEL[scen], *cells))
     if not rows:
         return []
-    return ["kafka-saga's throughput relative to each (higher is better for kafka-saga):", "",
-            "| storage | scenario | vs python-cqrs | vs DBOS | vs Minos | vs floor |", "|---|---|---:|---:|---:|---:|",
-            *rows, ""]
+    return [
+        "kafka-saga's throughput divided by each other's (above 1: kafka-saga is faster; Minos's durable "
+        "column is its LMDB figure):",
+        "",
+        _row("storage", "scenario", "vs python-cqrs", "vs DBOS", "vs Minos", "vs floor"),
+        "|---|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def _short(err: str) -> str:

@@ -79,8 +79,13 @@ LOCAL_SCENARIOS = {
 }
 REMOTE_INFLIGHT = {1: (300, 10), 50: (2000, 100), 500: (5000, 500)}
 
-LIB_DB = {"kafka-saga": "bench_saga", "python-cqrs": "bench_cqrs", "dbos": "bench_dbos",
-          "minos": "bench_minos", "floor": "bench_floor"}
+LIB_DB = {
+    "kafka-saga": "bench_saga",
+    "python-cqrs": "bench_cqrs",
+    "dbos": "bench_dbos",
+    "minos": "bench_minos",
+    "floor": "bench_floor",
+}
 
 
 def build_entries(quick: bool) -> list[Entry]:
@@ -99,30 +104,74 @@ def build_entries(quick: bool) -> list[Entry]:
         for storage in storages:
             for scen, (n_full, n_quick, conc) in LOCAL_SCENARIOS.items():
                 db = LIB_DB[lib] if storage == "postgres" else None
-                out.append(Entry(
-                    name=f"local:{lib}:{storage}:{scen}", group="local", lib=lib, storage=storage,
-                    scenario=scen, adapter=adapter, python=py, db=db,
-                    cfg={"scenario": scen, "storage": storage, "n": n_quick if q else n_full,
-                         "concurrency": conc, "warmup": 3 if q else None},
-                ))
+                out.append(
+                    Entry(
+                        name=f"local:{lib}:{storage}:{scen}",
+                        group="local",
+                        lib=lib,
+                        storage=storage,
+                        scenario=scen,
+                        adapter=adapter,
+                        python=py,
+                        db=db,
+                        cfg={
+                            "scenario": scen,
+                            "storage": storage,
+                            "n": n_quick if q else n_full,
+                            "concurrency": conc,
+                            "warmup": 3 if q else None,
+                        },
+                    )
+                )
     for lib, adapter in (("kafka-saga", "kafkasaga_remote.py"), ("floor", "floor_remote.py")):
         for inflight, (n_full, n_quick) in REMOTE_INFLIGHT.items():
-            out.append(Entry(
-                name=f"remote:{lib}:inflight{inflight}", group="remote", lib=lib, storage="kafka+postgres",
-                scenario=f"inflight{inflight}", adapter=adapter, python="project", db=LIB_DB[lib],
-                cfg={"scenario": f"inflight{inflight}", "inflight": inflight,
-                     "n": n_quick if q else n_full, "steps": 3, "kafka": KAFKA},
-            ))
-    out.append(Entry(
-        name="recovery:kafka-saga", group="recovery", lib="kafka-saga", storage="postgres",
-        scenario="recovery", adapter="kafkasaga_recovery.py", python="project", db="bench_recovery",
-        fresh_db=False, cfg={"rows": 10_000 if q else 1_000_000, "calls": 20 if q else 200, "limit": 100},
-    ))
-    out.append(Entry(
-        name="memory-rss:kafka-saga", group="memory-rss", lib="kafka-saga", storage="memory",
-        scenario="rss", adapter="kafkasaga_memory.py", python="project", db=None,
-        cfg={"sagas": 500 if q else 10_000, "runs": 1},
-    ))
+            out.append(
+                Entry(
+                    name=f"remote:{lib}:inflight{inflight}",
+                    group="remote",
+                    lib=lib,
+                    storage="kafka+postgres",
+                    scenario=f"inflight{inflight}",
+                    adapter=adapter,
+                    python="project",
+                    db=LIB_DB[lib],
+                    cfg={
+                        "scenario": f"inflight{inflight}",
+                        "inflight": inflight,
+                        "n": n_quick if q else n_full,
+                        "steps": 3,
+                        "kafka": KAFKA,
+                    },
+                )
+            )
+    out.append(
+        Entry(
+            name="recovery:kafka-saga",
+            group="recovery",
+            lib="kafka-saga",
+            storage="postgres",
+            scenario="recovery",
+            adapter="kafkasaga_recovery.py",
+            python="project",
+            # The fill is kept between runs; the quick run's small table lives in a database of its own.
+            db="bench_recovery_quick" if q else "bench_recovery",
+            fresh_db=False,
+            cfg={"rows": 10_000 if q else 1_000_000, "calls": 20 if q else 200, "limit": 100},
+        )
+    )
+    out.append(
+        Entry(
+            name="memory-rss:kafka-saga",
+            group="memory-rss",
+            lib="kafka-saga",
+            storage="memory",
+            scenario="rss",
+            adapter="kafkasaga_memory.py",
+            python="project",
+            db=None,
+            cfg={"sagas": 500 if q else 10_000, "runs": 1},
+        )
+    )
     for e in out:
         e.cfg = {k: v for k, v in e.cfg.items() if v is not None}
     return out
@@ -182,20 +231,24 @@ class Pg:
 
     async def xact_commit(self, dbid: int) -> int:
         await self.con.execute("SELECT pg_stat_clear_snapshot()")
-        return int(await self.con.fetchval(
-            "SELECT xact_commit FROM pg_stat_database WHERE datid = $1", dbid))
+        return int(await self.con.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datid = $1", dbid))
 
     async def statements(self, dbid: int) -> list[dict[str, Any]]:
         rows = await self.con.fetch(
             "SELECT query, calls, total_exec_time FROM pg_stat_statements WHERE dbid = $1 "
-            "ORDER BY calls DESC", dbid)
-        return [{"query": r["query"][:300], "calls": int(r["calls"]),
-                 "ms": round(float(r["total_exec_time"]), 2)} for r in rows]
+            "ORDER BY calls DESC",
+            dbid,
+        )
+        return [
+            {"query": r["query"][:300], "calls": int(r["calls"]), "ms": round(float(r["total_exec_time"]), 2)}
+            for r in rows
+        ]
 
     async def settings(self) -> dict[str, str]:
         rows = await self.con.fetch(
             "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', "
-            "'wal_sync_method', 'shared_buffers', 'server_version', 'max_connections', 'full_page_writes')")
+            "'wal_sync_method', 'shared_buffers', 'server_version', 'max_connections', 'full_page_writes')"
+        )
         return {r["name"]: r["setting"] for r in rows}
 
 
@@ -223,13 +276,20 @@ async def run_entry(entry: Entry, pg: Pg | None, runs: int, logdir: Path) -> dic
         dbid = await pg.dbid(entry.db)
         cfg["dsn"] = dsn(entry.db)
         cfg["db"] = entry.db
-    log = open(logdir / (entry.name.replace(":", "_") + ".log"), "wb")
+    # The adapter's stderr goes straight to this file (closed in the finally below).
+    log = open(logdir / (entry.name.replace(":", "_") + ".log"), "wb")  # noqa: SIM115, ASYNC230
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) if entry.python == "project" else ""
     env.setdefault("PYTHONHASHSEED", "0")
     proc = await asyncio.create_subprocess_exec(
-        interpreter(entry), str(ADAPTERS / entry.adapter), json.dumps(cfg),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=str(REPO), env=env,
+        interpreter(entry),
+        str(ADAPTERS / entry.adapter),
+        json.dumps(cfg),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+        cwd=str(REPO),
+        env=env,
         limit=1 << 24,
     )
     results: list[dict[str, Any]] = []
@@ -281,7 +341,7 @@ async def run_entry(entry: Entry, pg: Pg | None, runs: int, logdir: Path) -> dic
                 error = msg.get("reason", "skipped")
                 final = msg.get("info", {})
         await asyncio.wait_for(proc.wait(), timeout=60)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         error = f"timed out after {entry.timeout:.0f} s"
         proc.kill()
         await proc.wait()
@@ -291,9 +351,15 @@ async def run_entry(entry: Entry, pg: Pg | None, runs: int, logdir: Path) -> dic
         tail = (logdir / (entry.name.replace(":", "_") + ".log")).read_text(errors="replace")[-2000:]
         error = f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"
     out: dict[str, Any] = {
-        "name": entry.name, "group": entry.group, "lib": entry.lib, "storage": entry.storage,
-        "scenario": entry.scenario, "config": {k: v for k, v in cfg.items() if k != "dsn"},
-        "runs": results, "median": median_of(results), "info": final,
+        "name": entry.name,
+        "group": entry.group,
+        "lib": entry.lib,
+        "storage": entry.storage,
+        "scenario": entry.scenario,
+        "config": {k: v for k, v in cfg.items() if k != "dsn"},
+        "runs": results,
+        "median": median_of(results),
+        "info": final,
     }
     if error:
         out["error"] = error
@@ -322,8 +388,11 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cores": os.cpu_count()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -391,9 +460,18 @@ async def amain(args: argparse.Namespace) -> int:
     for e in entries:
         peer = peers.get(e.python)
         if peer is not None and not peer.get("usable"):
-            results.append({"name": e.name, "group": e.group, "lib": e.lib, "storage": e.storage,
-                            "scenario": e.scenario, "runs": [], "median": {},
-                            "error": f"{e.lib} not installed: {peer.get('error', '?')}"})
+            results.append(
+                {
+                    "name": e.name,
+                    "group": e.group,
+                    "lib": e.lib,
+                    "storage": e.storage,
+                    "scenario": e.scenario,
+                    "runs": [],
+                    "median": {},
+                    "error": f"{e.lib} not installed: {peer.get('error', '?')}",
+                }
+            )
             print(f"[bench] {e.name}: skipped ({e.lib} not installed)", file=sys.stderr)
             continue
         print(f"[bench] {e.name} ...", file=sys.stderr, flush=True)
@@ -402,20 +480,41 @@ async def amain(args: argparse.Namespace) -> int:
         r["elapsed_s"] = round(time.monotonic() - t, 1)
         results.append(r)
         m = r["median"]
-        brief = {k: m[k] for k in ("sagas_per_s", "us_per_saga", "sql_statements_per_saga",
-                                   "commits_per_saga", "step_p50_us", "step_p99_us", "steps_per_s",
-                                   "p50_ms", "p99_ms", "rss_mib_per_10k") if k in m}
-        print(f"[bench]   {brief}{'  ERROR: ' + r['error'] if 'error' in r else ''}", file=sys.stderr,
-              flush=True)
+        brief = {
+            k: m[k]
+            for k in (
+                "sagas_per_s",
+                "us_per_saga",
+                "sql_statements_per_saga",
+                "commits_per_saga",
+                "step_p50_us",
+                "step_p99_us",
+                "steps_per_s",
+                "p50_ms",
+                "p99_ms",
+                "rss_mib_per_10k",
+            )
+            if k in m
+        }
+        print(
+            f"[bench]   {brief}{'  ERROR: ' + r['error'] if 'error' in r else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
     if pg:
         await pg.close()
     machine["loadavg_end"] = list(os.getloadavg())
     doc = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
-        "quick": args.quick, "only": args.only, "runs_per_scenario": args.runs,
-        "machine": machine, "postgres": pg_settings, "kafka": KAFKA if need_kafka else None,
-        "peers": peers, "kafka_saga_commit": git_head(),
+        "quick": args.quick,
+        "only": args.only,
+        "runs_per_scenario": args.runs,
+        "machine": machine,
+        "postgres": pg_settings,
+        "kafka": KAFKA if need_kafka else None,
+        "peers": peers,
+        "kafka_saga_commit": git_head(),
         "results": results,
     }
     doc["targets"] = report.targets(doc)
@@ -437,8 +536,12 @@ async def amain(args: argparse.Namespace) -> int:
 
 def git_head() -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

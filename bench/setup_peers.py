@@ -31,34 +31,60 @@ PEERS: dict[str, dict[str, Any]] = {
     },
     "minos": {
         "requirements": ["minos-microservice-saga==0.7.*"],
-        "dists": ["minos-microservice-saga", "minos-microservice-common", "minos-database-lmdb",
-                  "minos-database-aiopg", "uvloop", "lmdb", "aiopg"],
+        "dists": [
+            "minos-microservice-saga",
+            "minos-microservice-common",
+            "minos-database-lmdb",
+            "minos-database-aiopg",
+            "uvloop",
+            "lmdb",
+            "aiopg",
+        ],
         # Used when the plain install fails: the Minos packages without their pins, then the pins'
         # other requirements with uvloop allowed to be a version that builds on 3.11.
-        "fallback_nodeps": ["minos-microservice-saga==0.7.*", "minos-microservice-common==0.7.*",
-                            "minos-microservice-networks==0.7.*", "minos-microservice-aggregate==0.7.*",
-                            "minos-database-lmdb==0.7.*", "minos-database-aiopg==0.7.*"],
-        "fallback_deps": ["PyYAML>=5.4.1,<7", "aiomisc>=14.0.3,<15.8.0", "cached-property>=1.5.2,<2",
-                          "dependency-injector>=4.32.2,<5", "fastavro>=1.4,<2", "orjson>=3.5.2,<4",
-                          "uvloop>=0.17", "crontab>=0.23,<0.24", "lmdb>=1.2.1,<2", "aiopg>=1.2.1,<2",
-                          "psycopg2-binary>=2.9,<3"],
+        "fallback_nodeps": [
+            "minos-microservice-saga==0.7.*",
+            "minos-microservice-common==0.7.*",
+            "minos-microservice-networks==0.7.*",
+            "minos-microservice-aggregate==0.7.*",
+            "minos-database-lmdb==0.7.*",
+            "minos-database-aiopg==0.7.*",
+        ],
+        "fallback_deps": [
+            "PyYAML>=5.4.1,<7",
+            "aiomisc>=14.0.3,<15.8.0",
+            "cached-property>=1.5.2,<2",
+            "dependency-injector>=4.32.2,<5",
+            "fastavro>=1.4,<2",
+            "orjson>=3.5.2,<4",
+            "uvloop>=0.17",
+            "crontab>=0.23,<0.24",
+            "lmdb>=1.2.1,<2",
+            "aiopg>=1.2.1,<2",
+            "psycopg2-binary>=2.9,<3",
+        ],
         "import": "minos.saga",
     },
 }
 
 
 def _pip(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install",
-                           "--disable-pip-version-check", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+    )
 
 
 def _versions(venv: Path, dists: list[str]) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json, sys\n"
-            "out = {}\n"
-            "for d in sys.argv[1:]:\n"
-            "    try: out[d] = m.version(d)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(out))\n")
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        "for d in sys.argv[1:]:\n"
+        "    try: out[d] = m.version(d)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))\n"
+    )
     r = subprocess.run([str(venv / "bin" / "python"), "-c", code, *dists], capture_output=True, text=True)
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
@@ -93,15 +119,23 @@ def ensure_one(name: str, *, skip_install: bool = False) -> dict[str, Any]:
         if "fallback_nodeps" in spec:
             r1 = _pip(venv, "--no-deps", *spec["fallback_nodeps"])
             r2 = _pip(venv, *spec["fallback_deps"]) if r1.returncode == 0 else r1
-            ok = r2.returncode == 0 and subprocess.run(
-                [str(venv / "bin" / "python"), "-c", f"import {spec['import']}"], capture_output=True
-            ).returncode == 0
+            ok = (
+                r2.returncode == 0
+                and subprocess.run(
+                    [str(venv / "bin" / "python"), "-c", f"import {spec['import']}"], capture_output=True
+                ).returncode
+                == 0
+            )
             if ok:
-                status.update(usable=True, install="did not install as published; installed with --no-deps "
-                                                    "and uvloop>=0.17 instead of its uvloop<0.17 pin")
+                status.update(
+                    usable=True,
+                    install="did not install as published; installed with --no-deps "
+                    "and uvloop>=0.17 instead of its uvloop<0.17 pin",
+                )
             else:
-                status.update(usable=False, install="did not install",
-                              error=_error_excerpt(r2.stdout + r2.stderr))
+                status.update(
+                    usable=False, install="did not install", error=_error_excerpt(r2.stdout + r2.stderr)
+                )
         else:
             status.update(usable=False, install="did not install", error=status["install_error"])
     status["versions"] = _versions(venv, spec["dists"])

@@ -18,7 +18,7 @@ from cqrs.saga.models import SagaContext
 from cqrs.saga.storage.memory import MemorySagaStorage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
 FAIL = False
 

@@ -21,7 +21,7 @@ from typing import Any
 from dbos import DBOS, DBOSConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
 FAIL = False
 

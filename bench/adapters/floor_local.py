@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
 DDL = """
 CREATE TABLE IF NOT EXISTS floor_saga (

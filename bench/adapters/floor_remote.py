@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
 DDL = """
 CREATE TABLE IF NOT EXISTS floor_remote_saga (
@@ -34,8 +34,14 @@ CREATE TABLE IF NOT EXISTS floor_remote_saga (
 )
 """
 INS = "INSERT INTO floor_remote_saga (id, status, step, context) VALUES ($1, 'RUNNING', 0, '{}')"
-SENT = "UPDATE floor_remote_saga SET status = 'PAUSED', step = $2, request_id = $3, updated_at = now() WHERE id = $1"
-GOT = "UPDATE floor_remote_saga SET status = $2, context = $3, request_id = NULL, updated_at = now() WHERE id = $1"
+SENT = (
+    "UPDATE floor_remote_saga SET status = 'PAUSED', step = $2, request_id = $3, updated_at = now() "
+    "WHERE id = $1"
+)
+GOT = (
+    "UPDATE floor_remote_saga SET status = $2, context = $3, request_id = NULL, updated_at = now() "
+    "WHERE id = $1"
+)
 PARTITIONS = 4  # as many as kafka-saga's pool gives the topics it creates
 
 
@@ -70,7 +76,9 @@ async def main() -> None:
     async def participant() -> None:
         async for msg in part_cons:
             body = orjson.loads(msg.value)
-            reply = orjson.dumps({"request_id": body["request_id"], "status": 200, "content": {"ok": body["step"]}})
+            reply = orjson.dumps(
+                {"request_id": body["request_id"], "status": 200, "content": {"ok": body["step"]}}
+            )
             await part_prod.send(reply_topic, reply, key=msg.key)
 
     async def replies() -> None:
@@ -103,12 +111,16 @@ async def main() -> None:
                 conns.put_nowait(con)
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
             waiting[str(rid).encode()] = fut
-            await orch_prod.send_and_wait(cmd_topic, orjson.dumps({"request_id": str(rid), "step": k}), key=key)
+            await orch_prod.send_and_wait(
+                cmd_topic, orjson.dumps({"request_id": str(rid), "step": k}), key=key
+            )
             reply = await fut
             ctx[f"s{k}"] = reply["content"]["ok"]
             con = await conns.get()
             try:
-                await con.execute(GOT, sid, "FINISHED" if k == steps else "RUNNING", orjson.dumps(ctx).decode())
+                await con.execute(
+                    GOT, sid, "FINISHED" if k == steps else "RUNNING", orjson.dumps(ctx).decode()
+                )
             finally:
                 conns.put_nowait(con)
             latencies.append(time.perf_counter() - t0)
@@ -120,12 +132,24 @@ async def main() -> None:
         await _proto.await_go()
         wall, cpu = await _proto.drive_async(n, inflight, one)
         us = [x * 1e6 for x in latencies]
-        _proto.emit({"event": "done", "run": r, "result": {
-            "sagas": n, "inflight": inflight, "steps": len(us), "wall_s": round(wall, 4),
-            "steps_per_s": round(len(us) / wall, 1), "sagas_per_s": round(n / wall, 1),
-            "step_p50_us": round(_proto.percentile(us, 50)), "step_p99_us": round(_proto.percentile(us, 99)),
-            "step_mean_us": round(sum(us) / len(us)), "client_cpu_us_per_step": round(cpu / len(us) * 1e6, 1),
-        }})
+        _proto.emit(
+            {
+                "event": "done",
+                "run": r,
+                "result": {
+                    "sagas": n,
+                    "inflight": inflight,
+                    "steps": len(us),
+                    "wall_s": round(wall, 4),
+                    "steps_per_s": round(len(us) / wall, 1),
+                    "sagas_per_s": round(n / wall, 1),
+                    "step_p50_us": round(_proto.percentile(us, 50)),
+                    "step_p99_us": round(_proto.percentile(us, 99)),
+                    "step_mean_us": round(sum(us) / len(us)),
+                    "client_cpu_us_per_step": round(cpu / len(us) * 1e6, 1),
+                },
+            }
+        )
     for t in tasks:
         t.cancel()
     for x in (orch_cons, part_cons, orch_prod, part_prod):

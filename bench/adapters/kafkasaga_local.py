@@ -13,10 +13,10 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
-from broker import InMemoryBrokerPool  # noqa: E402
-from storage import MemorySagaStorage, SagaStatus  # noqa: E402
+from broker import InMemoryBrokerPool
+from storage import MemorySagaStorage, SagaStatus
 
 try:
     from saga import Saga, SagaManager
@@ -62,9 +62,12 @@ def undo3(ctx: Any) -> Any:
 def definition() -> Saga:
     return (
         Saga("order")
-        .local_step(step1).on_failure(undo1)
-        .local_step(step2).on_failure(undo2)
-        .local_step(step3).on_failure(undo3)
+        .local_step(step1)
+        .on_failure(undo1)
+        .local_step(step2)
+        .on_failure(undo2)
+        .local_step(step3)
+        .on_failure(undo3)
         .commit()
     )
 
@@ -83,8 +86,9 @@ async def main() -> None:
     global FAIL
     cfg = _proto.config()
     FAIL = cfg["scenario"] == "fail"
-    manager = SagaManager(make_storage(cfg), broker_pool=InMemoryBrokerPool(), consume_replies=False,
-                          relay_outbox=False)
+    manager = SagaManager(
+        make_storage(cfg), broker_pool=InMemoryBrokerPool(), consume_replies=False, relay_outbox=False
+    )
     saga = definition()
     await manager.setup()
     manager.register(saga)

@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
-from broker import InMemoryBrokerPool  # noqa: E402
-from storage import MemorySagaStorage, SagaStatus  # noqa: E402
+from broker import InMemoryBrokerPool
+from storage import MemorySagaStorage, SagaStatus
 
 try:
     from saga import Saga, SagaManager, SagaRequest
@@ -43,7 +43,9 @@ async def main() -> None:
     cfg = _proto.config()
     n = int(cfg["sagas"])
     storage = MemorySagaStorage()
-    manager = SagaManager(storage, broker_pool=InMemoryBrokerPool(), consume_replies=False, relay_outbox=False)
+    manager = SagaManager(
+        storage, broker_pool=InMemoryBrokerPool(), consume_replies=False, relay_outbox=False
+    )
     saga = Saga("waiting_order").remote_step(request).on_success(success).local_step(lambda c: c).commit()
     await manager.setup()
     manager.register(saga)
@@ -53,7 +55,7 @@ async def main() -> None:
 
     # Warm-up: code paths, caches and allocator arenas, then drop what it made.
     warm = [asyncio.create_task(manager.run(saga, {"order_id": -i})) for i in range(1, 201)]
-    while await paused() < len(warm):
+    while await paused() < len(warm):  # noqa: ASYNC110 (polling the storage is the point)
         await asyncio.sleep(0.01)
     results = []
     for r in range(int(cfg.get("runs", 1))):
@@ -64,17 +66,22 @@ async def main() -> None:
         base = await paused()
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(manager.run(saga, {"order_id": r * n + i})) for i in range(n)]
-        while await paused() < base + n:
+        while await paused() < base + n:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         started_s = time.perf_counter() - t0
         await asyncio.sleep(0.2)
         gc.collect()
         after = _proto.rss_bytes()
         growth = after - before
-        res = {"sagas": n, "rss_before_mib": round(before / 2**20, 1), "rss_after_mib": round(after / 2**20, 1),
-               "rss_growth_mib": round(growth / 2**20, 2),
-               "rss_mib_per_10k": round(growth / 2**20 / n * 10_000, 2),
-               "kib_per_saga": round(growth / 1024 / n, 2), "start_all_s": round(started_s, 3)}
+        res = {
+            "sagas": n,
+            "rss_before_mib": round(before / 2**20, 1),
+            "rss_after_mib": round(after / 2**20, 1),
+            "rss_growth_mib": round(growth / 2**20, 2),
+            "rss_mib_per_10k": round(growth / 2**20 / n * 10_000, 2),
+            "kib_per_saga": round(growth / 1024 / n, 2),
+            "start_all_s": round(started_s, 3),
+        }
         results.append(tasks)
         _proto.emit({"event": "done", "run": r, "result": res})
     for tasks in [warm, *results]:

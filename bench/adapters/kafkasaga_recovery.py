@@ -22,9 +22,9 @@ import time
 from sqlalchemy import text
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
-from storage import SqlAlchemySagaStorage  # noqa: E402
+from storage import SqlAlchemySagaStorage
 
 DIST_VERSION = "1"
 FILL = """
@@ -69,23 +69,36 @@ async def main() -> None:
         async with engine.begin() as con:
             await con.execute(text("TRUNCATE saga_executions"))
             await con.execute(text(FILL), {"rows": rows})
-            await con.execute(text("INSERT INTO bench_meta VALUES ('recovery_rows', :m) "
-                                   "ON CONFLICT (k) DO UPDATE SET v = excluded.v"), {"m": marker})
+            await con.execute(
+                text(
+                    "INSERT INTO bench_meta VALUES ('recovery_rows', :m) "
+                    "ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+                ),
+                {"m": marker},
+            )
         async with engine.connect() as con:
             await (await con.execution_options(isolation_level="AUTOCOMMIT")).execute(
-                text("VACUUM ANALYZE saga_executions"))
+                text("VACUUM ANALYZE saga_executions")
+            )
         filled_s = round(time.perf_counter() - t0, 1)
     async with engine.connect() as con:
         count = (await con.execute(text("SELECT count(*) FROM saga_executions"))).scalar()
-        candidates = (await con.execute(text(
-            "SELECT count(*) FROM saga_executions WHERE (status IN ('running', 'compensating', 'failed') "
-            "OR (status = 'paused' AND reply_deadline < now())) AND recovery_attempts < 5"))).scalar()
+        candidates = (
+            await con.execute(
+                text(
+                    "SELECT count(*) FROM saga_executions "
+                    "WHERE (status IN ('running', 'compensating', 'failed') "
+                    "OR (status = 'paused' AND reply_deadline < now())) AND recovery_attempts < 5"
+                )
+            )
+        ).scalar()
 
     # The plan of the statement the storage runs, with the same parameters.
     from storage.sql.statements import recovery_params
 
-    flt, params = recovery_params(storage._clock, limit=limit, max_recovery_attempts=5,
-                                  stale_after_seconds=None, saga_name=None)
+    flt, params = recovery_params(
+        storage._clock, limit=limit, max_recovery_attempts=5, stale_after_seconds=None, saga_name=None
+    )
     compiled = storage._s.recovery_ids(flt).compile(dialect=engine.dialect)
     sql = compiled.string
     bound = compiled.construct_params(params)
@@ -112,11 +125,23 @@ async def main() -> None:
             lat.append((time.perf_counter() - t0) * 1e3)
             got = len(ids)
         cpu = time.process_time() - c0
-        _proto.emit({"event": "done", "run": r, "result": {
-            "rows": count, "candidates": candidates, "returned": got, "calls": calls, "sagas": calls,
-            "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(_proto.percentile(lat, 99), 3),
-            "mean_ms": round(statistics.fmean(lat), 3), "client_cpu_ms_per_call": round(cpu / calls * 1e3, 3),
-        }})
+        _proto.emit(
+            {
+                "event": "done",
+                "run": r,
+                "result": {
+                    "rows": count,
+                    "candidates": candidates,
+                    "returned": got,
+                    "calls": calls,
+                    "sagas": calls,
+                    "p50_ms": round(statistics.median(lat), 3),
+                    "p99_ms": round(_proto.percentile(lat, 99), 3),
+                    "mean_ms": round(statistics.fmean(lat), 3),
+                    "client_cpu_ms_per_call": round(cpu / calls * 1e3, 3),
+                },
+            }
+        )
     await storage.stop()
     _proto.emit({"event": "end", "info": {"plan": plan, "sql": sql, "filled_s": filled_s}})
 

@@ -19,10 +19,10 @@ import uuid
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
-from broker import KafkaBrokerPool  # noqa: E402
-from storage import SagaStatus, SqlAlchemySagaStorage  # noqa: E402
+from broker import KafkaBrokerPool
+from storage import SagaStatus, SqlAlchemySagaStorage
 
 try:
     from saga import Saga, SagaManager, SagaParticipant, SagaRequest
@@ -30,12 +30,13 @@ except ImportError:
     from saga import SagaParticipant, SagaRequest
     from saga.definitions import Saga
     from saga.manager import SagaManager
-from saga.hooks import SagaEvent, SagaHooks  # noqa: E402
+from saga.hooks import SagaEvent, SagaHooks
 
 
 def definition(cmd_topic: str, steps: int) -> Saga:
     saga = Saga("remote_order")
     for k in range(1, steps + 1):
+
         def request(ctx: Any, k: int = k) -> SagaRequest:
             return SagaRequest(cmd_topic, {"order_id": ctx["order_id"], "step": k})
 
@@ -66,7 +67,9 @@ async def main() -> None:
     url = cfg["dsn"].replace("postgresql://", "postgresql+asyncpg://")
     storage = SqlAlchemySagaStorage(url, pool_size=min(max(10, inflight), 20))
     pool = KafkaBrokerPool(bootstrap_servers=cfg["kafka"])
-    manager = SagaManager(storage, broker_pool=pool, service_name=service, hooks=SagaHooks(on_step_started=started))
+    manager = SagaManager(
+        storage, broker_pool=pool, service_name=service, hooks=SagaHooks(on_step_started=started)
+    )
     participant_pool = KafkaBrokerPool(bootstrap_servers=cfg["kafka"])
     participant = SagaParticipant(f"{service}Participant", participant_pool)
 
@@ -95,13 +98,24 @@ async def main() -> None:
             await _proto.await_go()
             wall, cpu = await _proto.drive_async(n, inflight, one)
             us = [x * 1e6 for x in latencies]
-            _proto.emit({"event": "done", "run": r, "result": {
-                "sagas": n, "inflight": inflight, "steps": len(us), "wall_s": round(wall, 4),
-                "steps_per_s": round(len(us) / wall, 1), "sagas_per_s": round(n / wall, 1),
-                "step_p50_us": round(_proto.percentile(us, 50)), "step_p99_us": round(_proto.percentile(us, 99)),
-                "step_mean_us": round(sum(us) / len(us)),
-                "client_cpu_us_per_step": round(cpu / len(us) * 1e6, 1),
-            }})
+            _proto.emit(
+                {
+                    "event": "done",
+                    "run": r,
+                    "result": {
+                        "sagas": n,
+                        "inflight": inflight,
+                        "steps": len(us),
+                        "wall_s": round(wall, 4),
+                        "steps_per_s": round(len(us) / wall, 1),
+                        "sagas_per_s": round(n / wall, 1),
+                        "step_p50_us": round(_proto.percentile(us, 50)),
+                        "step_p99_us": round(_proto.percentile(us, 99)),
+                        "step_mean_us": round(sum(us) / len(us)),
+                        "client_cpu_us_per_step": round(cpu / len(us) * 1e6, 1),
+                    },
+                }
+            )
     finally:
         await participant.stop()
         await participant_pool.stop()

@@ -20,6 +20,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -27,7 +28,7 @@ from minos.saga import Saga, SagaContext, SagaExecution, SagaManager, SagaStatus
 from minos.saga.executions import SagaExecutionRepository
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _proto  # noqa: E402
+import _proto
 
 FAIL = False
 
@@ -65,9 +66,12 @@ def undo3(ctx: SagaContext) -> SagaContext:
 
 ORDER = (
     Saga()
-    .local_step(step1).on_failure(undo1)
-    .local_step(step2).on_failure(undo2)
-    .local_step(step3).on_failure(undo3)
+    .local_step(step1)
+    .on_failure(undo1)
+    .local_step(step2)
+    .on_failure(undo2)
+    .local_step(step3)
+    .on_failure(undo3)
     .commit()
 )
 
@@ -114,8 +118,7 @@ async def main() -> None:
     from minos.common import Config, DependencyInjector
 
     tmp = tempfile.mkdtemp(prefix="bench-minos-")
-    with open(os.path.join(tmp, "config.yml"), "w") as f:
-        f.write("version: 2\nname: order\n")
+    Path(tmp, "config.yml").write_text("version: 2\nname: order\n")  # noqa: ASYNC240 (setup)
     from minos.aggregate import InMemoryTransactionRepository
     from minos.networks import InMemoryBrokerPublisher
 
