@@ -115,6 +115,7 @@ class ReplyConsumer:
         self._subscriber: BrokerSubscriber | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._fetching = False
         self._stop_event = asyncio.Event()
 
     @property
@@ -139,12 +140,12 @@ class ReplyConsumer:
         self._stopping = True
         self._stop_event.set()
         if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=self.stop_timeout)
-            except TimeoutError:
+            if self._fetching:
+                task.cancel()  # idle in a fetch: nothing processed is left uncommitted
+            done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+            if not done:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait({task})
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             with contextlib.suppress(BrokerError):
@@ -167,6 +168,7 @@ class ReplyConsumer:
     async def _run(self, subscriber: BrokerSubscriber) -> None:
         failures = 0
         while not self._stopping:
+            self._fetching = True
             try:
                 batch = await subscriber.getmany(timeout=self.poll_timeout, max_records=self.max_records)
             except BrokerError as exc:
@@ -181,6 +183,8 @@ class ReplyConsumer:
                 _log.exception("reply consumer: unexpected error while fetching; retrying")
                 await self._pause(self._backoff(failures))
                 continue
+            finally:
+                self._fetching = False
             failures = 0
             done: list[BrokerMessage] = []
             for message in batch:

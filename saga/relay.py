@@ -108,12 +108,10 @@ class OutboxRelay:
             return
         self._stopping = True
         self._wakeup.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=max(self.interval, 5.0))
-        except TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=max(self.interval, 5.0))
+        if not done:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})
 
     def wake(self) -> None:
         """Run a pass now instead of waiting for the interval."""
