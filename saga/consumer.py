@@ -53,7 +53,7 @@ def _retriable(exc: BaseException) -> bool:
 
 
 class ReplyConsumer:
-    """Consumes the reply topic in a consumer group; one record at a time, in partition order.
+    """Consumes the reply topic in a consumer group; each execution's replies in order.
 
     Args:
         handler: The manager (``handle_reply``).
@@ -66,6 +66,8 @@ class ReplyConsumer:
         retry_initial: First backoff (seconds) for a retriable failure; doubles up to ``retry_max``.
         retry_max: Longest backoff.
         stop_timeout: How long ``stop()`` lets the record in progress finish before cancelling it.
+        concurrency: How many executions' replies of one fetched batch are handled at once (replies of
+            one execution always one after the other).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class ReplyConsumer:
         retry_initial: float = 0.05,
         retry_max: float = 5.0,
         stop_timeout: float = 10.0,
+        concurrency: int = 64,
     ) -> None:
         self.handler = handler
         self.broker_pool = broker_pool
@@ -92,6 +95,9 @@ class ReplyConsumer:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.stop_timeout = stop_timeout
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
         #: Counters by outcome (``applied``, ``duplicate``, ``stale``, ``unknown_status``) and trouble
         #: (``malformed``, ``unknown_execution``, ``unknown_definition``, ``failed``, ``dead_lettered``,
         #: ``retries``, ``errors``); ``received`` counts every record handled.
@@ -186,13 +192,51 @@ class ReplyConsumer:
             finally:
                 self._fetching = False
             failures = 0
-            done: list[BrokerMessage] = []
+            if batch:
+                done = await self._process_batch(batch)
+                if done:
+                    await self._commit(subscriber, done)
+
+    async def _process_batch(self, batch: list[BrokerMessage]) -> list[BrokerMessage]:
+        """Handle a batch: one execution's replies in order, different executions concurrently.
+
+        Records are keyed by execution id, so grouping by key keeps each saga's replies in order while
+        the database round trips of different sagas overlap. Returns the records that may be committed:
+        per partition, the prefix handled before a stop interrupted the batch.
+        """
+        groups: dict[bytes | None, list[BrokerMessage]] = {}
+        for message in batch:
+            groups.setdefault(message.key, []).append(message)
+        handled: set[int] = set()
+        if len(groups) == 1 or self.concurrency == 1:
             for message in batch:
                 if not await self._handle_with_retry(message):
                     break
+                handled.add(id(message))
+        else:
+            slots = asyncio.Semaphore(self.concurrency)
+
+            async def run_group(messages: list[BrokerMessage]) -> None:
+                async with slots:
+                    for message in messages:
+                        if not await self._handle_with_retry(message):
+                            return
+                        handled.add(id(message))
+
+            await asyncio.gather(*(run_group(messages) for messages in groups.values()))
+        if len(handled) == len(batch):
+            return batch
+        done: list[BrokerMessage] = []
+        blocked: set[tuple[str, int | None]] = set()
+        for message in batch:  # batch order is offset order within a partition
+            partition = (message.topic, message.partition)
+            if partition in blocked:
+                continue
+            if id(message) in handled:
                 done.append(message)
-            if done:
-                await self._commit(subscriber, done)
+            else:
+                blocked.add(partition)
+        return done
 
     async def _handle_with_retry(self, message: BrokerMessage) -> bool:
         """Handle one record, retrying retriable failures; ``False`` if stopping interrupted it."""

@@ -14,10 +14,23 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from broker import BrokerClientPool, BrokerError, BrokerMessage
+from saga.consumer import dead_letter_message
 from saga.errors import SagaBusyError, SagaContextError
 from saga.execution import SagaExecution, Transition
 from saga.hooks import SagaHooks
-from storage import DuplicateReplyError, ExecutionRecord, ReplyRecord, SagaStatus, SagaStorage
+from saga.messages import SagaResponse
+from saga.registry import SagaRegistry
+from storage import (
+    TERMINAL_STATUSES,
+    DuplicateReplyError,
+    ExecutionRecord,
+    ReplyRecord,
+    SagaStatus,
+    SagaStorage,
+    StorageError,
+)
+from storage.records import ReplyOutcome
 
 if TYPE_CHECKING:
     from saga.relay import OutboxRelay
@@ -26,6 +39,7 @@ __all__ = ["AlreadyAppliedError", "ExecutionDriver"]
 
 _RUNNING = SagaStatus.RUNNING
 _COMPENSATING = SagaStatus.COMPENSATING
+_PAUSED = SagaStatus.PAUSED
 
 _log = logging.getLogger(__name__)
 
@@ -38,6 +52,10 @@ class ExecutionDriver:
     """Drives executions to their next pause or end (mixed into `SagaManager`)."""
 
     storage: SagaStorage
+    broker_pool: BrokerClientPool
+    registry: SagaRegistry
+    dead_letter_topic: str
+    wait_poll_interval: float
     owner: str
     lease_seconds: float
     reply_topic: str
@@ -47,6 +65,7 @@ class ExecutionDriver:
     _active: set[uuid.UUID]
     _waiters: dict[uuid.UUID, list[asyncio.Future[SagaExecution | None]]]
     _early_waiters: dict[uuid.UUID, asyncio.Future[SagaExecution | None]]
+    _closing: bool
     #: Executions being driven by this process (the heartbeat renews their claims; identity-hashed).
     _driving: set[SagaExecution]
     _beat: asyncio.TimerHandle | None
@@ -152,9 +171,16 @@ class ExecutionDriver:
                             f"execution {execution_id}: claim lost while a step ran",
                             execution_id=execution_id,
                         )
+                    status = transition.status
+                    if status is _PAUSED or (release and execution.terminal):
+                        # Ask the save to drop the claim too; a storage whose save leaves claims alone
+                        # keeps it, and the release below makes up for that.
+                        owner, lease_until = None, None
+                    else:
+                        owner, lease_until = last.owner, last.lease_until
                     try:
                         record = execution.to_record(
-                            owner=last.owner, lease_until=last.lease_until, step=transition.step
+                            owner=owner, lease_until=lease_until, step=transition.step
                         )
                     except SagaContextError as exc:
                         await self._fail(execution, last, exc)
@@ -220,16 +246,122 @@ class ExecutionDriver:
                 "execution %s: could not be marked FAILED; recovery will find it by its lease", execution.id
             )
 
-    # Provided by SagaManager.
+    # -- plumbing shared by the manager's operations ---------------------------------------------------
+
+    def _execution(self, record: ExecutionRecord) -> SagaExecution:
+        definition = self.registry.get(record.name, record.definition_version, execution_id=record.id)
+        return SagaExecution.from_record(
+            record, definition, reply_topic=self.reply_topic, hooks=self.hooks, clock=self.clock
+        )
+
+    async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
+        if execution_id in self._active:
+            raise SagaBusyError(
+                f"execution {execution_id} is being advanced by this process", execution_id=execution_id
+            )
+        record = await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
+        if record is None:
+            raise SagaBusyError(
+                f"execution {execution_id} is claimed by another worker", execution_id=execution_id
+            )
+        try:
+            return record, self._execution(record)
+        except Exception:
+            await self._release(execution_id)
+            raise
 
     async def _release(self, execution_id: uuid.UUID) -> None:
-        raise NotImplementedError
+        try:
+            await self.storage.release_claim(execution_id, self.owner)
+        except StorageError as exc:  # the lease runs out by itself
+            _log.warning("execution %s: releasing the claim failed: %s", execution_id, exc)
 
     async def _flush_outbox(self) -> None:
-        raise NotImplementedError
+        """Publish the outbox rows just stored (and any other unsent ones); the relay covers failures."""
+        from saga.relay import publish_outbox
+
+        try:
+            await publish_outbox(
+                self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
+            )
+        except (BrokerError, StorageError) as exc:
+            _log.warning("publishing outbox rows failed (%s); the outbox relay will retry", exc)
+            if self.relay is not None:
+                self.relay.wake()
+
+    async def _ignore_reply(
+        self,
+        execution: SagaExecution,
+        response: SagaResponse,
+        outcome: ReplyOutcome,
+        message: BrokerMessage | None,
+    ) -> None:
+        if _log.isEnabledFor(logging.INFO):
+            _log.info(
+                "execution %s: %s reply to request %s (status %s) ignored",
+                execution.id,
+                outcome,
+                response.request_id,
+                response.status,
+            )
+        reason = f"{outcome}: status {int(response.status)}" if outcome == "unknown_status" else outcome
+        try:
+            await self.storage.record_reply(
+                ReplyRecord(execution.id, response.request_id, int(response.status), outcome, reason=reason)
+            )
+        finally:
+            await self._release(execution.id)
+        if outcome == "unknown_status":
+            original = message if message is not None else response.to_message(self.reply_topic)
+            copy = dead_letter_message(original, self.dead_letter_topic, reason)
+            await self.broker_pool.publisher().send(copy)
+
+    async def _wait(self, execution: SagaExecution) -> SagaExecution:
+        """Wait for a terminal status: resolved by this process's reply handling, else by polling."""
+        future = self._early_waiters.pop(execution.id, None) or self._waiter(execution.id)
+        try:
+            while True:
+                if not future.done():
+                    await asyncio.wait((future,), timeout=self.wait_poll_interval)
+                if future.done():
+                    result = future.result()
+                    if result is not None:
+                        return result
+                    return self._execution(await self.storage.load(execution.id))  # shutting down
+                record = await self.storage.load(execution.id)
+                if record.status in TERMINAL_STATUSES:
+                    return self._execution(record)
+                if record.reply_deadline is not None and record.reply_deadline <= self.clock():
+                    try:
+                        recovered = await self.recover(execution.id)
+                    except SagaBusyError:
+                        continue
+                    if recovered.terminal:
+                        return recovered
+        finally:
+            self._drop_waiter(execution.id, future)
 
     def _waiter(self, execution_id: uuid.UUID) -> asyncio.Future[SagaExecution | None]:
-        raise NotImplementedError
+        future: asyncio.Future[SagaExecution | None] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            future.set_result(None)
+        self._waiters.setdefault(execution_id, []).append(future)
+        return future
+
+    def _drop_waiter(self, execution_id: uuid.UUID, future: asyncio.Future[SagaExecution | None]) -> None:
+        futures = self._waiters.get(execution_id)
+        if futures is not None:
+            if future in futures:
+                futures.remove(future)
+            if not futures:
+                del self._waiters[execution_id]
 
     def _resolve_waiters(self, execution: SagaExecution) -> None:
-        raise NotImplementedError
+        for future in self._waiters.get(execution.id, ()):
+            if not future.done():
+                future.set_result(execution)
+
+    if TYPE_CHECKING:
+
+        async def recover(self, execution_id: uuid.UUID) -> SagaExecution:
+            """Provided by `SagaManager`."""

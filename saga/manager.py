@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -29,25 +30,23 @@ from typing import Any, Literal, overload
 
 from dependency_injector.wiring import Provide
 
-from broker import BrokerClientPool, BrokerError, BrokerMessage
-from saga.consumer import H_DEAD_LETTER_REASON, ReplyConsumer, dead_letter_message
+from broker import BrokerClientPool, BrokerMessage
+from saga.consumer import ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
 from saga.driver import AlreadyAppliedError, ExecutionDriver
-from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, SagaStateError
+from saga.errors import SagaConfigError, SagaExecutionError, SagaStateError
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
 from saga.messages import SagaResponse
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from storage import (
-    TERMINAL_STATUSES,
     DuplicateIdempotencyKeyError,
     ExecutionRecord,
     ReplyRecord,
     SagaStatus,
     SagaStorage,
-    StorageError,
 )
 from storage.records import ReplyOutcome
 
@@ -60,8 +59,8 @@ def _default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+#: The default clock: timezone-aware UTC now (a C-level partial: it is called on every step).
+_utc_now: Callable[[], datetime] = functools.partial(datetime.now, UTC)
 
 
 def _check_resolved(value: object, name: str) -> None:
@@ -375,51 +374,6 @@ class SagaManager(ExecutionDriver):
         execution.mark_stored(stored)
         return await self._drive(execution, stored, wait=not pause_on_disk, release=False)
 
-    async def _wait(self, execution: SagaExecution) -> SagaExecution:
-        """Wait for a terminal status: resolved by this process's reply handling, else by polling."""
-        future = self._early_waiters.pop(execution.id, None) or self._waiter(execution.id)
-        try:
-            while True:
-                if not future.done():
-                    await asyncio.wait((future,), timeout=self.wait_poll_interval)
-                if future.done():
-                    result = future.result()
-                    if result is not None:
-                        return result
-                    return self._execution(await self.storage.load(execution.id))  # shutting down
-                record = await self.storage.load(execution.id)
-                if record.status in TERMINAL_STATUSES:
-                    return self._execution(record)
-                if record.reply_deadline is not None and record.reply_deadline <= self.clock():
-                    try:
-                        recovered = await self.recover(execution.id)
-                    except SagaBusyError:
-                        continue
-                    if recovered.terminal:
-                        return recovered
-        finally:
-            self._drop_waiter(execution.id, future)
-
-    def _waiter(self, execution_id: uuid.UUID) -> asyncio.Future[SagaExecution | None]:
-        future: asyncio.Future[SagaExecution | None] = asyncio.get_running_loop().create_future()
-        if self._closing:
-            future.set_result(None)
-        self._waiters.setdefault(execution_id, []).append(future)
-        return future
-
-    def _drop_waiter(self, execution_id: uuid.UUID, future: asyncio.Future[SagaExecution | None]) -> None:
-        futures = self._waiters.get(execution_id)
-        if futures is not None:
-            if future in futures:
-                futures.remove(future)
-            if not futures:
-                del self._waiters[execution_id]
-
-    def _resolve_waiters(self, execution: SagaExecution) -> None:
-        for future in self._waiters.get(execution.id, ()):
-            if not future.done():
-                future.set_result(execution)
-
     # -- replies ---------------------------------------------------------------------------------------
 
     async def handle_reply(
@@ -461,45 +415,14 @@ class SagaManager(ExecutionDriver):
         except AlreadyAppliedError:
             await self._release(execution_id)
             return execution, "duplicate"
+        except Exception:
+            await self._release(execution_id)  # nothing more will be written; let others take it
+            raise
         finally:
             self._active.discard(execution_id)
         return execution, outcome
 
-    async def _ignore_reply(
-        self,
-        execution: SagaExecution,
-        response: SagaResponse,
-        outcome: ReplyOutcome,
-        message: BrokerMessage | None,
-    ) -> None:
-        if _log.isEnabledFor(logging.INFO):
-            _log.info(
-                "execution %s: %s reply to request %s (status %s) ignored",
-                execution.id,
-                outcome,
-                response.request_id,
-                response.status,
-            )
-        reason = f"{outcome}: status {int(response.status)}" if outcome == "unknown_status" else outcome
-        try:
-            await self.storage.record_reply(
-                ReplyRecord(execution.id, response.request_id, int(response.status), outcome, reason=reason)
-            )
-        finally:
-            await self._release(execution.id)
-        if outcome == "unknown_status":
-            original = message if message is not None else response.to_message(self.reply_topic)
-            copy = dead_letter_message(original, self.dead_letter_topic, reason)
-            await self.broker_pool.publisher().send(copy)
-            assert copy.headers[H_DEAD_LETTER_REASON] == reason
-
     # -- operations on stored executions ---------------------------------------------------------------
-
-    def _execution(self, record: ExecutionRecord) -> SagaExecution:
-        definition = self.registry.get(record.name, record.definition_version, execution_id=record.id)
-        return SagaExecution.from_record(
-            record, definition, reply_topic=self.reply_topic, hooks=self.hooks, clock=self.clock
-        )
 
     async def get(self, execution_id: uuid.UUID) -> SagaExecution:
         """The stored execution. Raises `ExecutionNotFoundError`, `UnknownSagaDefinitionError`."""
@@ -542,6 +465,9 @@ class SagaManager(ExecutionDriver):
         try:
             transition = await execution.replay(self.clock())
             return await self._drive(execution, record, transition=transition)
+        except Exception:
+            await self._release(execution_id)
+            raise
         finally:
             self._active.discard(execution_id)
 
@@ -603,40 +529,8 @@ class SagaManager(ExecutionDriver):
             elif execution.status in (SagaStatus.FAILED, SagaStatus.CREATED):
                 await execution.resume()
             return await self._drive(execution, record, transition=transition)
-        finally:
-            self._active.discard(execution_id)
-
-    async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
-        if execution_id in self._active:
-            raise SagaBusyError(
-                f"execution {execution_id} is being advanced by this process", execution_id=execution_id
-            )
-        record = await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
-        if record is None:
-            raise SagaBusyError(
-                f"execution {execution_id} is claimed by another worker", execution_id=execution_id
-            )
-        try:
-            return record, self._execution(record)
         except Exception:
             await self._release(execution_id)
             raise
-
-    async def _release(self, execution_id: uuid.UUID) -> None:
-        try:
-            await self.storage.release_claim(execution_id, self.owner)
-        except StorageError as exc:  # the lease runs out by itself
-            _log.warning("execution %s: releasing the claim failed: %s", execution_id, exc)
-
-    async def _flush_outbox(self) -> None:
-        """Publish the outbox rows just stored (and any other unsent ones); the relay covers failures."""
-        from saga.relay import publish_outbox
-
-        try:
-            await publish_outbox(
-                self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
-            )
-        except (BrokerError, StorageError) as exc:
-            _log.warning("publishing outbox rows failed (%s); the outbox relay will retry", exc)
-            if self.relay is not None:
-                self.relay.wake()
+        finally:
+            self._active.discard(execution_id)

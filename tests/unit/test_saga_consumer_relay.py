@@ -255,3 +255,42 @@ async def test_a_crash_between_save_and_publish_is_covered_by_the_relay(
         await manager.destroy()
     command = SagaCommand.from_message(pool.topic_messages("cmd")[0])
     assert command.execution_id == paused.id
+
+
+class BlockingHandler:
+    """Always busy for execution ``blocked``; applies everything else."""
+
+    def __init__(self, blocked: uuid.UUID) -> None:
+        self.blocked = blocked
+        self.applied: list[uuid.UUID] = []
+
+    async def handle_reply(
+        self, response: SagaResponse, *, message: BrokerMessage | None = None
+    ) -> ReplyOutcome:
+        if response.execution_id == self.blocked:
+            raise SagaBusyError("held elsewhere", execution_id=self.blocked)
+        self.applied.append(response.execution_id)
+        return "applied"
+
+
+@pytest.mark.parametrize("blocked_first", [True, False])
+async def test_executions_are_handled_concurrently_and_only_the_handled_prefix_is_committed(
+    blocked_first: bool,
+) -> None:
+    pool = InMemoryBrokerPool(partitions=1)
+    blocked, free = uuid.uuid4(), uuid.uuid4()
+    order = [blocked, free] if blocked_first else [free, blocked]
+    await pool.publisher().send_batch(
+        [SagaResponse(None, 200, execution, uuid.uuid4()).to_message("r") for execution in order]
+    )
+    handler = BlockingHandler(blocked)
+    consumer = ReplyConsumer(
+        handler, pool, topic="r", group_id="g", dead_letter_topic="dlq", retry_initial=0.005
+    )
+    await consumer.start()
+    await eventually(lambda: handler.applied == [free])  # not stuck behind the busy execution
+    await consumer.stop()
+    assert pool.committed("g", "r", 0) == (None if blocked_first else 1)
+    assert consumer.stats["retries"] >= 1
+    with pytest.raises(ValueError, match="concurrency"):
+        ReplyConsumer(handler, pool, topic="r", group_id="g", dead_letter_topic="dlq", concurrency=0)
