@@ -403,8 +403,11 @@ class SagaRecoveryWorker:
     Each pass claims up to ``batch_size`` executions (``storage.claim_for_recovery`` under the manager's
     ``owner``, per saga name when ``saga_names`` is set), recovers them ``concurrency`` at a time with
     `recover_saga`'s bookkeeping, then sleeps ``interval`` seconds, or starts the next pass at once when the
-    batch was full. One bad execution never stops the loop. A database outage is retried with capped,
-    jittered exponential backoff, logged once when it starts and once when it ends.
+    batch was full and resumed something (a backlog). A failed execution gets a fresh ``updated_at``, so
+    it goes behind the backlog (and, with ``stale_after_seconds``, waits that long) before its next try.
+
+    One bad execution never stops the loop. A database outage is retried with capped, jittered exponential
+    backoff, logged once when it starts and once when it ends.
 
     The worker does not set up or destroy the manager: do that around it.
 
@@ -673,7 +676,9 @@ class SagaRecoveryWorker:
                 )
                 outage_started, retries = None, 0
             assert report is not None
-            if report.claimed < self.batch_size:
+            # A full batch that made progress means a backlog: go on at once. Otherwise wait, so that
+            # executions failing over and over are retried once per interval, not in a tight loop.
+            if report.claimed < self.batch_size or not report.recovered:
                 await self._sleep(self.interval)
 
     def _backoff(self, retries: int) -> float:

@@ -681,3 +681,23 @@ def test_options_are_validated(manager: SagaManager) -> None:
     with pytest.raises(TypeError, match="saga_names"):
         SagaRecoveryWorker(manager, saga_names="alpha")
     assert SagaRecoveryWorker(manager).lease_seconds == manager.lease_seconds
+
+
+async def test_a_full_backlog_drains_without_waiting_for_the_interval(
+    storage: MemorySagaStorage, manager: SagaManager
+) -> None:
+    ids = [await stalled(manager, order_saga(), n) for n in range(7)]
+    async with SagaRecoveryWorker(manager, interval=60, batch_size=2) as worker:
+        await wait_for(lambda: _all_status(storage, ids, SagaStatus.FINISHED), within=2)
+    assert worker.stats.batches == 4 and worker.stats.recovered == 7
+
+
+async def test_a_full_batch_of_failures_waits_for_the_interval(
+    storage: MemorySagaStorage, manager: SagaManager
+) -> None:
+    ids = [await broken_row(manager, n) for n in range(2)]
+    async with SagaRecoveryWorker(manager, interval=60, batch_size=2) as worker:
+        await wait_for(lambda: _all_status(storage, ids, SagaStatus.FAILED))
+        await asyncio.sleep(0.1)
+    assert worker.stats.batches == 1
+    assert [(await storage.load(i)).recovery_attempts for i in ids] == [1, 1]
