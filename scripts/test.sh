@@ -19,18 +19,16 @@ if [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ] || [ -z "${SAGA_DATABASE_URL:-}" ]; the
   eval "$(bash scripts/services.sh env | sed -e 's/^export \([A-Z_]*\)=\(.*\)$/export \1="${\1:-\2}"/')"
 fi
 export KAFKA_BOOTSTRAP_SERVERS SAGA_DATABASE_URL
-# Console scripts of this interpreter, found without relying on PATH shims.
-bin_dir="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 log "Kafka at $KAFKA_BOOTSTRAP_SERVERS"
 
 log "ruff check"
-"$bin_dir/ruff" check .
+python3 -m ruff check .
 log "ruff format --check"
-"$bin_dir/ruff" format --check .
+python3 -m ruff format --check .
 log "mypy --strict (saga, broker, storage)"
-"$bin_dir/mypy"
+python3 -m mypy
 log "import-linter (saga -> broker | storage)"
-"$bin_dir/lint-imports" --no-cache
+python3 -c 'import sys; from importlinter.cli import lint_imports_command; sys.argv[0] = "lint-imports"; sys.exit(lint_imports_command())' --no-cache
 
 log "pytest"
 python3 -m pytest -p no:cacheprovider --cov --cov-report=term:skip-covered "$@"
