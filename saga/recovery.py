@@ -366,23 +366,24 @@ async def _dead_letter(
             )
         except ConcurrencyError:
             continue
-        await _dead_letter_hook(manager, stored)
+        await _dead_letter_hooks(manager, stored)
         return stored
     _log.warning("execution %s: not dead-lettered: it kept changing under us", saga_id)
     return None
 
 
-async def _dead_letter_hook(manager: RecoveryTarget, record: ExecutionRecord) -> None:
+async def _dead_letter_hooks(manager: RecoveryTarget, record: ExecutionRecord) -> None:
+    """Tell the manager's hooks, as the engine does for its own transitions (a hook never raises)."""
     hooks = getattr(manager, "hooks", None)
-    if isinstance(hooks, SagaHooks) and hooks.on_dead_lettered is not None:
-        event = SagaEvent(
-            "on_dead_lettered",
-            record.id,
-            record.name,
-            status=SagaStatus.DEAD_LETTER,
-            previous_status=SagaStatus.FAILED,
-            error=record.error,
+    if not isinstance(hooks, SagaHooks):
+        return
+    common: dict[str, Any] = {"status": SagaStatus.DEAD_LETTER, "previous_status": SagaStatus.FAILED}
+    if hooks.on_status_changed is not None:
+        await call_hook(
+            hooks.on_status_changed, SagaEvent("on_status_changed", record.id, record.name, **common)
         )
+    if hooks.on_dead_lettered is not None:
+        event = SagaEvent("on_dead_lettered", record.id, record.name, error=record.error, **common)
         await call_hook(hooks.on_dead_lettered, event)
 
 

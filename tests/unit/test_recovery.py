@@ -22,6 +22,7 @@ from saga.context import SagaContext
 from saga.definitions import Saga
 from saga.errors import SagaStateError, UnknownSagaDefinitionError
 from saga.execution import SagaExecution
+from saga.hooks import SagaEvent, SagaHooks
 from saga.manager import SagaManager
 from saga.messages import H_IDEMPOTENCY_KEY, H_REQUEST_ID, SagaRequest
 from saga.recovery import SagaRecoveryWorker, recover_saga
@@ -309,6 +310,23 @@ async def test_attempts_reaching_the_limit_dead_letter_then_retry_makes_it_eligi
     assert report.recovered == [saga_id]
     assert (await storage.load(saga_id)).status is SagaStatus.FINISHED
     assert calls["bill:7"] == 1
+
+
+async def test_dead_lettering_tells_the_managers_hooks(
+    storage: MemorySagaStorage, pool: InMemoryBrokerPool, clock: FakeClock
+) -> None:
+    events: list[SagaEvent] = []
+    hooks = SagaHooks(on_status_changed=events.append, on_dead_lettered=events.append)
+    manager = make_manager(storage, pool, clock, owner="recoverer", hooks=hooks)
+    saga_id = await broken_row(manager, 1, recovery_attempts=1)
+    with pytest.raises(SagaStateError):
+        await recover_saga(manager, saga_id, max_recovery_attempts=2)
+    assert [(e.hook, e.status, e.previous_status) for e in events] == [
+        ("on_status_changed", SagaStatus.DEAD_LETTER, SagaStatus.FAILED),
+        ("on_dead_lettered", SagaStatus.DEAD_LETTER, SagaStatus.FAILED),
+    ]
+    assert events[1].execution_id == saga_id and events[1].saga == "order"
+    assert events[1].error is not None and events[1].error["type"] == "recovery_exhausted"
 
 
 async def test_set_recovery_attempts_zero_makes_an_exhausted_run_eligible(
