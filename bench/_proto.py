@@ -37,6 +37,8 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 def wait_go() -> None:
+    if os.environ.get("BENCH_AUTOGO"):  # standalone run (profiling): no driver to say "go"
+        return
     line = sys.stdin.readline()
     if line.strip() != "go":
         raise SystemExit(f"driver said {line!r}, expected 'go'")

@@ -7,7 +7,8 @@ from typing import Any
 LIB_LABEL = {
     "kafka-saga": "**kafka-saga**",
     "python-cqrs": "python-cqrs",
-    "dbos": "DBOS",
+    "dbos": "DBOS (async API)",
+    "dbos-sync": "DBOS (sync API, threads)",
     "minos": "Minos",
     "floor": "floor (asyncpg by hand)",
 }
@@ -24,6 +25,12 @@ def _m(idx: dict[str, dict[str, Any]], name: str, key: str) -> float | None:
         return None
     v = r.get("median", {}).get(key)
     return float(v) if isinstance(v, (int, float)) else None
+
+
+def _faster(idx: dict[str, dict[str, Any]], names: list[str]) -> str:
+    """The name, among ``names``, of the measured entry with the highest throughput (else the first)."""
+    measured = [(v, n) for n in names if (v := _m(idx, n, "sagas_per_s")) is not None]
+    return max(measured)[1] if measured else names[0]
 
 
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -60,9 +67,9 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             5.0,
         )
         ratio(
-            f"PostgreSQL, {label}: kafka-saga / DBOS sagas/s >= 5",
+            f"PostgreSQL, {label}: kafka-saga / DBOS (its faster API) sagas/s >= 5",
             ks,
-            f"local:dbos:postgres:{scen}",
+            _faster(idx, [f"local:dbos:postgres:{scen}", f"local:dbos-sync:postgres:{scen}"]),
             "sagas_per_s",
             5.0,
         )
@@ -354,14 +361,17 @@ def _ratio_table(idx: dict[str, dict[str, Any]]) -> list[str]:
             for lib in ("python-cqrs", "dbos", "minos", "floor"):
                 # Minos has no PostgreSQL saga storage: its durable figure is on LMDB.
                 st = "lmdb" if lib == "minos" and storage == "postgres" else storage
-                v = _m(idx, f"local:{lib}:{st}:{scen}", "sagas_per_s")
+                name = f"local:{lib}:{st}:{scen}"
+                if lib == "dbos":
+                    name = _faster(idx, [name, f"local:dbos-sync:{st}:{scen}"])
+                v = _m(idx, name, "sagas_per_s")
                 cells.append(f"{ks / v:.2f}x" if v else DASH)
             rows.append(_row(storage, SCEN_LABEL[scen], *cells))
     if not rows:
         return []
     return [
-        "kafka-saga's throughput divided by each other's (above 1: kafka-saga is faster; Minos's durable "
-        "column is its LMDB figure):",
+        "kafka-saga's throughput divided by each other's (above 1: kafka-saga is faster; DBOS: its faster "
+        "API; Minos's durable row is its LMDB figure):",
         "",
         _row("storage", "scenario", "vs python-cqrs", "vs DBOS", "vs Minos", "vs floor"),
         "|---|---|---:|---:|---:|---:|",

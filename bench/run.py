@@ -83,6 +83,7 @@ LIB_DB = {
     "kafka-saga": "bench_saga",
     "python-cqrs": "bench_cqrs",
     "dbos": "bench_dbos",
+    "dbos-sync": "bench_dbos",
     "minos": "bench_minos",
     "floor": "bench_floor",
 }
@@ -95,7 +96,9 @@ def build_entries(quick: bool) -> list[Entry]:
         # lib, storages, adapter, python
         ("kafka-saga", ["memory", "postgres"], "kafkasaga_local.py", "project"),
         ("python-cqrs", ["memory", "postgres"], "cqrs_local.py", "cqrs"),
+        # DBOS has two APIs: async workflows on the event loop, and sync ones on threads.
         ("dbos", ["postgres"], "dbos_local.py", "dbos"),
+        ("dbos-sync", ["postgres"], "dbos_local.py", "dbos"),
         # Minos 0.7 has no PostgreSQL saga repository: LMDB is its durable storage.
         ("minos", ["memory", "lmdb"], "minos_local.py", "minos"),
         ("floor", ["postgres"], "floor_local.py", "project"),
@@ -120,6 +123,7 @@ def build_entries(quick: bool) -> list[Entry]:
                             "n": n_quick if q else n_full,
                             "concurrency": conc,
                             "warmup": 3 if q else None,
+                            "api": "sync" if lib == "dbos-sync" else None,
                         },
                     )
                 )
