@@ -529,6 +529,8 @@ async def amain(args: argparse.Namespace) -> int:
     if full:
         (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
         (out / "results.md").write_text(md)
+        if out.resolve() == (BENCH / "results").resolve():
+            update_readme(md)
         print(f"[bench] wrote {out / 'results.md'} and {out / 'results.json'}", file=sys.stderr)
     else:
         (out / f"partial-{stamp}.md").write_text(md)
@@ -536,6 +538,19 @@ async def amain(args: argparse.Namespace) -> int:
     if args.print:
         print(md)
     return 0
+
+
+def update_readme(md: str) -> None:
+    """Put the results (without their title) between the README's results markers."""
+    readme = BENCH / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    if begin not in text or end not in text:
+        return
+    body = md.split("\n", 1)[1].lstrip("\n").replace("\n## ", "\n### ")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{begin}\n## Results (from the last full run)\n\n{body}\n{end}{tail}")
 
 
 def git_head() -> str | None:
