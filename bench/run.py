@@ -522,10 +522,17 @@ async def amain(args: argparse.Namespace) -> int:
         "results": results,
     }
     doc["targets"] = report.targets(doc)
+    md = write_outputs(doc, out, stamp, full=not args.quick and not args.only)
+    if args.print:
+        print(md)
+    return 0
+
+
+def write_outputs(doc: dict[str, Any], out: Path, stamp: str, *, full: bool) -> str:
+    """Raw JSON always; results.{md,json} and the README's table for a full run; the markdown."""
     raw = out / f"raw-{stamp}.json"
     raw.write_text(json.dumps(doc, indent=1, default=str))
     md = report.markdown(doc)
-    full = not args.quick and not args.only
     if full:
         (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
         (out / "results.md").write_text(md)
@@ -535,9 +542,7 @@ async def amain(args: argparse.Namespace) -> int:
     else:
         (out / f"partial-{stamp}.md").write_text(md)
         print(f"[bench] wrote {out / f'partial-{stamp}.md'} and {raw}", file=sys.stderr)
-    if args.print:
-        print(md)
-    return 0
+    return md
 
 
 def update_readme(md: str) -> None:
