@@ -66,8 +66,8 @@ class ExecutionDriver:
     _waiters: dict[uuid.UUID, list[asyncio.Future[SagaExecution | None]]]
     _early_waiters: dict[uuid.UUID, asyncio.Future[SagaExecution | None]]
     _closing: bool
-    #: Executions being driven by this process (the heartbeat renews their claims; identity-hashed).
-    _driving: set[SagaExecution]
+    #: Executions being driven by this process, by id (the heartbeat renews their claims).
+    _driving: dict[uuid.UUID, SagaExecution]
     _beat: asyncio.TimerHandle | None
     _beat_task: asyncio.Task[None] | None
 
@@ -85,12 +85,14 @@ class ExecutionDriver:
             return  # idle: the next run starts the timer again
         previous = self._beat_task
         if previous is None or previous.done():
-            self._beat_task = asyncio.get_running_loop().create_task(self._renew_claims(list(self._driving)))
+            self._beat_task = asyncio.get_running_loop().create_task(
+                self._renew_claims(list(self._driving.values()))
+            )
         self._start_beat()
 
     async def _renew_claims(self, executions: list[SagaExecution]) -> None:
         for execution in executions:
-            if execution not in self._driving:
+            if self._driving.get(execution.id) is not execution:
                 continue  # finished meanwhile
             try:
                 renewed = await self.storage.renew_claim(
@@ -147,7 +149,7 @@ class ExecutionDriver:
         execution_id = execution.id
         driving = self._driving
         execution.claim_lost = False
-        driving.add(execution)
+        driving[execution_id] = execution
         if self._beat is None:
             self._start_beat()
         published = False
@@ -199,7 +201,7 @@ class ExecutionDriver:
                     break  # paused, ended or failed
                 transition = None
         finally:
-            driving.discard(execution)
+            del driving[execution_id]
         if execution.status is SagaStatus.PAUSED:
             if wait:
                 self._early_waiters[execution_id] = self._waiter(execution_id)
@@ -255,7 +257,7 @@ class ExecutionDriver:
         )
 
     async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
-        if execution_id in self._active:
+        if execution_id in self._active or execution_id in self._driving:
             raise SagaBusyError(
                 f"execution {execution_id} is being advanced by this process", execution_id=execution_id
             )

@@ -152,7 +152,7 @@ class SagaManager(ExecutionDriver):
         self._active: set[uuid.UUID] = set()
         self._waiters: dict[uuid.UUID, list[asyncio.Future[SagaExecution | None]]] = {}
         self._early_waiters: dict[uuid.UUID, asyncio.Future[SagaExecution | None]] = {}
-        self._driving: set[SagaExecution] = set()
+        self._driving: dict[uuid.UUID, SagaExecution] = {}
         self._beat: asyncio.TimerHandle | None = None
         self._beat_task: asyncio.Task[None] | None = None
         self._started = False

@@ -505,3 +505,23 @@ async def test_duplicate_reply_race_is_reported_as_duplicate(
     assert await manager.handle_reply(response) == "duplicate"
     stored = await storage.load(paused.id)
     assert stored.status is SagaStatus.PAUSED and stored.owner is None
+
+
+async def test_recover_refuses_an_execution_this_process_is_driving(
+    pool: InMemoryBrokerPool, storage: MemorySagaStorage
+) -> None:
+    manager = quiet_manager(storage, pool)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(ctx: SagaContext) -> None:
+        started.set()
+        await release.wait()
+
+    task = asyncio.create_task(manager.run(Saga("slow").local_step(slow).commit()))
+    await started.wait()
+    [record] = (await storage.query()).rows
+    with pytest.raises(SagaBusyError, match="being advanced by this process"):
+        await manager.recover(record.id)  # same owner: only the in-process check can tell
+    release.set()
+    assert (await task).status is SagaStatus.FINISHED
