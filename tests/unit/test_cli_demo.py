@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from saga.cli.demo import ProgressDisplay
 from saga.config import load_config
 from saga.demo import CRASH_SWITCH, ORDER_SAGA, SimulatedCrash
-from saga.demo.runner import DemoProgress, OrderPlan, plan_orders, run_demo
+from saga.demo.runner import DemoProgress, OrderPlan, OrderResult, plan_orders, run_demo
 from storage import SagaStatus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,3 +190,54 @@ def test_order_plan_is_frozen() -> None:
     plan = OrderPlan(index=0, order_id="o", declined=False, crash=False)
     with pytest.raises(AttributeError):
         plan.crash = True  # type: ignore[misc]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _progress(phase: str, done: int, last: OrderResult | None = None) -> DemoProgress:
+    return DemoProgress(
+        phase=phase,
+        total=3,
+        done=done,
+        finished=done,
+        errored=0,
+        crashed=0,
+        recovered=0,
+        elapsed=0.5,
+        last=last,
+    )
+
+
+def test_progress_on_a_terminal_rewrites_one_line() -> None:
+    stream = _Terminal()
+    display = ProgressDisplay(stream)
+    display(_progress("running", 1))
+    display(_progress("running", 2))
+    display(_progress("done", 3))
+    text = stream.getvalue()
+    assert text.count("\r") == 3
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert "[done] 3/3 done · 3 finished · 0 errored · 0 crashed · 0 recovered · 0.5s" in text
+
+
+def test_progress_elsewhere_prints_a_line_per_order() -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(stream)
+    plan = OrderPlan(index=0, order_id="order-x-0001", declined=False, crash=False)
+    display(_progress("running", 0))
+    display(_progress("running", 1, OrderResult(plan, status=SagaStatus.FINISHED)))
+    crashed = OrderResult(plan, status=SagaStatus.RUNNING, crashed=True)
+    display(_progress("running", 2, crashed))
+    display(
+        DemoProgress(
+            phase="recovering", total=3, done=2, finished=1, errored=0, crashed=1, recovered=0, elapsed=1.0
+        )
+    )
+    assert stream.getvalue().splitlines() == [
+        "[1/3] order-x-0001  FINISHED",
+        "[2/3] order-x-0001  CRASHED (simulated), left RUNNING in storage",
+        "recovering 1 crashed execution(s) ...",
+    ]
