@@ -21,7 +21,9 @@ from typing import Any
 
 import orjson
 
+from saga import compensation as _comp
 from saga import execution_steps as _steps
+from saga import step_support as _support
 from saga.context import SagaContext, decode_context, encode_context
 from saga.definitions import Saga
 from saga.errors import SagaStateError
@@ -392,9 +394,9 @@ class SagaExecution:
                 f"cannot advance execution {self.id} in status {self.status}", execution_id=self.id
             )
         if self.phase == "compensate":
-            return await _steps.compensate_next(self, now)
+            return await _comp.compensate_next(self, now)
         if self.deadline is not None and now >= self.deadline:
-            return await _steps.begin_compensation(self, _deadline_error())
+            return await _comp.begin_compensation(self, _deadline_error())
         return await _steps.execute_next(self, now)
 
     def classify_reply(self, response: SagaResponse) -> ReplyOutcome:
@@ -431,7 +433,7 @@ class SagaExecution:
         if service and service not in self.participants:
             self.participants.append(service)
         if awaiting.phase == "compensate":
-            result = await _steps.compensation_replied(self, awaiting, status, response, now)
+            result = await _comp.compensation_replied(self, awaiting, status, response, now)
         else:
             result = await _steps.step_replied(self, awaiting, status, response, now)
         return Transition(result.status, result.outbox, outcome="applied", step=result.step)
@@ -465,12 +467,12 @@ class SagaExecution:
             return await _steps.abandon_request(self, awaiting, step, _deadline_error())
         if awaiting.deadline is None or now < awaiting.deadline:
             return Transition(self.status, persist=False, step=step.name)
-        policy = step.retry if awaiting.phase == "execute" else _steps.compensation_policy(self, step)
+        policy = step.retry if awaiting.phase == "execute" else _support.compensation_policy(self, step)
         if policy.allows(awaiting.attempt):
             return await self.replay(now)
         error = {"step": step.name, "error": "no reply before the step's timeout", "type": "timeout"}
         if awaiting.phase == "compensate":
-            return await _steps.compensation_timed_out(self, awaiting, step, error)
+            return await _comp.compensation_timed_out(self, awaiting, step, error)
         return await _steps.abandon_request(self, awaiting, step, error)
 
     async def replay(self, now: datetime) -> Transition:
@@ -487,8 +489,8 @@ class SagaExecution:
         awaiting.attempt += 1
         timeout = step.timeout
         awaiting.deadline = None if timeout is None else now + timedelta(seconds=timeout)
-        _steps.update_record(self, awaiting.record, "waiting", attempts=awaiting.attempt)
-        await _steps.set_status(self, SagaStatus.PAUSED)
+        _support.update_record(self, awaiting.record, "waiting", attempts=awaiting.attempt)
+        await _support.set_status(self, SagaStatus.PAUSED)
         command = awaiting.command(
             execution_id=self.id, reply_topic=self.reply_topic, user=self.user, saga=self.name, step=step.name
         )
@@ -508,12 +510,12 @@ class SagaExecution:
         target = SagaStatus.COMPENSATING if self.phase == "compensate" else SagaStatus.RUNNING
         if self.awaiting is not None:
             target = SagaStatus.PAUSED
-        await _steps.set_status(self, target)
+        await _support.set_status(self, target)
 
     async def mark_failed(self, error: dict[str, Any]) -> None:
         """Record an error outside step logic (unstorable context, crash); recovery resumes FAILED runs."""
         self.error = error
-        await _steps.set_status(self, SagaStatus.FAILED)
+        await _support.set_status(self, SagaStatus.FAILED)
 
     def decide(self, action: ControlAction) -> Transition:
         """Write commit (FINISHED) or reject (ERRORED) for every participant, once.

@@ -1,0 +1,218 @@
+"""Helpers shared by the forward (`saga.execution_steps`) and backward (`saga.compensation`) step logic.
+
+They mutate a `SagaExecution` in place: status changes with their hooks, step-history records, the cursor,
+and new requests with their outbox rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from saga.context import SagaContext
+from saga.errors import SagaContextError
+from saga.hooks import HookName, SagaEvent, call_hook
+from saga.messages import SagaRequest, SagaResponse
+from saga.retry import RetryPolicy
+from saga.state import AwaitedRequest, Transition, outbox_message
+from saga.steps import ConditionalSagaStep, LocalSagaStep, RemoteSagaStep, SagaStep
+from storage import OutboxMessage, SagaStatus, StepRecord
+from storage.records import StepPhase, StepState
+
+if TYPE_CHECKING:
+    from saga.execution import SagaExecution
+
+__all__: list[str] = []
+
+ActionStep = LocalSagaStep | RemoteSagaStep
+
+
+# -- small helpers -------------------------------------------------------------------------------------
+
+
+async def set_status(ex: SagaExecution, status: SagaStatus) -> None:
+    """Change the status, telling the hooks."""
+    previous = ex.status
+    if previous is status:
+        return
+    ex.status = status
+    hooks = ex.hooks
+    if hooks is None:
+        return
+    if hooks.on_status_changed is not None:
+        await call_hook(
+            hooks.on_status_changed,
+            SagaEvent("on_status_changed", ex.id, ex.name, status=status, previous_status=previous),
+        )
+    if status is SagaStatus.DEAD_LETTER and hooks.on_dead_lettered is not None:
+        await call_hook(
+            hooks.on_dead_lettered,
+            SagaEvent("on_dead_lettered", ex.id, ex.name, status=status, error=ex.error),
+        )
+
+
+async def emit(
+    ex: SagaExecution, hook: HookName, step: str, attempt: int, error: Mapping[str, Any] | None = None
+) -> None:
+    """Call one step hook if set (callers check ``ex.hooks`` for ``None`` first)."""
+    fn = getattr(ex.hooks, hook, None)
+    if fn is not None:
+        await call_hook(fn, SagaEvent(hook, ex.id, ex.name, step, ex.status, attempt=attempt, error=error))
+
+
+def take_result(ex: SagaExecution, result: Any) -> None:
+    """Adopt what a context-returning callback returned (``None`` keeps the context)."""
+    if result is None:
+        return
+    if type(result) is SagaContext:
+        ex.context = result
+    elif isinstance(result, Mapping):
+        ex.context = SagaContext(result)
+    else:
+        raise TypeError(
+            f"step callback returned {type(result).__name__}; expected a context, a mapping or None"
+        )
+
+
+def context_error(exc: SagaContextError, step: str) -> SagaContextError:
+    """Name the step in a context error raised inside it."""
+    if exc.step is None:
+        exc.step = step
+        exc.args = (f"{exc.args[0]} (set in step {step!r})",) if exc.args else exc.args
+    return exc
+
+
+def reply_error(step: str, response: SagaResponse) -> dict[str, Any]:
+    """Structured error of a non-200 reply."""
+    status = int(response.status)
+    return {
+        "step": step,
+        "error": f"participant {response.service_name or '?'} replied {status}",
+        "type": "reply",
+        "status": status,
+        "reply": response.content,
+    }
+
+
+def new_record(
+    ex: SagaExecution,
+    step: SagaStep,
+    phase: StepPhase,
+    status: StepState,
+    attempts: int,
+    started_at: datetime,
+    *,
+    request_id: uuid.UUID | None = None,
+    error: Mapping[str, Any] | None = None,
+) -> None:
+    """Append a step-history record (``waiting`` ones have no finish time yet)."""
+    finished = None if status == "waiting" else ex._clock()
+    ex.steps.append(
+        StepRecord(step.name, step.kind, phase, status, attempts, started_at, finished, request_id, error)
+    )
+
+
+def update_record(
+    ex: SagaExecution,
+    index: int,
+    status: StepState,
+    *,
+    attempts: int | None = None,
+    request_id: uuid.UUID | None = None,
+    error: Mapping[str, Any] | None = None,
+) -> None:
+    """Replace history record ``index`` with a new status (records are immutable)."""
+    old = ex.steps[index]
+    ex.steps[index] = StepRecord(
+        old.name,
+        old.kind,
+        old.phase,
+        status,
+        old.attempts if attempts is None else attempts,
+        old.started_at,
+        None if status == "waiting" else ex._clock(),
+        old.request_id if request_id is None else request_id,
+        error,
+    )
+
+
+def move_next(ex: SagaExecution) -> None:
+    """Point the cursor past the current step, leaving finished sub-sagas."""
+    cursor = ex.cursor
+    cursor[-1] += 1
+    while len(cursor) > 1:
+        parent = ex.step_at(cursor[:-2])
+        assert isinstance(parent, ConditionalSagaStep)
+        if cursor[-1] < len(parent.branch(cursor[-2])._steps):
+            return
+        del cursor[-2:]
+        cursor[-1] += 1
+
+
+def compensation_policy(ex: SagaExecution, step: ActionStep) -> RetryPolicy:
+    """The step's compensation retry policy, else the saga's."""
+    return step.compensation_retry or ex.definition.compensation_retry
+
+
+def new_request(
+    ex: SagaExecution,
+    step: RemoteSagaStep,
+    request: SagaRequest,
+    phase: StepPhase,
+    now: datetime,
+    attempt: int,
+    record: int,
+    path: tuple[int, ...],
+) -> tuple[AwaitedRequest, OutboxMessage]:
+    """A fresh request (new id and idempotency key) and its outbox row."""
+    request_id = uuid.uuid4()
+    timeout = step.timeout
+    awaiting = AwaitedRequest(
+        request_id=request_id,
+        idempotency_key=str(request_id),
+        path=path,
+        phase=phase,
+        target=request.target,
+        content=request.content,
+        attempt=attempt,
+        deadline=None if timeout is None else now + timedelta(seconds=timeout),
+        record=record,
+    )
+    command = awaiting.command(
+        execution_id=ex.id, reply_topic=ex.reply_topic, user=ex.user, saga=ex.name, step=step.name
+    )
+    return awaiting, outbox_message(command)
+
+
+def as_request(value: Any, step: str) -> SagaRequest:
+    """Check a callback returned a `SagaRequest` (a ``TypeError`` is a step failure)."""
+    if not isinstance(value, SagaRequest):
+        raise TypeError(f"step {step!r} returned {type(value).__name__}; expected a SagaRequest")
+    return value
+
+
+_RUNNING: dict[str, Transition] = {}
+
+
+def running(step: str) -> Transition:
+    """The (shared, immutable) transition "step done, still RUNNING": built once per step name."""
+    transition = _RUNNING.get(step)
+    if transition is None:
+        transition = _RUNNING[step] = Transition(SagaStatus.RUNNING, step=step)
+    return transition
+
+
+async def resend(
+    ex: SagaExecution, step: RemoteSagaStep, awaiting: AwaitedRequest, now: datetime
+) -> Transition:
+    """Answer a failed reply with a new request (new id and key) for the same step or compensation."""
+    request = SagaRequest(awaiting.target, awaiting.content)
+    new, message = new_request(
+        ex, step, request, awaiting.phase, now, awaiting.attempt + 1, awaiting.record, awaiting.path
+    )
+    update_record(ex, awaiting.record, "waiting", attempts=new.attempt, request_id=new.request_id)
+    ex.awaiting = new
+    await set_status(ex, SagaStatus.PAUSED)
+    return Transition(SagaStatus.PAUSED, (message,), step=step.name)
