@@ -66,7 +66,14 @@ async def serve(config: SagaConfig, manager: SagaManager, *, stop: asyncio.Event
             installed.append(signum)
     try:
         await manager.setup()
-        recovery = build_recovery_worker(manager, config) if config.recovery.enabled else None
+        recovery = None
+        if config.recovery.enabled:
+            recovery = build_recovery_worker(manager, config)
+            if not recovery.saga_names:
+                _log.warning(
+                    "recovery is enabled but no sagas are registered: there is nothing it could resume"
+                )
+                recovery = None
         try:
             if recovery is not None:
                 await recovery.start()

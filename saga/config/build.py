@@ -21,7 +21,7 @@ from storage import MemorySagaStorage, SagaStorage
 if TYPE_CHECKING:
     from saga.definitions import Saga
     from saga.manager import SagaManager
-    from saga.recovery import RecoveryTarget, SagaRecoveryWorker
+    from saga.recovery import SagaRecoveryWorker
 
 __all__ = [
     "apply_default_timeout",
@@ -180,18 +180,24 @@ def build_manager(
     return manager
 
 
-def build_recovery_worker(manager: RecoveryTarget, config: SagaConfig) -> SagaRecoveryWorker:
-    """The `SagaRecoveryWorker` the ``recovery`` section describes, for ``manager``."""
+def build_recovery_worker(manager: SagaManager, config: SagaConfig) -> SagaRecoveryWorker:
+    """The `SagaRecoveryWorker` the ``recovery`` section describes, for ``manager``.
+
+    Without ``recovery.saga_names`` it recovers the sagas ``manager`` has registered, and only those: in a
+    database shared by several services, another service's executions are not this worker's to resume
+    (it could not, lacking their definitions, and every try would count against them).
+    """
     from saga.recovery import SagaRecoveryWorker
 
     recovery = config.recovery
+    names = recovery.saga_names or tuple(dict.fromkeys(saga.name or "" for saga in manager.registry))
     return SagaRecoveryWorker(
         manager,
         interval=recovery.interval,
         batch_size=recovery.batch_size,
         max_recovery_attempts=recovery.max_recovery_attempts,
         stale_after_seconds=recovery.stale_after_seconds,
-        saga_names=recovery.saga_names or None,
+        saga_names=names,
         lease_seconds=recovery.lease_seconds,
         concurrency=recovery.concurrency,
     )

@@ -142,7 +142,7 @@ class RecoveryConfig:
         stale_after_seconds: Only recover executions not updated for this long (``None``: no minimum).
         lease_seconds: How long a claim lasts unless the heartbeat renews it; the manager's claims while
             it runs steps use it too.
-        saga_names: Recover only these sagas (empty: all).
+        saga_names: Recover only these sagas (empty: the sagas the configuration registers).
         concurrency: Recoveries running at once.
     """
 

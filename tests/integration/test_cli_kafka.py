@@ -35,7 +35,6 @@ def env(kafka_bootstrap: str, database_url: str) -> dict[str, str]:
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "SAGA_DATABASE_URL": database_url,
         "SAGA_SERVICE_NAME": service,
-        "SAGA_CONSUMER_GROUP": f"{service}-orchestrator",
     }
 
 

@@ -94,8 +94,14 @@ async def test_serve_drains_and_returns_0() -> None:
     assert manager.consumer is None
 
 
-async def test_serve_without_recovery() -> None:
-    config = load_config({"recovery": {"enabled": False}})
+@pytest.mark.parametrize(
+    "data",
+    [{"recovery": {"enabled": False}, "sagas": ["saga.demo:ORDER_SAGA"]}, {}],
+    ids=["disabled", "no sagas"],
+)
+async def test_serve_without_recovery(data: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(data)
     stop = asyncio.Event()
     stop.set()
     assert await serve(config, build_manager(config), stop=stop) == 0
+    assert "; recovery off" in capsys.readouterr().err

@@ -162,8 +162,9 @@ def test_recovery_worker_from_the_config() -> None:
     assert (worker.interval, worker.batch_size, worker.max_recovery_attempts) == (2.0, 7, 3)
     assert (worker.stale_after_seconds, worker.lease_seconds, worker.concurrency) == (30, 9.0, 4)
     assert worker.saga_names == ("demo-order",)
-    every = build_recovery_worker(build_manager({}), load_config({}))
-    assert every.saga_names is None
+    registered = load_config({"sagas": ["saga.demo:ORDER_SAGA"]})
+    assert build_recovery_worker(build_manager(registered), registered).saga_names == ("demo-order",)
+    assert build_recovery_worker(build_manager({}), load_config({})).saga_names == ()
 
 
 # -- sagas listed in the configuration ---------------------------------------------------------------
