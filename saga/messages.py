@@ -266,8 +266,12 @@ class SagaControl:
 
     @property
     def idempotency_key(self) -> str:
-        """One key per execution and decision, so a redelivered decision is applied once."""
-        return f"{self.execution_id}:{self.action}"
+        """One key per execution, participant and decision, so a redelivered decision is applied once.
+
+        The service is part of the key so participants sharing one dedup store never swallow each
+        other's decisions.
+        """
+        return f"{self.service}:{self.execution_id}:{self.action}"
 
     def to_message(self) -> BrokerMessage:
         """Encode for the participant's control topic."""

@@ -448,7 +448,7 @@ class SagaParticipant:
                 H_SERVICE, f"names {control.service[:64]!r}, not {self.service_name!r}"
             )
         # Several services may share one store; the decision's own key is per execution and action only.
-        key = f"{self.service_name}:{control.idempotency_key}"
+        key = control.idempotency_key
         async with self._key_lock(key):
             if await self._call(self._replies.get_command_reply, key) is not None:
                 self.stats.duplicate_decisions += 1
