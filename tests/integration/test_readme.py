@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -89,6 +90,18 @@ def _run(command: str, *, cwd: Path, env: dict[str, str], timeout: float = 300) 
         f"--- stderr\n{proc.stderr[-4000:]}"
     )
     return proc.stdout
+
+
+def _free_ports(count: int) -> list[int]:
+    """Loopback ports nobody listens on now, so this test never collides with running services."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @pytest.fixture
@@ -192,11 +205,13 @@ def test_layout_block_names_real_paths() -> None:
 def test_services_block_runs_on_private_services(tmp_path: Path) -> None:
     """start/status/env/stop from the README, on a second pair of services that this test owns."""
     block = next(b for b in _blocks() if b.lang == "bash" and "scripts/services.sh start" in b.body)
+    kafka_port, controller_port, pg_port = _free_ports(3)
     private = dict(os.environ)
     private.update(
         KAFKA_SAGA_SERVICES_DIR=str(tmp_path / "services"),
-        KAFKA_SAGA_KAFKA_PORT="29092",
-        KAFKA_SAGA_PG_PORT="25433",
+        KAFKA_SAGA_KAFKA_PORT=str(kafka_port),
+        KAFKA_SAGA_KAFKA_CONTROLLER_PORT=str(controller_port),
+        KAFKA_SAGA_PG_PORT=str(pg_port),
     )
     for name in ("KAFKA_BOOTSTRAP_SERVERS", "SAGA_DATABASE_URL"):
         private.pop(name, None)
@@ -206,7 +221,7 @@ def test_services_block_runs_on_private_services(tmp_path: Path) -> None:
         stop = ["bash", "scripts/services.sh", "stop"]
         subprocess.run(stop, cwd=REPO, env=private, timeout=120, check=False)
     env_out = next(out for cmd, out in outputs.items() if cmd.endswith(" env"))
-    assert "127.0.0.1:29092" in env_out and "127.0.0.1:25433" in env_out
+    assert f"127.0.0.1:{kafka_port}" in env_out and f"127.0.0.1:{pg_port}" in env_out
     status = subprocess.run(
         ["bash", "scripts/services.sh", "status"], cwd=REPO, env=private, capture_output=True, text=True
     )
