@@ -239,6 +239,7 @@ async def run_demo(
             await services.stop()
         await _final_statuses(storage, tracker)
     report.elapsed = time.monotonic() - tracker.started
+    report.ledger = services.ledger.only([plan.order_id for plan in plans])
     report.problems.extend(_check_ledger(report))
     tracker.phase = "done"
     tracker.notify()

@@ -15,6 +15,7 @@ from saga.cli.demo import ProgressDisplay
 from saga.config import load_config
 from saga.demo import CRASH_SWITCH, ORDER_SAGA, SimulatedCrash
 from saga.demo.runner import DemoProgress, OrderPlan, OrderResult, plan_orders, run_demo
+from saga.demo.services import DemoLedger
 from storage import SagaStatus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -241,3 +242,16 @@ def test_progress_elsewhere_prints_a_line_per_order() -> None:
         "[2/3] order-x-0001  CRASHED (simulated), left RUNNING in storage",
         "recovering 1 crashed execution(s) ...",
     ]
+
+
+def test_the_ledger_keeps_to_this_runs_orders() -> None:
+    ledger = DemoLedger(
+        reserved={"a": 1, "old": 2},
+        released={"old"},
+        charged={"a": 10, "old": 5},
+        declined={"old"},
+        refunded={"old"},
+        shipped={"a": "t1", "old": "t0"},
+    )
+    mine = ledger.only(["a"])
+    assert mine == DemoLedger(reserved={"a": 1}, charged={"a": 10}, shipped={"a": "t1"})
