@@ -223,8 +223,7 @@ class ExecutionDriver:
         try:
             return await move
         except Exception as exc:
-            if not isinstance(exc, SagaBusyError):
-                await self._fail(execution, last, exc)
+            await self._fail(execution, last, exc)
             raise
 
     async def _fail(self, execution: SagaExecution, last: ExecutionRecord, exc: Exception) -> None:
@@ -251,12 +250,14 @@ class ExecutionDriver:
     # -- plumbing shared by the manager's operations ---------------------------------------------------
 
     def _execution(self, record: ExecutionRecord) -> SagaExecution:
+        """Rebuild a stored execution with its registered definition (`UnknownSagaDefinitionError`)."""
         definition = self.registry.get(record.name, record.definition_version, execution_id=record.id)
         return SagaExecution.from_record(
             record, definition, reply_topic=self.reply_topic, hooks=self.hooks, clock=self.clock
         )
 
     async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
+        """Take the claim and rebuild the execution; `SagaBusyError` if anyone else is advancing it."""
         if execution_id in self._active or execution_id in self._driving:
             raise SagaBusyError(
                 f"execution {execution_id} is being advanced by this process", execution_id=execution_id
@@ -273,6 +274,7 @@ class ExecutionDriver:
             raise
 
     async def _release(self, execution_id: uuid.UUID) -> None:
+        """Drop this manager's claim; a failure only delays others until the lease runs out."""
         try:
             await self.storage.release_claim(execution_id, self.owner)
         except StorageError as exc:  # the lease runs out by itself
@@ -298,6 +300,7 @@ class ExecutionDriver:
         outcome: ReplyOutcome,
         message: BrokerMessage | None,
     ) -> None:
+        """Record a reply that changes nothing; an unknown-status one also goes to the dead-letter topic."""
         if _log.isEnabledFor(logging.INFO):
             _log.info(
                 "execution %s: %s reply to request %s (status %s) ignored",

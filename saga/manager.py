@@ -211,7 +211,11 @@ class SagaManager(ExecutionDriver):
             for future in futures:
                 if not future.done():
                     future.set_result(None)
-        await asyncio.sleep(0)  # let released waiters read the stored state before storage stops
+        # Let released waiters read the stored state before storage stops (they drop out of _waiters).
+        for _ in range(100):
+            if not self._waiters:
+                break
+            await asyncio.sleep(0.01)
         self._stop_beat()
         await self.broker_pool.stop()
         await self.storage.stop()
@@ -413,6 +417,10 @@ class SagaManager(ExecutionDriver):
             transition = await self._guard(execution, record, execution.apply_reply(response, self.clock()))
             execution = await self._drive(execution, record, transition=transition, reply=reply, wait=wait)
         except AlreadyAppliedError:
+            # Another worker applied this reply between our claim and our save; nothing was written.
+            await self.storage.record_reply(
+                dataclasses.replace(reply, outcome="duplicate", reason="applied by another worker")
+            )
             await self._release(execution_id)
             return execution, "duplicate"
         except Exception:

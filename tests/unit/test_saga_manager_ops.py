@@ -505,6 +505,8 @@ async def test_duplicate_reply_race_is_reported_as_duplicate(
     assert await manager.handle_reply(response) == "duplicate"
     stored = await storage.load(paused.id)
     assert stored.status is SagaStatus.PAUSED and stored.owner is None
+    [_, duplicate] = await storage.list_replies(paused.id)
+    assert (duplicate.outcome, duplicate.reason) == ("duplicate", "applied by another worker")
 
 
 async def test_recover_refuses_an_execution_this_process_is_driving(
