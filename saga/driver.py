@@ -133,7 +133,9 @@ class ExecutionDriver:
             execution: The execution, in step with ``stored``.
             stored: Its record as last stored (version for the optimistic save; fallback state for FAILED).
             transition: A transition already made (a reply applied, a replay) to persist first.
-            reply: The applied-reply dedup row, written with the first save.
+            reply: The applied-reply dedup row, written with the first save. When applying the reply
+                leaves the execution running, that save is the one after the next step: a reply costs one
+                transaction (dedup row, state, new outbox rows), as DESIGN §4 asks.
             wait: The caller will wait for the end: register its waiter before publishing, so a reply
                 handled at once in this process cannot be missed.
             release: Release the claim when the execution ends too (it always is when it pauses). A fresh
@@ -167,6 +169,13 @@ class ExecutionDriver:
                     await asyncio.sleep(transition.retry_after)
                     transition = None
                     continue
+                if transition.persist and reply is not None and transition.outcome == "applied":
+                    status = transition.status
+                    if status is _RUNNING or status is _COMPENSATING:
+                        # One transaction per reply: the applied reply's state goes out with the next
+                        # step's (its dedup row and any new command included), not in a save of its own.
+                        transition = None
+                        continue
                 if transition.persist:
                     if execution.claim_lost:
                         raise SagaBusyError(

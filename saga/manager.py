@@ -6,8 +6,8 @@ Durability rules (DESIGN §4), in the order they happen:
 2. After each step the state is saved: exactly one ``storage.save`` per step on the hot path.
 3. A remote step's command goes into the ``outbox`` of the same save that stores the PAUSED state; only
    then is it published (and marked sent). A crash in between leaves the row to `OutboxRelay`.
-4. A reply is applied under a claim, and the first save after it carries the applied-reply dedup row, so the
-   dedup and the state change commit together; the Kafka offset is committed after that (`ReplyConsumer`).
+4. A reply is applied under a claim, in one transaction with the step that follows it: dedup row, state and
+   any new command commit together; the Kafka offset is committed after that (`ReplyConsumer`).
 5. The terminal save carries the commit/reject messages (autocommit), once per participant service.
 
 Claims: the manager identifies itself as ``owner``. Within one process, a set of executions being driven
@@ -80,7 +80,9 @@ class SagaManager(ExecutionDriver):
     Args:
         storage: Where executions live.
         broker_pool: Transport for commands, replies and decisions. Injected by a wired dependency-injector
-            container (``Provide["broker_pool"]``); outside one, pass it explicitly.
+            container (``Provide["broker_pool"]``); outside one, pass it explicitly. In a process where a
+            container wired ``saga.manager``, pass it by keyword (``broker_pool=...``): the wiring adds the
+            keyword itself, and a positional pool would then be given twice.
         service_name: This orchestrator's service name (topic defaults derive from it).
         reply_topic: Where participants reply (default ``"{service_name}Reply"``, as in Minos).
         dead_letter_topic: Where unusable replies go (default ``"{service_name}DeadLetter"``).
