@@ -410,3 +410,21 @@ async def test_nameless_minos_saga_is_registered_on_the_fly(manager: SagaManager
     execution = await manager.run(saga)
     assert saga.committed and saga.name is not None and execution.name == saga.name
     assert isinstance(execution, SagaExecution)
+
+
+async def test_a_reply_costs_one_save_with_the_step_that_follows(pool: InMemoryBrokerPool) -> None:
+    storage = CountingStorage(MemorySagaStorage())
+    manager = SagaManager(storage, pool, relay_outbox=False, service_name="orch")  # type: ignore[arg-type]
+    await manager.setup()
+    try:
+        saga = Saga("r3").remote_step(send("a")).remote_step(send("b")).remote_step(send("c")).commit()
+        async with FakeParticipant(pool, "svc", ["a", "b", "c"]):
+            storage.calls.clear()
+            execution = await manager.run(saga)
+        assert execution.status is SagaStatus.FINISHED
+        # create, save PAUSED(a); then one save per reply: applied a + PAUSED(b), b + PAUSED(c), c + end.
+        assert storage.calls["create"] == 1 and storage.calls["save"] == 4 and storage.calls["claim"] == 3
+        replies = await storage.inner.list_replies(execution.id)
+        assert [r.outcome for r in replies] == ["applied"] * 3
+    finally:
+        await manager.destroy()
