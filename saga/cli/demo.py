@@ -16,17 +16,12 @@ __all__ = ["describe_setup", "run_demo"]
 
 
 def describe_setup(config: SagaConfig) -> str:
-    """``broker memory, storage sqlite+aiosqlite:///...`` with any password hidden."""
-    from sqlalchemy.engine import make_url
-
+    """``in-memory broker, storage sqlite+aiosqlite:///...`` with any password hidden."""
     if config.broker.type == "kafka":
         broker = f"Kafka at {config.broker.kafka.bootstrap_servers}"
     else:
         broker = "in-memory broker"
-    url = config.storage.url
-    if not config.storage.is_memory:
-        url = make_url(url).render_as_string(hide_password=True)
-    return f"{broker}, storage {url}"
+    return f"{broker}, storage {config.storage.safe_url}"
 
 
 class ProgressDisplay:

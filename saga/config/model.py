@@ -93,6 +93,26 @@ class StorageConfig:
         """Whether this selects the in-process storage."""
         return self.url == MEMORY_STORAGE_URL
 
+    @property
+    def safe_url(self) -> str:
+        """``url`` with its password replaced by ``***``, for logs and messages."""
+        if self.is_memory:
+            return self.url
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            return make_url(self.url).render_as_string(hide_password=True)
+        except ArgumentError:
+            return "<not a database URL>"
+
+    def __repr__(self) -> str:
+        # Written by hand so that logging a configuration never prints the database password.
+        return (
+            f"StorageConfig(url={self.safe_url!r}, auto_migrate={self.auto_migrate!r}, "
+            f"pool_size={self.pool_size!r}, schema={self.schema!r}, echo={self.echo!r})"
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TopicsConfig:

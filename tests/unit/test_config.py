@@ -501,3 +501,15 @@ def test_the_embedded_default_is_config_default_yml() -> None:
 def test_read_config_file_does_not_interpolate(tmp_path: Path) -> None:
     path = write(tmp_path, "storage: {url: '${X}'}\n")
     assert read_config_file(path) == {"storage": {"url": "${X}"}}
+
+
+def test_the_repr_hides_the_database_password() -> None:
+    config = load_config({"storage": {"url": "postgresql+asyncpg://saga:s3cret@db:5432/sagas"}})
+    assert config.storage.url == "postgresql+asyncpg://saga:s3cret@db:5432/sagas"
+    assert config.storage.safe_url == "postgresql+asyncpg://saga:***@db:5432/sagas"
+    for text in (repr(config), str(config), repr(config.storage)):
+        assert "s3cret" not in text
+    assert "StorageConfig(url='postgresql+asyncpg://saga:***@db:5432/sagas', auto_migrate=True" in repr(
+        config
+    )
+    assert load_config({}).storage.safe_url == "memory://"
