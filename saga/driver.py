@@ -330,9 +330,9 @@ class ExecutionDriver:
             copy = dead_letter_message(original, self.dead_letter_topic, reason)
             await self.broker_pool.publisher().send(copy)
 
-    async def _wait(self, execution: SagaExecution) -> SagaExecution:
+    async def _wait(self, execution_id: uuid.UUID) -> SagaExecution:
         """Wait for a terminal status: resolved by this process's reply handling, else by polling."""
-        future = self._early_waiters.pop(execution.id, None) or self._waiter(execution.id)
+        future = self._early_waiters.pop(execution_id, None) or self._waiter(execution_id)
         try:
             while True:
                 if not future.done():
@@ -341,19 +341,19 @@ class ExecutionDriver:
                     result = future.result()
                     if result is not None:
                         return result
-                    return self._execution(await self.storage.load(execution.id))  # shutting down
-                record = await self.storage.load(execution.id)
+                    return self._execution(await self.storage.load(execution_id))  # shutting down
+                record = await self.storage.load(execution_id)
                 if record.status in TERMINAL_STATUSES:
                     return self._execution(record)
                 if record.reply_deadline is not None and record.reply_deadline <= self.clock():
                     try:
-                        recovered = await self.recover(execution.id)
+                        recovered = await self.recover(execution_id)
                     except SagaBusyError:
                         continue
                     if recovered.terminal:
                         return recovered
         finally:
-            self._drop_waiter(execution.id, future)
+            self._drop_waiter(execution_id, future)
 
     def _waiter(self, execution_id: uuid.UUID) -> asyncio.Future[SagaExecution | None]:
         future: asyncio.Future[SagaExecution | None] = asyncio.get_running_loop().create_future()

@@ -333,7 +333,9 @@ class SagaManager(ExecutionDriver):
         else:
             raise SagaStateError("run() needs a definition to start or a response to resume")
         if not pause_on_disk and not execution.terminal:
-            execution = await self._wait(execution)
+            execution_id = execution.id
+            del execution  # a waiting saga holds no state in memory: the stored one is what comes back
+            execution = await self._wait(execution_id)
         if raise_on_error and execution.status in (SagaStatus.ERRORED, SagaStatus.DEAD_LETTER):
             error = execution.error or {}
             raise SagaExecutionError(
