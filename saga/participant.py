@@ -26,12 +26,10 @@ import contextlib
 import inspect
 import logging
 import random
-import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from broker import BrokerClientPool, BrokerClosedError, BrokerError, BrokerMessage, BrokerSubscriber
 from saga.consumer import H_DEAD_LETTER_REASON
@@ -47,6 +45,8 @@ from saga.messages import (
     decode_json,
     encode_json,
 )
+from saga.participant_dedup import KeyLock, LruReplyStore, ReplyStore, key_lock
+from saga.participant_types import CommandContext, CommandHandler, DecisionHandler, ParticipantStats
 from storage import SagaStorage, StorageError
 
 __all__ = [
@@ -68,97 +68,6 @@ H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-@dataclass(frozen=True, slots=True)
-class CommandContext:
-    """What a command handler receives.
-
-    Attributes:
-        content: The command's JSON payload.
-        user: The user the saga runs for, if any.
-        idempotency_key: Same for every delivery and replay of this request.
-        execution_id: The saga execution that sent the command.
-        request_id: The request the reply answers.
-        topic: The command topic.
-        saga: Saga definition name (informational).
-        step: Step name (informational).
-        traceparent: W3C trace context of the saga, when it sent one.
-    """
-
-    content: Any
-    user: str | None
-    idempotency_key: str
-    execution_id: uuid.UUID
-    request_id: uuid.UUID
-    topic: str
-    saga: str | None = None
-    step: str | None = None
-    traceparent: str | None = None
-
-
-#: A command handler: ``fn(request) -> content``, sync or async.
-CommandHandler = Callable[[CommandContext], Any]
-#: A decision handler: ``fn(control) -> None``, sync or async.
-DecisionHandler = Callable[[SagaControl], Any]
-
-
-@dataclass(slots=True)
-class ParticipantStats:
-    """Counters of what the participant did since it was built.
-
-    Attributes:
-        handled: Commands whose handler ran.
-        succeeded: Of those, replied ``SUCCESS`` (200).
-        business_errors: Replied ``ERROR`` (400): the handler raised `SagaBusinessError`.
-        system_errors: Replied ``SYSTEM_ERROR`` (500): the handler raised anything else.
-        duplicates: Commands answered with the stored reply, without running the handler.
-        commits: ``commit`` decisions handled.
-        rejects: ``reject`` decisions handled.
-        duplicate_decisions: Decisions already handled, skipped.
-        dead_lettered: Records forwarded to the dead-letter topic.
-        dead_letter_reasons: Dead letters by reason category (``malformed``, ``no_handler``, ...).
-        retries: Retriable broker/storage failures that were backed off and retried.
-    """
-
-    handled: int = 0
-    succeeded: int = 0
-    business_errors: int = 0
-    system_errors: int = 0
-    duplicates: int = 0
-    commits: int = 0
-    rejects: int = 0
-    duplicate_decisions: int = 0
-    dead_lettered: int = 0
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
-    retries: int = 0
-
-
-class _ReplyStore(Protocol):
-    async def get_command_reply(self, idempotency_key: str) -> bytes | None: ...
-
-    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None: ...
-
-
-class _LruReplyStore:
-    """Bounded in-process reply store, used when no `SagaStorage` is given (first write wins)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self._maxsize = maxsize
-        self._replies: OrderedDict[str, bytes] = OrderedDict()
-
-    async def get_command_reply(self, idempotency_key: str) -> bytes | None:
-        reply = self._replies.get(idempotency_key)
-        if reply is not None:
-            self._replies.move_to_end(idempotency_key)
-        return reply
-
-    async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
-        if idempotency_key in self._replies:
-            return
-        self._replies[idempotency_key] = reply
-        while len(self._replies) > self._maxsize:
-            self._replies.popitem(last=False)
-
-
 class _DeadLetter(Exception):
     """Internal: the record goes to the dead-letter topic for ``reason``."""
 
@@ -170,12 +79,6 @@ class _DeadLetter(Exception):
 
 class _Abandoned(Exception):
     """Internal: the participant is stopping; leave the record uncommitted for redelivery."""
-
-
-@dataclass(slots=True)
-class _KeyLock:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
 
 
 class SagaParticipant:
@@ -235,7 +138,7 @@ class SagaParticipant:
         self.dead_letter_topic = dead_letter_topic or f"{service_name}DeadLetter"
         self.control_topic = control_topic(service_name)
         self.stats = ParticipantStats()
-        self._replies: _ReplyStore = storage if storage is not None else _LruReplyStore(dedup_cache_size)
+        self._replies: ReplyStore = storage if storage is not None else LruReplyStore(dedup_cache_size)
         self._max_records = max_records
         self._poll_timeout = poll_timeout
         self._retry_backoff = retry_backoff
@@ -243,7 +146,7 @@ class SagaParticipant:
         self._handlers: dict[str, CommandHandler] = {}
         self._on_commit: list[DecisionHandler] = []
         self._on_reject: list[DecisionHandler] = []
-        self._locks: dict[str, _KeyLock] = {}
+        self._locks: dict[str, KeyLock] = {}
         self._subscriber: BrokerSubscriber | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -375,7 +278,7 @@ class SagaParticipant:
         handler = self._handlers.get(command.target)
         if handler is None:
             raise _DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
-        async with self._key_lock(command.idempotency_key):
+        async with key_lock(self._locks, command.idempotency_key):
             stored = await self._call(self._replies.get_command_reply, command.idempotency_key)
             if stored is not None:
                 self.stats.duplicates += 1
@@ -449,7 +352,7 @@ class SagaParticipant:
             )
         # Several services may share one store; the decision's own key is per execution and action only.
         key = control.idempotency_key
-        async with self._key_lock(key):
+        async with key_lock(self._locks, key):
             if await self._call(self._replies.get_command_reply, key) is not None:
                 self.stats.duplicate_decisions += 1
                 return
@@ -515,20 +418,6 @@ class SagaParticipant:
                 _log.warning("%s: %s; retrying in %.2f s", self.service_name, exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self._max_backoff)
-
-    @contextlib.asynccontextmanager
-    async def _key_lock(self, key: str) -> AsyncIterator[None]:
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = _KeyLock()
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._locks[key]
 
     # -- consuming ----------------------------------------------------------------------------------------
 
