@@ -169,7 +169,7 @@ def test_tutorial_and_demo_blocks_run(tmp_path: Path, env: dict[str, str]) -> No
     listed = [out for cmd, out in outputs.items() if "list --config shop.yml" in cmd]
     assert listed and "FINISHED" in listed[0] and "ERRORED" in listed[0]
 
-    expected = [b for b in blocks if b.lang == "text" and "prints" in b.preceding]
+    expected = [b for b in blocks if b.lang == "text" and b.preceding.endswith("prints:")]
     assert expected, "the tutorial's expected output block is missing"
     assert outputs["python3 shop.py"].strip() == expected[0].body.strip()
 
@@ -192,8 +192,38 @@ def test_python_and_yaml_blocks(env: dict[str, str]) -> None:
     assert checked >= 1
 
 
+_BROKEN_CONFIGS = {
+    "storage.ulr": "storage:\n  ulr: sqlite+aiosqlite:///x.sqlite3\n",
+    "recovery.interval": "recovery:\n  interval: fast\n",
+    "storage.url": "storage:\n  url: ${SAGA_DATABASE_URL}\n",
+}
+
+
+def test_config_error_block_shows_what_users_see(tmp_path: Path) -> None:
+    """The README's config errors are exactly what `kafka-saga` prints for such files (exit code 2)."""
+    (block,) = [b for b in _blocks() if b.lang == "text" and "when it fails" in b.preceding]
+    lines = block.body.strip().splitlines()
+    assert len(lines) == len(_BROKEN_CONFIGS)
+    env = {k: v for k, v in os.environ.items() if k != "SAGA_DATABASE_URL"}
+    (tmp_path / "config").mkdir()
+    for line in lines:
+        path, key, _ = line.split(": ", 2)
+        (tmp_path / path).write_text(_BROKEN_CONFIGS[key])
+        proc = subprocess.run(
+            [sys.executable, "-m", "saga.cli", "stats", "--config", path],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, proc
+        assert line in proc.stderr, proc.stderr
+        assert not list(tmp_path.glob("*.sqlite3")), "a failing config must write nothing"
+
+
 def test_layout_block_names_real_paths() -> None:
-    layout = [b for b in _blocks() if b.lang == "text" and "prints" not in b.preceding]
+    layout = [b for b in _blocks() if b.lang == "text" and b.preceding.startswith("## Layout")]
     assert layout
     for block in layout:
         for line in block.body.splitlines():
