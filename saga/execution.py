@@ -29,7 +29,7 @@ from saga.definitions import Saga
 from saga.errors import SagaStateError
 from saga.hooks import SagaHooks
 from saga.messages import ControlAction, SagaControl, SagaResponse
-from saga.state import STATE_FORMAT, AwaitedRequest, Transition, outbox_message
+from saga.state import STATE_FORMAT, AwaitedRequest, Transition, compact, outbox_message
 from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep
 from storage import ExecutionRecord, OutboxMessage, SagaStatus, StepRecord
 from storage.records import ReplyOutcome, StepPhase
@@ -348,7 +348,7 @@ class SagaExecution:
             "dec": self.decision_sent,
             "dl": None if self.deadline is None else self.deadline.isoformat(),
         }
-        data = orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS)
+        data = compact(orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS))
         self._ctx_snapshot = ctx
         # Positional, in field order (checked at import below): a third cheaper than keywords, and this
         # runs once per step.
@@ -543,7 +543,10 @@ class SagaExecution:
             message = SagaControl(action=action, execution_id=self.id, service=service).to_message()
             messages.append(
                 OutboxMessage(
-                    topic=message.topic, key=message.key, value=message.value, headers=message.headers
+                    topic=message.topic,
+                    key=message.key,
+                    value=compact(message.value),
+                    headers=message.headers,
                 )
             )
         return tuple(messages)
