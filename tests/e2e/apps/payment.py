@@ -6,70 +6,37 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from saga import CommandContext, SagaBusinessError, SagaParticipant
-from saga.messages import SagaControl
-from storage import SqlAlchemySagaStorage
-from tests.e2e import db
-from tests.e2e.apps import common
-from tests.e2e.workload import PAYMENT_LIMIT, Names
+from saga import CommandContext, SagaBusinessError
+from tests.e2e.apps.participant_app import ParticipantApp
+from tests.e2e.workload import PAYMENT_LIMIT
 
 SERVICE = "payment"
 
 
 async def main() -> None:
-    args = common.parser(__doc__ or "").parse_args()
-    common.setup_logging(SERVICE, args.log_level)
-    names = Names(args.suffix)
-    engine = create_async_engine(args.database_url, pool_size=10)
-    storage = SqlAlchemySagaStorage(args.database_url, auto_migrate=False)
-    pool = common.kafka_pool(args.bootstrap, names.payment)
-    participant = SagaParticipant(names.payment, pool, storage=storage)
-
-    async def effect(request: CommandContext, name: str) -> None:
-        await db.record_effect(
-            engine,
-            SERVICE,
-            idempotency_key=request.idempotency_key,
-            execution_id=request.execution_id,
-            order=request.content["order"],
-            effect=name,
-        )
+    app = ParticipantApp.from_args(SERVICE, __doc__ or "", lambda names: names.payment)
+    names, participant = app.names, app.participant
 
     @participant.command(names.charge_payment)
     async def charge_payment(request: CommandContext) -> dict[str, Any]:
         content = request.content
         if content.get("crash"):
-            await effect(request, "charge_crashed")
+            await app.effect(request, "charge_crashed")
             raise RuntimeError("payment gateway crashed")
         if content["amount"] > PAYMENT_LIMIT:
-            await effect(request, "charge_refused")
+            await app.effect(request, "charge_refused")
             raise SagaBusinessError(f"amount {content['amount']} is over the limit of {PAYMENT_LIMIT}")
-        await effect(request, "charge")
+        await app.effect(request, "charge")
         return {"charge": f"ch-{content['order']}", "amount": content["amount"]}
 
     @participant.command(names.refund_payment)
     async def refund_payment(request: CommandContext) -> dict[str, Any]:
-        await effect(request, "refund")
+        await app.effect(request, "refund")
         return {"refunded": request.content["charge"]}
 
-    async def decision(control: SagaControl) -> None:
-        await db.record_decision(engine, SERVICE, execution_id=control.execution_id, action=control.action)
-
-    participant.on_commit(decision)
-    participant.on_reject(decision)
-
-    try:
-        async with pool, storage, participant:
-            common.say("READY")
-            await common.serve_until_signal(lambda: participant.running)
-    finally:
-        common.print_stats(dataclasses.asdict(participant.stats))
-        await engine.dispose()
+    await app.serve()
 
 
 if __name__ == "__main__":
