@@ -26,7 +26,14 @@ from saga.cli.output import (
 )
 from saga.config import SagaConfig, build_storage
 from saga.manager import SagaManager
-from storage import TERMINAL_STATUSES, ExecutionQuery, ExecutionRecord, SagaStatus, SagaStorage
+from storage import (
+    TERMINAL_STATUSES,
+    ExecutionQuery,
+    ExecutionRecord,
+    QueryResult,
+    SagaStatus,
+    SagaStorage,
+)
 
 __all__ = [
     "cmd_db_upgrade",
@@ -76,14 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     )
     result = _run(config, lambda storage: storage.query(query))
     if args.json:
-        print_json(
-            {
-                "total": result.total,
-                "offset": args.offset,
-                "limit": args.limit,
-                "executions": [execution_to_json(r) for r in result.rows],
-            }
-        )
+        _print_page_json(result, args)
         return 0
     rows = [
         (
@@ -102,6 +102,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_page_json(result: QueryResult, args: argparse.Namespace) -> None:
+    """The ``--json`` page of a listing; ``list`` and ``dead-letter`` share it so scripts parse one shape."""
+    print_json(
+        {
+            "total": result.total,
+            "offset": args.offset,
+            "limit": args.limit,
+            "executions": [execution_to_json(r) for r in result.rows],
+        }
+    )
+
+
 def _page_footer(shown: int, total: int, offset: int, noun: str) -> str:
     plural = noun if total == 1 else f"{noun}s"
     if shown == 0:
@@ -117,14 +129,7 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     )
     result = _run(config, lambda storage: storage.query(query))
     if args.json:
-        print_json(
-            {
-                "total": result.total,
-                "offset": args.offset,
-                "limit": args.limit,
-                "executions": [execution_to_json(r) for r in result.rows],
-            }
-        )
+        _print_page_json(result, args)
         return 0
     rows = [
         (

@@ -118,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def add_on_one(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        """A command about one execution: ``kafka-saga NAME ID``."""
+        sub = add(name, handler, help_text, as_json)
+        sub.add_argument("id", type=execution_id, metavar="ID", help="execution id")
+        return sub
+
+    def add_paging(sub: argparse.ArgumentParser, *, limit: int) -> None:
+        """The filters and paging every listing takes, ``limit`` rows by default."""
+        sub.add_argument("--name", action="append", metavar="SAGA", help="only this saga (repeatable)")
+        sub.add_argument(
+            "--limit", type=_positive, default=limit, metavar="N", help=f"at most N rows (default {limit})"
+        )
+        sub.add_argument("--offset", type=_non_negative, default=0, metavar="N", help="skip the first N rows")
+
     add(
         "worker",
         worker.run_worker,
@@ -151,49 +165,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STATUS",
         help="only these statuses (repeat or comma-separate: --status failed,dead_letter)",
     )
-    p.add_argument("--name", action="append", metavar="SAGA", help="only this saga (repeatable)")
-    p.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N rows (default 20)")
-    p.add_argument("--offset", type=_non_negative, default=0, metavar="N", help="skip the first N rows")
+    add_paging(p, limit=20)
 
-    p = add(
-        "show",
-        admin.cmd_show,
-        "Show one execution: its steps, attempts, timings, errors and replies.",
-        as_json,
+    add_on_one(
+        "show", admin.cmd_show, "Show one execution: its steps, attempts, timings, errors and replies."
     )
-    p.add_argument("id", type=execution_id, metavar="ID", help="execution id")
 
     add("stats", admin.cmd_stats, "Count executions by status.", as_json)
 
-    p = add(
+    add_on_one(
         "retry",
         admin.cmd_retry,
         "Move a DEAD_LETTER execution back to recovery (its recovery attempts start again from 0).",
-        as_json,
     )
-    p.add_argument("id", type=execution_id, metavar="ID", help="execution id")
 
-    p = add(
+    add_on_one(
         "replay",
         admin.cmd_replay,
         "Re-send the command a paused execution is waiting on (same request id and idempotency key).",
-        as_json,
     )
-    p.add_argument("id", type=execution_id, metavar="ID", help="execution id")
 
-    p = add(
+    p = add_on_one(
         "set-attempts",
         admin.cmd_set_attempts,
         "Set an execution's recovery attempts (0 makes it eligible for recovery again).",
-        as_json,
     )
-    p.add_argument("id", type=execution_id, metavar="ID", help="execution id")
     p.add_argument("attempts", type=_non_negative, metavar="N", help="new number of recovery attempts")
 
     p = add("dead-letter", admin.cmd_dead_letter, "List DEAD_LETTER executions with their errors.", as_json)
-    p.add_argument("--name", action="append", metavar="SAGA", help="only this saga (repeatable)")
-    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N rows (default 50)")
-    p.add_argument("--offset", type=_non_negative, default=0, metavar="N", help="skip the first N rows")
+    add_paging(p, limit=50)
 
     db = commands.add_parser("db", help="Database schema commands.", description="Database schema commands.")
     db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
