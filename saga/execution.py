@@ -419,7 +419,7 @@ class SagaExecution:
         An ``unknown_status`` reply leaves the step waiting: its timeout decides.
 
         Raises:
-            SagaContextError: A reply handler stored a value that cannot be stored.
+            SagaContextError: A reply handler stored a value that cannot be stored (names key and step).
         """
         outcome = self.classify_reply(response)
         if outcome != "applied":
@@ -436,6 +436,10 @@ class SagaExecution:
             result = await _comp.compensation_replied(self, awaiting, status, response, now)
         else:
             result = await _steps.step_replied(self, awaiting, status, response, now)
+        if result.status is SagaStatus.RUNNING or result.status is SagaStatus.COMPENSATING:
+            # The manager saves this together with the next step; should that step fail, its context
+            # must roll back to here (reply applied), not to the last save.
+            self._ctx_snapshot = encode_context(self.context._data, step=result.step)
         return Transition(result.status, result.outbox, outcome="applied", step=result.step)
 
     def overdue(self, now: datetime) -> bool:

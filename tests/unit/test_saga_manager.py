@@ -25,15 +25,7 @@ from saga import (
 from saga.consumer import H_DEAD_LETTER_REASON
 from saga.messages import SagaControl
 from storage.memory import MemorySagaStorage
-from tests.unit.conftest import CountingStorage, FakeParticipant, eventually
-
-
-def add(key: str, value: Any) -> Any:
-    def step(ctx: SagaContext) -> None:
-        ctx[key] = value
-
-    step.__name__ = f"add_{key}"
-    return step
+from tests.unit.conftest import CountingStorage, FakeParticipant, add, eventually
 
 
 def send(topic: str) -> Any:
@@ -428,3 +420,30 @@ async def test_a_reply_costs_one_save_with_the_step_that_follows(pool: InMemoryB
         assert [r.outcome for r in replies] == ["applied"] * 3
     finally:
         await manager.destroy()
+
+
+async def test_a_step_failing_after_a_reply_keeps_what_the_reply_stored(
+    manager: SagaManager, pool: InMemoryBrokerPool
+) -> None:
+    refunds: list[Any] = []
+
+    def refund(ctx: SagaContext) -> SagaRequest:
+        refunds.append(ctx["charge"])  # stored by on_success, in the same transaction as the failure
+        return SagaRequest("refund", ctx["charge"])
+
+    def confirm(ctx: SagaContext) -> None:
+        raise RuntimeError("cannot confirm")
+
+    saga = (
+        Saga("charge_then_fail")
+        .remote_step(send("charge"))
+        .on_success(keep_reply("charge"))
+        .on_failure(refund)
+        .local_step(confirm)
+        .commit()
+    )
+    async with FakeParticipant(pool, "pay", ["charge", "refund"], lambda c: (200, {"id": "ch-1"})):
+        execution = await manager.run(saga, raise_on_error=False)
+    assert execution.status is SagaStatus.ERRORED
+    assert refunds == [{"id": "ch-1"}]
+    assert execution.context["charge"] == {"id": "ch-1"}
