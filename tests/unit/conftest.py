@@ -1,4 +1,4 @@
-"""Unit-test fixtures for the saga engine: in-memory storage and broker, a fake participant, a clock.
+"""Unit-test fixtures for the saga engine: in-memory storage and broker, a fake participant, a clock, a step.
 
 Test modules may define fixtures with the same names; theirs take precedence.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from broker import BrokerMessage, InMemoryBrokerPool
+from saga.context import SagaContext
 from saga.manager import SagaManager
 from saga.messages import SagaCommand, SagaResponse
 from storage.memory import MemorySagaStorage
@@ -129,6 +130,16 @@ async def eventually(predicate: Callable[[], Awaitable[bool] | bool], *, within:
             return
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+def add(key: str, value: Any) -> Any:
+    """A local step that sets ``ctx[key] = value``, named ``add_{key}`` (tests assert step names)."""
+
+    def step(ctx: SagaContext) -> None:
+        ctx[key] = value
+
+    step.__name__ = f"add_{key}"
+    return step
 
 
 @pytest.fixture

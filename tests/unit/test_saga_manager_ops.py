@@ -31,15 +31,7 @@ from saga import (
 from saga.messages import SagaCommand, SagaControl
 from storage import ExecutionNotFoundError, ReplyRecord
 from storage.memory import MemorySagaStorage
-from tests.unit.conftest import FakeClock, FakeParticipant, eventually
-
-
-def add(key: str, value: Any) -> Any:
-    def step(ctx: SagaContext) -> None:
-        ctx[key] = value
-
-    step.__name__ = f"add_{key}"
-    return step
+from tests.unit.conftest import FakeClock, FakeParticipant, add, eventually
 
 
 def send(topic: str) -> Any:
