@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
-# -- compensation --------------------------------------------------------------------------------------
-
 
 async def begin_compensation(ex: SagaExecution, error: dict[str, Any]) -> Transition:
     """Switch to compensating the executed steps in reverse (or end ERRORED when there are none)."""
@@ -63,6 +61,7 @@ def next_compensation(ex: SagaExecution) -> ActionStep | None:
 
 
 async def end_compensation(ex: SagaExecution, step: str | None) -> Transition:
+    """Everything is compensated: ERRORED, with reject for the participants when autocommitting."""
     error = ex.error
     if error is not None and "cause" in error:
         ex.error = dict(error["cause"])  # a retried DEAD_LETTER finished compensating
@@ -71,11 +70,12 @@ async def end_compensation(ex: SagaExecution, step: str | None) -> Transition:
     return Transition(SagaStatus.ERRORED, outbox, step=step)
 
 
-async def compensation_done(ex: SagaExecution, step: ActionStep) -> Transition:
+async def compensation_done(ex: SagaExecution, step: ActionStep, attempt: int) -> Transition:
+    """One compensation succeeded (after ``attempt`` tries): move to the next one, or end ERRORED."""
     ex.compensated += 1
     ex.attempt = 0
     if ex.hooks is not None:
-        await emit(ex, "on_compensation_completed", step.name, 1)
+        await emit(ex, "on_compensation_completed", step.name, attempt)
     if next_compensation(ex) is None:
         return await end_compensation(ex, step.name)
     await set_status(ex, SagaStatus.COMPENSATING)
@@ -99,10 +99,10 @@ async def compensate_next(ex: SagaExecution, now: datetime) -> Transition:
         if isinstance(step, LocalSagaStep):
             take_result(ex, result)
             new_record(ex, step, "compensate", "succeeded", attempt, started)
-            return await compensation_done(ex, step)
+            return await compensation_done(ex, step, attempt)
         if result is None:
             new_record(ex, step, "compensate", "skipped", attempt, started)
-            return await compensation_done(ex, step)
+            return await compensation_done(ex, step, attempt)
         path = ex.executed[-1 - ex.compensated]
         request = as_request(result, step.name)
         awaiting, message = new_request(ex, step, request, "compensate", now, attempt, len(ex.steps), path)
@@ -137,7 +137,7 @@ async def compensation_replied(
     assert isinstance(step, RemoteSagaStep)
     if status is SagaResponseStatus.SUCCESS:
         update_record(ex, awaiting.record, "succeeded")
-        return await compensation_done(ex, step)
+        return await compensation_done(ex, step, awaiting.attempt)
     error = reply_error(step.name, response)
     if ex.hooks is not None:
         await emit(ex, "on_compensation_failed", step.name, awaiting.attempt, error)
@@ -166,6 +166,7 @@ async def dead_letter(ex: SagaExecution, step: str, compensation_error: Mapping[
 async def compensation_timed_out(
     ex: SagaExecution, awaiting: AwaitedRequest, step: ActionStep, error: dict[str, Any]
 ) -> Transition:
+    """A compensation command's reply never came, and its retries are spent: DEAD_LETTER."""
     update_record(ex, awaiting.record, "failed", error=error)
     if ex.hooks is not None:
         await emit(ex, "on_compensation_failed", step.name, awaiting.attempt, error)

@@ -53,11 +53,6 @@ class Transition:
         """The execution reached FINISHED, ERRORED or DEAD_LETTER."""
         return self.status in TERMINAL_STATUSES
 
-    @property
-    def stops(self) -> bool:
-        """The driver must stop calling ``advance`` (paused, terminal or failed)."""
-        return self.status is SagaStatus.PAUSED or self.status is SagaStatus.FAILED or self.terminal
-
 
 @dataclass(slots=True)
 class AwaitedRequest:
