@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
-# -- forward -------------------------------------------------------------------------------------------
-
 
 async def execute_next(ex: SagaExecution, now: datetime) -> Transition:
     """Run the step under the cursor (deciding conditionals on the way)."""
@@ -114,6 +112,7 @@ async def step_done(ex: SagaExecution, step: SagaStep, compensable: bool) -> Tra
 
 
 async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Transition:
+    """Run a local step once: done, a retry after a delay, or the start of compensation."""
     attempt = ex.attempt + 1
     started = now if attempt == 1 else (ex._attempt_started or now)
     hooks = ex.hooks
@@ -149,6 +148,7 @@ async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Tr
 
 
 async def send_remote(ex: SagaExecution, step: RemoteSagaStep, now: datetime) -> Transition:
+    """Build the step's command and pause for its reply (a failing ``on_execute`` compensates)."""
     if ex.hooks is not None:
         await emit(ex, "on_step_started", step.name, 1)
     assert step.execute_fn is not None
@@ -235,6 +235,7 @@ async def abandon_request(
 
 
 async def finish(ex: SagaExecution, step: str | None) -> Transition:
+    """Every step ran: FINISHED, with commit for the participants when autocommitting."""
     await set_status(ex, SagaStatus.FINISHED)
     outbox = ex._decision("commit") if ex.autocommit else ()
     return Transition(SagaStatus.FINISHED, outbox, step=step)
