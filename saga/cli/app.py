@@ -100,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the embedded default). Exit codes: 0 ok, 1 failed, 2 usage or configuration error.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    config_help = f"YAML configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})"
+    # Accepted before the command too (`kafka-saga --config F demo`); the subcommand's own --config
+    # defaults to SUPPRESS so it never overwrites one given before the command.
+    parser.add_argument("--config", metavar="PATH", default=None, help=config_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        metavar="PATH",
-        help=f"YAML configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})",
-    )
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
 

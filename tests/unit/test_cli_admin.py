@@ -142,6 +142,15 @@ def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
 # -- list ----------------------------------------------------------------------------------------------
 
 
+def test_config_before_or_after_the_command(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kafka-saga --config F stats` and `kafka-saga stats --config F` read the same file."""
+    before = cli(capsys, "--config", str(seeded.config), "stats", "--json")
+    after = cli(capsys, "stats", "--json", "--config", str(seeded.config))
+    assert before[0] == after[0] == 0
+    assert json.loads(before[1]) == json.loads(after[1])
+    assert json.loads(before[1])["counts"]["finished"] == 2
+
+
 def test_list_table(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = cli(capsys, "list", "--config", str(seeded.config))
     assert code == 0, err
