@@ -391,6 +391,22 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
 # machine, services
 
 
+_TRANSIENT = (
+    "Connection refused",
+    "Connect call failed",
+    "shutting down",
+    "unavailable",
+    "connection is closed",
+    "ConnectionResetError",
+    "KafkaConnectionError",
+    "NodeNotReady",
+)
+
+
+def _transient(error: str) -> bool:
+    return any(t.lower() in error.lower() for t in _TRANSIENT)
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -481,6 +497,14 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"[bench] {e.name} ...", file=sys.stderr, flush=True)
         t = time.monotonic()
         r = await run_entry(e, pg, args.runs, logdir)
+        if r.get("error") and _transient(r["error"]):
+            # A service went away under us (another user restarting it): wait for it, try once more.
+            print(f"[bench]   {r['error']}; retrying once", file=sys.stderr, flush=True)
+            if not args.no_services:
+                await asyncio.sleep(5)
+                ensure_services(need_pg, need_kafka)
+            r = await run_entry(e, pg, args.runs, logdir)
+            r["retried"] = True
         r["elapsed_s"] = round(time.monotonic() - t, 1)
         results.append(r)
         m = r["median"]
