@@ -349,6 +349,11 @@ async def run_entry(entry: Entry, pg: Pg | None, runs: int, logdir: Path) -> dic
         error = f"timed out after {entry.timeout:.0f} s"
         proc.kill()
         await proc.wait()
+    except Exception as exc:  # the driver's own statistics connection failed (a service restarted)
+        error = f"driver: {type(exc).__name__}: {exc}"
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
     finally:
         log.close()
     if proc.returncode not in (0, None) and error is None:
