@@ -70,9 +70,15 @@ async def upgrade_async(
         if url is None:
             raise ValueError("upgrade_async needs a url or an engine")
         engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args(url, schema))
+    from storage.sql.connections import ErrorTranslator  # storage.sql imports this module
+
+    # Driver errors (a refused connection, a missing database) leave as StorageError naming the
+    # database with its password hidden, like every other storage call.
+    shown = engine.url.render_as_string(hide_password=True)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(_upgrade, revision)
+        with ErrorTranslator(shown, f"schema upgrade to {revision}"):
+            async with engine.begin() as conn:
+                await conn.run_sync(_upgrade, revision)
     finally:
         if own:
             await engine.dispose()

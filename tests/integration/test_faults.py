@@ -133,23 +133,7 @@ DB_COMMANDS = {
 }
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: `kafka-saga db upgrade` lets the driver's ConnectionRefusedError escape as a "
-                "traceback instead of a StorageUnavailableError message (saga/cli/admin.py cmd_db_upgrade / "
-                "storage/migrate.py upgrade_async do not translate errors; see the report)",
-            ),
-        )
-        if name == "db-upgrade"
-        else name
-        for name in sorted(DB_COMMANDS)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(DB_COMMANDS))
 def test_a_database_that_does_not_answer_is_named_with_its_password_hidden(name: str, tmp_path: Path) -> None:
     config = down_db_config(tmp_path)
     code, out, err, seconds = kafka_saga(*DB_COMMANDS[name], "--config", str(config), cwd=tmp_path)
