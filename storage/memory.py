@@ -54,6 +54,14 @@ def _copy_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return None if value is None else json_copy(value)
 
 
+def _clean_steps(steps: tuple[StepRecord, ...]) -> bool:
+    """Whether no step carries an error mapping (the usual case: nothing mutable to isolate)."""
+    for s in steps:  # noqa: SIM110 - a plain loop: all() over a generator costs twice as much here
+        if s.error is not None:
+            return False
+    return True
+
+
 def _copy_steps(steps: Iterable[StepRecord]) -> tuple[StepRecord, ...]:
     # Only the (rare) error mapping is mutable; everything else in a StepRecord is immutable already.
     return tuple(
@@ -62,7 +70,9 @@ def _copy_steps(steps: Iterable[StepRecord]) -> tuple[StepRecord, ...]:
 
 
 def _copy_record(record: ExecutionRecord) -> ExecutionRecord:
-    if record.error is None and all(s.error is None for s in record.steps):
+    """``record`` itself when it holds nothing mutable (records are frozen, ``state`` is bytes), else a
+    copy with fresh ``error`` mappings, so callers never share a mutable object with the store."""
+    if record.error is None and _clean_steps(record.steps):
         return record
     return dataclasses.replace(record, error=_copy_mapping(record.error), steps=_copy_steps(record.steps))
 
@@ -102,6 +112,8 @@ class MemorySagaStorage:
         self._replies: dict[uuid.UUID, list[ReplyRecord]] = {}
         self._applied: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self._outbox: dict[int, _OutboxRow] = {}
+        #: The unsent rows only, in id order: what `fetch_outbox` scans (sent rows are never looked at).
+        self._unsent: dict[int, _OutboxRow] = {}
         self._outbox_ids = itertools.count(1)
         self._command_replies: dict[str, bytes] = {}
 
@@ -127,9 +139,6 @@ class MemorySagaStorage:
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def _now(self) -> datetime:
-        return self._clock()
-
     def _get(self, saga_id: uuid.UUID) -> ExecutionRecord:
         try:
             return self._executions[saga_id]
@@ -139,15 +148,15 @@ class MemorySagaStorage:
     def _append_outbox(self, execution_id: uuid.UUID, outbox: Sequence[OutboxMessage], now: datetime) -> None:
         for message in outbox:
             row_id = next(self._outbox_ids)
-            self._outbox[row_id] = _OutboxRow(
+            self._outbox[row_id] = self._unsent[row_id] = _OutboxRow(
                 OutboxRecord(
-                    id=row_id,
-                    execution_id=execution_id,
-                    topic=message.topic,
-                    key=message.key,
-                    value=message.value,
-                    headers=dict(message.headers),
-                    created_at=now,
+                    row_id,
+                    execution_id,
+                    message.topic,
+                    message.key,
+                    message.value,
+                    dict(message.headers),
+                    now,
                 )
             )
 
@@ -203,7 +212,7 @@ class MemorySagaStorage:
         stale_after_seconds: int | None,
         saga_name: str | None,
     ) -> list[ExecutionRecord]:
-        now = self._now()
+        now = self._clock()
         stale_before = None if stale_after_seconds is None else now - timedelta(seconds=stale_after_seconds)
         found = [
             r
@@ -215,7 +224,7 @@ class MemorySagaStorage:
 
     def _touch(self, record: ExecutionRecord, **changes: Any) -> ExecutionRecord:
         """Store ``record`` with ``changes``, the next version and a fresh ``updated_at``."""
-        stored = dataclasses.replace(record, version=record.version + 1, updated_at=self._now(), **changes)
+        stored = dataclasses.replace(record, version=record.version + 1, updated_at=self._clock(), **changes)
         self._executions[record.id] = stored
         return stored
 
@@ -230,18 +239,37 @@ class MemorySagaStorage:
         if record.id in self._executions:
             # The SQL adapter fails on the primary key the same way: the caller expected no row at all.
             raise ConcurrencyError(record.id, 0)
-        now = self._now()
-        stored = dataclasses.replace(
-            _copy_record(record),
-            version=1,
-            created_at=now,
-            updated_at=now,
+        now = self._clock()
+        steps = record.steps if type(record.steps) is tuple else tuple(record.steps)
+        clean = record.error is None and _clean_steps(steps)
+        if not clean:
+            steps = _copy_steps(steps)
+        # Built directly (positional, in field order) rather than through dataclasses.replace: this runs
+        # once per saga on the hot path.
+        stored = ExecutionRecord(
+            record.id,
+            record.name,
+            record.definition_version,
+            record.status,
+            record.state,
+            steps,
+            1,
+            record.recovery_attempts,
+            record.idempotency_key,
+            record.user,
+            record.reply_deadline,
+            record.owner,
+            record.lease_until,
+            None if record.error is None else _copy_mapping(record.error),
+            now,
+            now,
         )
         self._executions[record.id] = stored
         if record.idempotency_key is not None:
             self._by_key[record.idempotency_key] = record.id
-        self._append_outbox(record.id, outbox, now)
-        return _copy_record(stored)
+        if outbox:
+            self._append_outbox(record.id, outbox, now)
+        return stored if clean else _copy_record(stored)
 
     async def load(self, saga_id: uuid.UUID) -> ExecutionRecord:
         """Return the stored execution; see `SagaStorage.load`."""
@@ -260,26 +288,44 @@ class MemorySagaStorage:
         reply: ReplyRecord | None = None,
     ) -> ExecutionRecord:
         """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`."""
-        current = self._get(record.id)
+        current = self._executions.get(record.id)
+        if current is None:
+            raise ExecutionNotFoundError(record.id)
         if current.version != record.version:
             raise ConcurrencyError(record.id, record.version)
-        self._check_reply(reply)
-        # Identity, creation and claim columns are not the caller's to change through save.
-        stored = self._touch(
-            current,
-            status=record.status,
-            state=record.state,
-            steps=_copy_steps(record.steps),
-            recovery_attempts=record.recovery_attempts,
-            user=record.user,
-            reply_deadline=record.reply_deadline,
-            error=_copy_mapping(record.error),
-        )
-        assert stored.updated_at is not None
-        self._append_outbox(record.id, outbox, stored.updated_at)
         if reply is not None:
-            self._add_reply(reply, stored.updated_at)
-        return _copy_record(stored)
+            self._check_reply(reply)
+        steps = record.steps if type(record.steps) is tuple else tuple(record.steps)
+        clean = record.error is None and _clean_steps(steps)
+        if not clean:
+            steps = _copy_steps(steps)
+        now = self._clock()
+        # Identity, creation and claim columns are not the caller's to change through save. Built directly
+        # (positional, in field order): this runs once per step.
+        stored = ExecutionRecord(
+            current.id,
+            current.name,
+            current.definition_version,
+            record.status,
+            record.state,
+            steps,
+            current.version + 1,
+            record.recovery_attempts,
+            current.idempotency_key,
+            record.user,
+            record.reply_deadline,
+            current.owner,
+            current.lease_until,
+            None if record.error is None else _copy_mapping(record.error),
+            current.created_at,
+            now,
+        )
+        self._executions[record.id] = stored
+        if outbox:
+            self._append_outbox(record.id, outbox, now)
+        if reply is not None:
+            self._add_reply(reply, now)
+        return stored if clean else _copy_record(stored)
 
     async def get_steps(self, saga_id: uuid.UUID) -> list[StepRecord]:
         """Step history, oldest first; see `SagaStorage.get_steps`."""
@@ -347,7 +393,7 @@ class MemorySagaStorage:
     async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> ExecutionRecord | None:
         """Take or keep the claim; ``None`` if another owner's lease is live. See `SagaStorage.claim`."""
         current = self._get(saga_id)
-        now = self._now()
+        now = self._clock()
         if not self._claimable(current, owner, now):
             return None
         stored = self._touch(current, owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
@@ -364,7 +410,7 @@ class MemorySagaStorage:
         saga_name: str | None = None,
     ) -> list[ExecutionRecord]:
         """Claim up to ``limit`` recoverable, unclaimed executions; see `SagaStorage.claim_for_recovery`."""
-        now = self._now()
+        now = self._clock()
         lease_until = now + timedelta(seconds=lease_seconds)
         claimed: list[ExecutionRecord] = []
         for r in self._recovery_candidates(max_recovery_attempts, stale_after_seconds, saga_name):
@@ -380,7 +426,7 @@ class MemorySagaStorage:
         current = self._get(saga_id)
         if current.owner != owner:
             return False
-        lease_until = self._now() + timedelta(seconds=lease_seconds)
+        lease_until = self._clock() + timedelta(seconds=lease_seconds)
         self._executions[saga_id] = dataclasses.replace(current, lease_until=lease_until)
         return True
 
@@ -395,7 +441,7 @@ class MemorySagaStorage:
     async def record_reply(self, reply: ReplyRecord) -> None:
         """Record a reply for the audit trail; an ``applied`` one is deduplicated like in `save`."""
         self._check_reply(reply)
-        self._add_reply(reply, self._now())
+        self._add_reply(reply, self._clock())
 
     async def list_replies(self, saga_id: uuid.UUID) -> list[ReplyRecord]:
         """Every reply recorded for an execution, in arrival order."""
@@ -407,23 +453,28 @@ class MemorySagaStorage:
         self, limit: int = 100, *, owner: str | None = None, lease_seconds: float = 30.0
     ) -> list[OutboxRecord]:
         """Claim up to ``limit`` unsent rows, oldest first, for ``lease_seconds``."""
-        now = self._now()
+        now = self._clock()
         until = now + timedelta(seconds=lease_seconds)
         fetched: list[OutboxRecord] = []
-        for row in self._outbox.values():  # insertion order is id order
+        for row in self._unsent.values():  # insertion order is id order
             if len(fetched) >= limit:
                 break
-            if row.sent_at is None and (row.claimed_until is None or row.claimed_until < now):
+            if row.claimed_until is None or row.claimed_until < now:
                 row.claimed_by, row.claimed_until = owner, until
-                fetched.append(dataclasses.replace(row.record, headers=dict(row.record.headers)))
+                r = row.record
+                # Headers are the one mutable part: the caller gets its own copy.
+                fetched.append(
+                    OutboxRecord(r.id, r.execution_id, r.topic, r.key, r.value, dict(r.headers), r.created_at)
+                )
         return fetched
 
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
         """Mark rows as published so no relay fetches them again."""
-        now = self._now()
+        now = self._clock()
+        unsent = self._unsent
         for row_id in ids:
-            row = self._outbox.get(row_id)
-            if row is not None and row.sent_at is None:
+            row = unsent.pop(row_id, None)
+            if row is not None:
                 row.sent_at = now
 
     # -- participant side ------------------------------------------------------------------------------
