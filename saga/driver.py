@@ -184,8 +184,8 @@ class ExecutionDriver:
                         )
                     status = transition.status
                     if status is _PAUSED or (release and execution.terminal):
-                        # Ask the save to drop the claim too; a storage whose save leaves claims alone
-                        # keeps it, and the release below makes up for that.
+                        # The save drops the claim in the same statement (SagaStorage.save writes the
+                        # record's owner): no release_claim round trip after it.
                         owner, lease_until = None, None
                     else:
                         owner, lease_until = last.owner, last.lease_until
@@ -211,6 +211,8 @@ class ExecutionDriver:
                 transition = None
         finally:
             del driving[execution_id]
+        # A save that paused or ended the run released the claim already (``last.owner`` is None); the
+        # releases below only matter when the loop stopped without saving (nothing to persist).
         if execution.status is SagaStatus.PAUSED:
             if wait:
                 self._early_waiters[execution_id] = self._waiter(execution_id)
@@ -246,11 +248,11 @@ class ExecutionDriver:
                 last, execution.definition, reply_topic=self.reply_topic, hooks=self.hooks, clock=self.clock
             )
             await failed.mark_failed(error)
-            stored = await self.storage.save(failed.to_record(owner=last.owner, lease_until=last.lease_until))
+            # owner=None: the save releases the claim too (recovery takes FAILED runs over).
+            stored = await self.storage.save(failed.to_record())
             execution.mark_stored(stored)
             execution.status = SagaStatus.FAILED
             execution.error = error
-            await self._release(execution.id)
         except Exception:
             _log.exception(
                 "execution %s: could not be marked FAILED; recovery will find it by its lease", execution.id

@@ -453,7 +453,9 @@ class SagaManager(ExecutionDriver):
         execution = self._execution(record)
         transition = execution.decide(action)
         if transition.persist:
-            stored = await self.storage.save(execution.to_record(), outbox=transition.outbox)
+            # Keep whatever claim the row has: save writes the record's owner, and deciding needs none.
+            record = execution.to_record(owner=record.owner, lease_until=record.lease_until)
+            stored = await self.storage.save(record, outbox=transition.outbox)
             execution.mark_stored(stored)
             if transition.outbox:
                 await self._flush_outbox()

@@ -300,7 +300,17 @@ class MemorySagaStorage:
         if not clean:
             steps = _copy_steps(steps)
         now = self._clock()
-        # Identity, creation and claim columns are not the caller's to change through save. Built directly
+        # The claim as the record carries it (None releases it), never shortening the holder's own lease:
+        # a heartbeat may have extended it since the record was read (renew_claim keeps the version).
+        owner = record.owner
+        if owner is None:
+            lease_until = None
+        else:
+            lease_until = record.lease_until
+            held = current.lease_until
+            if owner == current.owner and held is not None and lease_until is not None and held > lease_until:
+                lease_until = held
+        # Identity and creation columns are not the caller's to change through save. Built directly
         # (positional, in field order): this runs once per step.
         stored = ExecutionRecord(
             current.id,
@@ -314,8 +324,8 @@ class MemorySagaStorage:
             current.idempotency_key,
             record.user,
             record.reply_deadline,
-            current.owner,
-            current.lease_until,
+            owner,
+            lease_until,
             None if record.error is None else _copy_mapping(record.error),
             current.created_at,
             now,

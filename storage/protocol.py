@@ -6,7 +6,8 @@ every backend:
 
 * Every write that changes an execution bumps ``version`` and ``updated_at`` (the database clock), except
   ``renew_claim``, which only moves ``lease_until``. ``save`` is optimistic: it applies only if the stored
-  version equals ``record.version`` and otherwise raises `ConcurrencyError` having changed nothing.
+  version equals ``record.version`` and otherwise raises `ConcurrencyError` having changed nothing. It
+  also writes the claim the record carries (``owner=None`` releases it in the same statement).
 * ``save(..., outbox=..., reply=...)`` writes the state, the outbox rows and the applied-reply dedup row in
   one transaction: all of it or none of it.
 * Claims give one worker at a time the right to advance an execution: a claim succeeds only when the row is
@@ -89,9 +90,15 @@ class SagaStorage(Protocol):
         """Write ``record`` if the stored version is still ``record.version``; return it as stored.
 
         The outbox rows and the applied ``reply`` dedup row go in the same transaction. ``save`` writes the
-        mutable columns (status, state, steps, recovery_attempts, user, reply_deadline, error); identity
-        (id, name, definition_version, idempotency_key, created_at) and the claim (owner, lease_until) are
-        left as stored, the claim being moved only by the claim methods, and the returned record shows them.
+        mutable columns (status, state, steps, recovery_attempts, user, reply_deadline, error) and the claim
+        as the record carries it: ``owner=None`` releases the claim (``lease_until`` is then cleared too),
+        so a save that pauses or ends an execution needs no `release_claim` after it; a record that still
+        names the stored owner keeps the claim, and its lease is never shortened (a heartbeat may have
+        extended it after the record was read: the later of the stored and the given ``lease_until``
+        wins). That is safe because the write is version-checked: every claim bumps ``version``, so only
+        the current holder's copy (or, with no claim, the latest copy) can be saved. Identity (id, name,
+        definition_version, idempotency_key, created_at) is left as stored; the returned record shows
+        every column as stored.
 
         Raises:
             ConcurrencyError: The stored version moved on; nothing was written.

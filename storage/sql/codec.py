@@ -97,7 +97,11 @@ def execution_from_row(row: Sequence[Any]) -> ExecutionRecord:
 
 
 def save_params(record: ExecutionRecord) -> dict[str, Any]:
-    """Parameters of the optimistic ``UPDATE`` (the columns `save` may change, plus id and version)."""
+    """Parameters of the optimistic ``UPDATE`` (the columns `save` may change, plus id and version).
+
+    No owner means no lease either: a save that drops the claim clears both.
+    """
+    owner = record.owner
     return {
         "p_id": record.id,
         "p_version": record.version,
@@ -108,6 +112,8 @@ def save_params(record: ExecutionRecord) -> dict[str, Any]:
         "p_user": record.user,
         "p_reply_deadline": record.reply_deadline,
         "p_error": record.error,
+        "p_owner": owner,
+        "p_lease_until": None if owner is None else record.lease_until,
     }
 
 
@@ -118,7 +124,6 @@ def insert_params(record: ExecutionRecord) -> dict[str, Any]:
     params["p_name"] = record.name
     params["p_definition_version"] = record.definition_version
     params["p_idempotency_key"] = record.idempotency_key
-    params["p_owner"] = record.owner
     params["p_lease_until"] = record.lease_until
     return params
 

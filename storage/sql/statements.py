@@ -28,6 +28,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    case,
     func,
     literal_column,
     or_,
@@ -153,6 +154,17 @@ class Statements:
                 user=_p("user"),
                 reply_deadline=_p("reply_deadline"),
                 error=_p("error"),
+                # The claim as the record carries it (None releases it). The holder's own lease is never
+                # shortened: a heartbeat may have extended it after the record was read (renew_claim does
+                # not bump the version), so the later of the two ends wins.
+                owner=_p("owner"),
+                lease_until=case(
+                    (
+                        and_(t.c.owner == _p("owner"), t.c.lease_until > _p("lease_until", UtcDateTime())),
+                        t.c.lease_until,
+                    ),
+                    else_=_p("lease_until", UtcDateTime()),
+                ),
                 **bump,
             )
             .returning(t.c.version, t.c.updated_at, t.c.owner, t.c.lease_until, t.c.created_at)

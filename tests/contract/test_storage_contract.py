@@ -462,12 +462,60 @@ async def test_claim_held_expired_and_same_owner(harness: Harness, storage: Saga
         await storage.claim(uuid.uuid4(), "a", lease_seconds=1)
 
 
-async def test_save_keeps_the_claim(storage: SagaStorage) -> None:
+async def test_save_keeps_a_given_claim(storage: SagaStorage) -> None:
     rec = await storage.create(execution())
     claimed = await storage.claim(rec.id, "a", lease_seconds=60)
     assert claimed is not None
-    saved = await storage.save(dataclasses.replace(claimed, owner=None, lease_until=None, state=b"x"))
+    saved = await storage.save(dataclasses.replace(claimed, state=b"x"))
     assert saved.owner == "a" and saved.lease_until == claimed.lease_until
+    loaded = await storage.load(rec.id)
+    assert loaded.owner == "a" and loaded.lease_until == claimed.lease_until and loaded.state == b"x"
+    assert await storage.claim(rec.id, "b", lease_seconds=60) is None
+
+
+async def test_save_with_no_owner_releases_the_claim(storage: SagaStorage) -> None:
+    rec = await storage.create(execution())
+    claimed = await storage.claim(rec.id, "a", lease_seconds=60)
+    assert claimed is not None
+    saved = await storage.save(
+        dataclasses.replace(claimed, owner=None, lease_until=claimed.lease_until, state=b"x")
+    )
+    assert saved.owner is None and saved.lease_until is None and saved.version == claimed.version + 1
+    loaded = await storage.load(rec.id)
+    assert loaded.owner is None and loaded.lease_until is None and loaded.state == b"x"
+    taken = await storage.claim(rec.id, "b", lease_seconds=60)
+    assert taken is not None and taken.owner == "b"
+
+
+async def test_save_by_a_former_holder_cannot_release_the_new_claim(
+    harness: Harness, storage: SagaStorage
+) -> None:
+    rec = await storage.create(execution())
+    old = await storage.claim(rec.id, "a", lease_seconds=60)
+    assert old is not None
+    await harness.set_times(rec.id, lease_until=harness.now() - timedelta(seconds=1))
+    taken = await storage.claim(rec.id, "b", lease_seconds=60)
+    assert taken is not None
+    with pytest.raises(ConcurrencyError):
+        await storage.save(dataclasses.replace(old, owner=None, lease_until=None))
+    loaded = await storage.load(rec.id)
+    assert loaded.owner == "b" and loaded.lease_until == taken.lease_until
+
+
+async def test_save_never_shortens_the_holders_renewed_lease(storage: SagaStorage) -> None:
+    rec = await storage.create(execution())
+    claimed = await storage.claim(rec.id, "a", lease_seconds=5)
+    assert claimed is not None and claimed.lease_until is not None
+    assert await storage.renew_claim(rec.id, "a", lease_seconds=600)  # a heartbeat; version unchanged
+    renewed = (await storage.load(rec.id)).lease_until
+    assert renewed is not None and renewed > claimed.lease_until
+    saved = await storage.save(dataclasses.replace(claimed, state=b"x"))  # carries the older lease
+    assert saved.owner == "a" and saved.lease_until == renewed
+    assert (await storage.load(rec.id)).lease_until == renewed
+    # a later lease given by the holder is taken
+    later = renewed + timedelta(seconds=60)
+    again = await storage.save(dataclasses.replace(saved, lease_until=later))
+    assert again.lease_until == later
 
 
 async def test_renew_and_release(harness: Harness, storage: SagaStorage) -> None:
