@@ -296,3 +296,32 @@ def test_storage_errors_are_not_retriable_when_the_query_is_wrong() -> None:
     # The retriable flag is what recovery and the consumers rely on to ride out an outage; a storage error
     # that is the caller's fault must not be taken for one.
     assert StorageUnavailableError.retriable and not StorageError.retriable
+
+
+# -- a broker restart must not leave a publisher broken -----------------------------------------------
+
+
+@pytest.mark.kafka
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: after a produce batch fails (seen when the broker restarts), aiokafka's idempotent "
+    "producer keeps a partition's sequence past what the broker has: every later send fails with "
+    "OutOfOrderSequenceNumber (non-retriable), forever; KafkaPublisher.send_batch must replace the "
+    "producer and raise a retriable error (broker/kafka.py; see the report)",
+)
+async def test_a_publisher_recovers_from_an_out_of_order_sequence(kafka_bootstrap: str) -> None:
+    from broker import BrokerError, BrokerMessage
+
+    pool = KafkaBrokerPool(bootstrap_servers=kafka_bootstrap, request_timeout_ms=10_000)
+    async with pool:
+        message = BrokerMessage(f"faults-sequence-{uuid.uuid4().hex[:8]}", b"key", b"{}")
+        await pool.publisher().send(message)
+        # What a lost batch leaves behind: the producer's sequence for the partition ahead of the broker's
+        # (reproduced in the crash suite by restarting Kafka while participants publish replies).
+        sequences = pool._producer._txn_manager._sequence_numbers  # type: ignore[union-attr]
+        for partition in list(sequences):
+            sequences[partition] += 5
+        with pytest.raises(BrokerError) as info:
+            await pool.publisher().send(message)
+        assert info.value.retriable, f"{info.value} must be retriable: a retry after a reset succeeds"
+        await pool.publisher().send(message)  # the publisher works again
