@@ -8,10 +8,11 @@ one callback, one encode, one ``storage.save``; nothing else unless the step pau
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from broker import BrokerClientPool, BrokerError, BrokerMessage
@@ -30,7 +31,7 @@ from storage import (
     SagaStorage,
     StorageError,
 )
-from storage.records import ReplyOutcome
+from storage.records import OutboxClaim, OutboxMessage, ReplyOutcome
 
 if TYPE_CHECKING:
     from saga.relay import OutboxRelay
@@ -70,6 +71,10 @@ class ExecutionDriver:
     _driving: dict[uuid.UUID, SagaExecution]
     _beat: asyncio.TimerHandle | None
     _beat_task: asyncio.Task[None] | None
+    #: Until when each publish sweeps every unsent row (`publish_outbox`), set after a publish failed.
+    _sweep_until: datetime | None = None
+    #: Whether ``storage.save`` takes ``outbox_claim``, and for which storage object that was checked.
+    _claim_support: tuple[object, bool] | None = None
 
     # -- heartbeat -------------------------------------------------------------------------------------
     #
@@ -154,7 +159,7 @@ class ExecutionDriver:
         driving[execution_id] = execution
         if self._beat is None:
             self._start_beat()
-        published = False
+        written: list[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = []
         storage = self.storage
         clock = self.clock
         try:
@@ -196,15 +201,23 @@ class ExecutionDriver:
                     except SagaContextError as exc:
                         await self._fail(execution, last, exc)
                         raise
+                    outbox = transition.outbox
                     try:
-                        last = await storage.save(record, outbox=transition.outbox, reply=reply)
+                        if outbox and self._storage_claims_outbox():
+                            # Rows written claimed by us, their ids reported: published and marked sent
+                            # below with no fetch_outbox round trip.
+                            claim = OutboxClaim(self.owner, self.lease_seconds)
+                            last = await storage.save(record, outbox=outbox, reply=reply, outbox_claim=claim)
+                            written.append((outbox, claim))
+                        else:
+                            last = await storage.save(record, outbox=outbox, reply=reply)
+                            if outbox:
+                                written.append((outbox, None))
                     except DuplicateReplyError as exc:
                         raise AlreadyAppliedError(str(exc)) from exc
                     execution.record_version = last.version
                     execution.updated_at = last.updated_at
                     reply = None
-                    if transition.outbox:
-                        published = True
                 status = transition.status
                 if status is not _RUNNING and status is not _COMPENSATING:
                     break  # paused, ended or failed
@@ -221,8 +234,8 @@ class ExecutionDriver:
             self._active.discard(execution_id)
         elif release and last.owner is not None:
             await self._release(execution_id)
-        if published:
-            await self._flush_outbox()
+        if written:
+            await self._flush_outbox(written)
         if execution.terminal:
             self._resolve_waiters(execution)
         return execution
@@ -291,16 +304,65 @@ class ExecutionDriver:
         except StorageError as exc:  # the lease runs out by itself
             _log.warning("execution %s: releasing the claim failed: %s", execution_id, exc)
 
-    async def _flush_outbox(self) -> None:
-        """Publish the outbox rows just stored (and any other unsent ones); the relay covers failures."""
+    def _storage_claims_outbox(self) -> bool:
+        """Whether ``storage.save`` takes ``outbox_claim`` (a storage written before it may not)."""
+        storage = self.storage
+        known = self._claim_support
+        if known is not None and known[0] is storage:
+            return known[1]
+        try:
+            parameters = inspect.signature(storage.save).parameters.values()
+        except (TypeError, ValueError):
+            supported = False
+        else:
+            supported = any(
+                p.name == "outbox_claim" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+            )
+        self._claim_support = (storage, supported)
+        return supported
+
+    def _sweeping(self) -> bool:
+        until = self._sweep_until
+        if until is None:
+            return False
+        if self.clock() < until:
+            return True
+        self._sweep_until = None
+        return False
+
+    async def _flush_outbox(
+        self, written: Sequence[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = ()
+    ) -> None:
+        """Publish the outbox rows just stored; the relay covers failures.
+
+        Rows written under an `OutboxClaim` are published from the messages in hand and marked sent by the
+        ids the save reported: two round trips (send, mark) and no ``fetch_outbox``. Otherwise, and for a
+        while after a publish failed (so rows it left behind go out with the next publish once their
+        lease is over, as before), one `publish_outbox` pass sweeps every unsent row instead.
+        """
         from saga.relay import publish_outbox
 
         try:
-            await publish_outbox(
-                self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
-            )
+            if written and all(claim is not None for _, claim in written) and not self._sweeping():
+                messages: list[BrokerMessage] = []
+                ids: list[int] = []
+                for outbox, claim in written:
+                    assert claim is not None
+                    messages.extend(
+                        BrokerMessage(topic=m.topic, key=m.key, value=m.value, headers=m.headers)
+                        for m in outbox
+                    )
+                    ids.extend(claim.ids)
+                await self.broker_pool.publisher().send_batch(messages)
+                await self.storage.mark_outbox_sent(ids)
+            else:
+                await publish_outbox(
+                    self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
+                )
         except (BrokerError, StorageError) as exc:
             _log.warning("publishing outbox rows failed (%s); the outbox relay will retry", exc)
+            # The rows stay claimed by us until their lease ends; sweep for a while after that.
+            self._sweep_until = self.clock() + timedelta(seconds=2 * self.lease_seconds)
             if self.relay is not None:
                 self.relay.wake()
 

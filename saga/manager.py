@@ -48,7 +48,7 @@ from storage import (
     SagaStatus,
     SagaStorage,
 )
-from storage.records import ReplyOutcome
+from storage.records import OutboxClaim, ReplyOutcome
 
 __all__ = ["SagaManager"]
 
@@ -455,10 +455,17 @@ class SagaManager(ExecutionDriver):
         if transition.persist:
             # Keep whatever claim the row has: save writes the record's owner, and deciding needs none.
             record = execution.to_record(owner=record.owner, lease_until=record.lease_until)
-            stored = await self.storage.save(record, outbox=transition.outbox)
-            execution.mark_stored(stored)
-            if transition.outbox:
-                await self._flush_outbox()
+            outbox = transition.outbox
+            if outbox and self._storage_claims_outbox():
+                claim = OutboxClaim(self.owner, self.lease_seconds)
+                stored = await self.storage.save(record, outbox=outbox, outbox_claim=claim)
+                execution.mark_stored(stored)
+                await self._flush_outbox([(outbox, claim)])
+            else:
+                stored = await self.storage.save(record, outbox=outbox)
+                execution.mark_stored(stored)
+                if outbox:
+                    await self._flush_outbox()
         return execution
 
     async def replay(self, execution_id: uuid.UUID) -> SagaExecution:

@@ -30,6 +30,7 @@ from storage.errors import (
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxClaim,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
@@ -145,7 +146,17 @@ class MemorySagaStorage:
         except KeyError:
             raise ExecutionNotFoundError(saga_id) from None
 
-    def _append_outbox(self, execution_id: uuid.UUID, outbox: Sequence[OutboxMessage], now: datetime) -> None:
+    def _append_outbox(
+        self,
+        execution_id: uuid.UUID,
+        outbox: Sequence[OutboxMessage],
+        now: datetime,
+        claim: OutboxClaim | None,
+    ) -> None:
+        if claim is None:
+            claimed_by, claimed_until = None, None
+        else:
+            claimed_by, claimed_until = claim.owner, now + timedelta(seconds=claim.lease_seconds)
         for message in outbox:
             row_id = next(self._outbox_ids)
             self._outbox[row_id] = self._unsent[row_id] = _OutboxRow(
@@ -157,8 +168,13 @@ class MemorySagaStorage:
                     message.value,
                     dict(message.headers),
                     now,
-                )
+                ),
+                None,
+                claimed_by,
+                claimed_until,
             )
+            if claim is not None:
+                claim.ids.append(row_id)
 
     def _add_reply(self, reply: ReplyRecord, now: datetime) -> None:
         if reply.received_at is None:
@@ -231,7 +247,11 @@ class MemorySagaStorage:
     # -- executions ------------------------------------------------------------------------------------
 
     async def create(
-        self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()
+        self,
+        record: ExecutionRecord,
+        *,
+        outbox: Sequence[OutboxMessage] = (),
+        outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
         """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
         if record.idempotency_key is not None and record.idempotency_key in self._by_key:
@@ -268,7 +288,7 @@ class MemorySagaStorage:
         if record.idempotency_key is not None:
             self._by_key[record.idempotency_key] = record.id
         if outbox:
-            self._append_outbox(record.id, outbox, now)
+            self._append_outbox(record.id, outbox, now, outbox_claim)
         return stored if clean else _copy_record(stored)
 
     async def load(self, saga_id: uuid.UUID) -> ExecutionRecord:
@@ -286,6 +306,7 @@ class MemorySagaStorage:
         *,
         outbox: Sequence[OutboxMessage] = (),
         reply: ReplyRecord | None = None,
+        outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
         """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`."""
         current = self._executions.get(record.id)
@@ -332,7 +353,7 @@ class MemorySagaStorage:
         )
         self._executions[record.id] = stored
         if outbox:
-            self._append_outbox(record.id, outbox, now)
+            self._append_outbox(record.id, outbox, now, outbox_claim)
         if reply is not None:
             self._add_reply(reply, now)
         return stored if clean else _copy_record(stored)

@@ -26,6 +26,7 @@ from typing import Protocol, Self, runtime_checkable
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxClaim,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
@@ -63,9 +64,16 @@ class SagaStorage(Protocol):
     # -- executions ------------------------------------------------------------------------------------
 
     async def create(
-        self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()
+        self,
+        record: ExecutionRecord,
+        *,
+        outbox: Sequence[OutboxMessage] = (),
+        outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
         """Insert a new execution (stored with ``version=1``) and its outbox rows in one transaction.
+
+        With ``outbox_claim``, the outbox rows are written claimed by its owner for its lease and their ids
+        are appended to ``outbox_claim.ids`` once committed (see `OutboxClaim`).
 
         Raises:
             DuplicateIdempotencyKeyError: ``record.idempotency_key`` already started another execution.
@@ -86,6 +94,7 @@ class SagaStorage(Protocol):
         *,
         outbox: Sequence[OutboxMessage] = (),
         reply: ReplyRecord | None = None,
+        outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
         """Write ``record`` if the stored version is still ``record.version``; return it as stored.
 
@@ -99,6 +108,10 @@ class SagaStorage(Protocol):
         the current holder's copy (or, with no claim, the latest copy) can be saved. Identity (id, name,
         definition_version, idempotency_key, created_at) is left as stored; the returned record shows
         every column as stored.
+
+        With ``outbox_claim``, the outbox rows are written claimed by its owner for its lease and their ids
+        are appended to ``outbox_claim.ids`` once committed, so the caller can publish and mark them sent
+        with no `fetch_outbox` (see `OutboxClaim`); without it they are written unclaimed, for any relay.
 
         Raises:
             ConcurrencyError: The stored version moved on; nothing was written.

@@ -18,6 +18,7 @@ from storage.status import SagaStatus
 __all__ = [
     "ExecutionQuery",
     "ExecutionRecord",
+    "OutboxClaim",
     "OutboxMessage",
     "OutboxRecord",
     "QueryResult",
@@ -112,6 +113,29 @@ class OutboxMessage:
     key: bytes | None
     value: bytes
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OutboxClaim:
+    """Passed to ``create``/``save``: write the outbox rows already claimed, and report their ids.
+
+    The writer can then publish the messages it holds and call ``mark_outbox_sent(claim.ids)`` without a
+    ``fetch_outbox`` round trip. The rows are claimed exactly as ``fetch_outbox`` would claim them (by
+    ``owner``, for ``lease_seconds``), so relays leave them alone meanwhile and take them over if the
+    writer never marks them sent (crash, broker outage) once the lease has run out.
+
+    Not a record: a mutable receipt, filled by the storage.
+
+    Attributes:
+        owner: Claim owner written on the rows.
+        lease_seconds: How long the rows stay claimed.
+        ids: The rows' ids, in the order of the ``outbox`` argument; filled once the write has committed
+            (appended to), left untouched when it fails.
+    """
+
+    owner: str | None
+    lease_seconds: float
+    ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,7 @@ class Statements:
     insert_reply: Insert = field(init=False)
     list_replies: Select[Any] = field(init=False)
     insert_outbox: Insert = field(init=False)
+    insert_outbox_claimed: Insert = field(init=False)
     fetch_outbox: Update = field(init=False)
     mark_sent: Update = field(init=False)
     get_command_reply: Select[bytes] = field(init=False)
@@ -242,6 +243,21 @@ class Statements:
             value=_p("value"),
             headers=_p("headers"),
             created_at=now(),
+        )
+        # A row written already claimed by its writer (OutboxClaim), who publishes it itself.
+        self.insert_outbox_claimed = (
+            o.insert()
+            .values(
+                execution_id=_p("execution_id"),
+                topic=_p("topic"),
+                key=_p("key"),
+                value=_p("value"),
+                headers=_p("headers"),
+                created_at=now(),
+                claimed_by=_p("owner"),
+                claimed_until=self.clock.shifted("lease"),
+            )
+            .returning(o.c.id)
         )
         pick = (
             select(o.c.id)

@@ -35,6 +35,7 @@ from storage.migrate import connect_args, upgrade_async
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxClaim,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
@@ -161,23 +162,30 @@ class SqlAlchemySagaStorage:
     # -- executions ------------------------------------------------------------------------------------
 
     async def create(
-        self, record: ExecutionRecord, *, outbox: Sequence[OutboxMessage] = ()
+        self,
+        record: ExecutionRecord,
+        *,
+        outbox: Sequence[OutboxMessage] = (),
+        outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
         """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
         params = codec.insert_params(record)
         params.update(self._clock.params())
+        ids: list[int] = []
         with self._guard("create"):
             try:
                 if outbox:
                     async with self._db.transaction() as session:
                         row = await session.first(self._s.insert_execution, params)
-                        await self._insert_outbox(session, record.id, outbox)
+                        ids = await self._insert_outbox(session, record.id, outbox, outbox_claim)
                 else:
                     async with self._db.connect() as session:
                         row = await session.first(self._s.insert_execution, params)
             except INTEGRITY_ERRORS as error:
                 await self._raise_create_conflict(record, error)
         assert row is not None
+        if outbox_claim is not None:
+            outbox_claim.ids.extend(ids)  # committed
         return dataclasses.replace(record, version=1, created_at=row[0], updated_at=row[1])
 
     async def _raise_create_conflict(self, record: ExecutionRecord, error: BaseException) -> None:
@@ -191,14 +199,30 @@ class SqlAlchemySagaStorage:
         raise ConcurrencyError(record.id, 0) from error
 
     async def _insert_outbox(
-        self, session: Session, execution_id: uuid.UUID, outbox: Sequence[OutboxMessage]
-    ) -> None:
+        self,
+        session: Session,
+        execution_id: uuid.UUID,
+        outbox: Sequence[OutboxMessage],
+        claim: OutboxClaim | None,
+    ) -> list[int]:
+        """Insert the rows (one executemany), or with a claim one ``INSERT ... RETURNING id`` per row."""
         rows = codec.outbox_params(execution_id, outbox)
-        if not self._clock.server:
-            now = self._clock.params()
-            for row in rows:
-                row.update(now)
-        await session.run_many(self._s.insert_outbox, rows)
+        if claim is None:
+            if not self._clock.server:
+                now = self._clock.params()
+                for row in rows:
+                    row.update(now)
+            await session.run_many(self._s.insert_outbox, rows)
+            return []
+        extra = self._clock.params(lease=claim.lease_seconds)
+        extra["p_owner"] = claim.owner
+        ids: list[int] = []
+        for row in rows:
+            row.update(extra)
+            inserted = await session.first(self._s.insert_outbox_claimed, row)
+            assert inserted is not None
+            ids.append(int(inserted[0]))
+        return ids
 
     async def load(self, saga_id: uuid.UUID) -> ExecutionRecord:
         """Return the stored execution; see `SagaStorage.load`."""
@@ -222,10 +246,12 @@ class SqlAlchemySagaStorage:
         *,
         outbox: Sequence[OutboxMessage] = (),
         reply: ReplyRecord | None = None,
+        outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
         """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`."""
         params = codec.save_params(record)
         params.update(self._clock.params())
+        ids: list[int] = []
         with self._guard("save"):
             if not outbox and reply is None:
                 async with self._db.connect() as session:
@@ -240,8 +266,10 @@ class SqlAlchemySagaStorage:
                     if reply is not None:
                         await self._insert_reply(session, reply)
                     if outbox:
-                        await self._insert_outbox(session, record.id, outbox)
+                        ids = await self._insert_outbox(session, record.id, outbox, outbox_claim)
         assert row is not None
+        if outbox_claim is not None:
+            outbox_claim.ids.extend(ids)  # committed
         version, updated_at, owner, lease_until, created_at = row
         return dataclasses.replace(
             record,

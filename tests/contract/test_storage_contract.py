@@ -32,6 +32,7 @@ from storage import (
     SagaStorage,
     StepRecord,
 )
+from storage.records import OutboxClaim
 
 # -- backends ------------------------------------------------------------------------------------------
 
@@ -594,6 +595,35 @@ async def test_outbox_written_with_state(storage: SagaStorage) -> None:
     ]
     assert rows[0].id < rows[1].id < rows[2].id
     assert all(r.created_at.tzinfo is not None for r in rows)
+
+
+async def test_outbox_claim_reports_ids_and_keeps_relays_off(harness: Harness, storage: SagaStorage) -> None:
+    first = OutboxClaim("writer", 60)
+    created = await storage.create(execution(), outbox=[message(1)], outbox_claim=first)
+    second = OutboxClaim("writer", 60)
+    saved = await storage.save(
+        dataclasses.replace(created, state=b"2"), outbox=[message(2), message(3)], outbox_claim=second
+    )
+    assert saved.version == 2
+    assert len(first.ids) == 1 and len(second.ids) == 2
+    assert first.ids[0] < second.ids[0] < second.ids[1]
+    # written claimed: a relay skips them while the writer's lease runs
+    assert await storage.fetch_outbox(10, owner="relay", lease_seconds=60) == []
+    await storage.mark_outbox_sent(first.ids + second.ids[:1])
+    # the writer never marked the last one (a crash): a relay takes it once the lease is over
+    await harness.expire_outbox_claims()
+    left = await storage.fetch_outbox(10, owner="relay", lease_seconds=60)
+    assert [(r.id, r.value) for r in left] == [(second.ids[1], b"v3")]
+
+
+async def test_outbox_claim_of_a_failed_write_reports_nothing(storage: SagaStorage) -> None:
+    created = await storage.create(execution())
+    await storage.save(dataclasses.replace(created, state=b"2"))
+    claim = OutboxClaim("writer", 60)
+    with pytest.raises(ConcurrencyError):
+        await storage.save(dataclasses.replace(created, state=b"3"), outbox=[message(9)], outbox_claim=claim)
+    assert claim.ids == []
+    assert await unsent(storage) == []
 
 
 async def test_failed_save_leaves_no_outbox_row(storage: SagaStorage) -> None:

@@ -69,6 +69,61 @@ async def test_three_local_steps_cost_one_create_and_three_saves(pool: InMemoryB
         await manager.destroy()
 
 
+async def test_remote_steps_neither_fetch_the_outbox_nor_release(
+    pool: InMemoryBrokerPool,
+) -> None:
+    storage = CountingStorage(MemorySagaStorage())
+    manager = SagaManager(storage, pool, service_name="orch", relay_outbox=False)  # type: ignore[arg-type]
+    await manager.setup()
+    try:
+        saga = (
+            Saga("lean")
+            .remote_step(send("reserve"))
+            .on_success(keep_reply("reserved"))
+            .remote_step(send("charge"))
+            .on_success(keep_reply("charged"))
+            .commit()
+        )
+        async with FakeParticipant(pool, "stock", ["reserve", "charge"]):
+            storage.calls.clear()
+            execution = await manager.run(saga, {"order": 1})
+        assert execution.status is SagaStatus.FINISHED
+        # create; per remote step: the save that pauses (and releases), the claim of the reply, the save
+        # that applies it; the commit decision rides on the last save. Every outbox write is published
+        # and marked sent by the ids its save reported: no fetch_outbox, no release_claim.
+        assert dict(storage.calls) == {"create": 1, "save": 3, "claim": 2, "mark_outbox_sent": 3}
+        assert await storage.inner.fetch_outbox(lease_seconds=-1) == []  # everything marked sent
+        stored = await storage.inner.load(execution.id)
+        assert stored.owner is None and stored.lease_until is None
+        assert controls(pool, "stock") == [("commit", execution.id)]
+    finally:
+        await manager.destroy()
+
+
+class _SaveWithoutOutboxClaim(MemorySagaStorage):
+    """A storage written before ``outbox_claim`` existed (its ``save`` does not take it)."""
+
+    async def save(self, record: Any, *, outbox: Any = (), reply: Any = None) -> Any:  # type: ignore[override]
+        return await super().save(record, outbox=outbox, reply=reply)
+
+
+async def test_a_storage_without_outbox_claim_still_publishes(
+    pool: InMemoryBrokerPool,
+) -> None:
+    storage = _SaveWithoutOutboxClaim()
+    manager = SagaManager(storage, pool, service_name="orch", relay_outbox=False)  # type: ignore[arg-type]
+    await manager.setup()
+    try:
+        saga = Saga("old").remote_step(send("reserve")).on_success(keep_reply("r")).commit()
+        async with FakeParticipant(pool, "stock", ["reserve"]):
+            execution = await manager.run(saga, {"order": 1})
+        assert execution.status is SagaStatus.FINISHED
+        assert await storage.fetch_outbox(lease_seconds=-1) == []
+        assert [m.value for m in pool.topic_messages("reserve")] and controls(pool, "stock")
+    finally:
+        await manager.destroy()
+
+
 async def test_remote_happy_path_waits_in_memory_and_commits_once_per_service(
     manager: SagaManager, pool: InMemoryBrokerPool
 ) -> None:
