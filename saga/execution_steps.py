@@ -17,6 +17,7 @@ from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from saga.compensation import begin_compensation
+from saga.context import SagaContext
 from saga.errors import SagaContextError
 from saga.messages import SagaResponse, SagaResponseStatus
 from saga.state import AwaitedRequest, Transition, exception_error
@@ -123,9 +124,14 @@ async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Tr
         if fn is not None:
             result = fn(ex.context)
             if result is not None:
-                if type(result) is CoroutineType or inspect.isawaitable(result):
-                    result = await result
-                take_result(ex, result)
+                if type(result) is SagaContext:
+                    # The common case (the step returned its context): skip the awaitable checks,
+                    # whose ABC instance check costs more than the rest of this block.
+                    ex.context = result
+                else:
+                    if type(result) is CoroutineType or inspect.isawaitable(result):
+                        result = await result
+                    take_result(ex, result)
     except SagaContextError as exc:
         raise context_error(exc, step.name) from None
     except Exception as exc:

@@ -13,13 +13,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
+from saga.context import SagaContext
 from saga.errors import SagaDefinitionError
 from saga.messages import SagaRequest, SagaResponse
 from saga.retry import NO_RETRY, RetryPolicy
 from storage.records import StepKind
 
 if TYPE_CHECKING:
-    from saga.context import SagaContext
     from saga.definitions import Saga
 
 __all__ = [
@@ -47,10 +47,18 @@ RemoteCompensation: TypeAlias = Callable[
 Condition: TypeAlias = Callable[["SagaContext"], "bool | Awaitable[bool]"]
 
 
+#: Callback results that are never awaitable: `invoke` skips the awaitable check (an ABC instance check,
+#: the dearest part of a call) for them.
+_PLAIN_RESULTS: frozenset[type] = frozenset({SagaContext, SagaRequest, dict, bool, type(None)})
+
+
 async def invoke(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a sync or async callback and return its result."""
     result = fn(*args)
-    if type(result) is CoroutineType or (result is not None and inspect.isawaitable(result)):
+    t = type(result)
+    if t in _PLAIN_RESULTS:
+        return result
+    if t is CoroutineType or inspect.isawaitable(result):
         return await result
     return result
 
