@@ -556,11 +556,6 @@ async def test_storage_and_broker_objects_hide_passwords(monkeypatch: pytest.Mon
     assert_no_secret(str(info.value), repr(info.value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: StorageConfig.url is a plain dataclass field, so repr(SagaConfig) (what logging a config "
-    "prints) shows the database password; fix in saga/config/model.py (see the report)",
-)
 def test_the_config_repr_hides_the_database_password() -> None:
     config = load_config({"storage": {"url": f"postgresql+asyncpg://saga:{DB_SECRET}@127.0.0.1:1/db"}})
     assert_no_secret(repr(config), repr(config.storage), str(config))
