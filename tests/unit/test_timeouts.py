@@ -34,6 +34,7 @@ from broker import InMemoryBrokerPool
 from saga import (
     RetryPolicy,
     Saga,
+    SagaBusyError,
     SagaContext,
     SagaManager,
     SagaRecoveryWorker,
@@ -513,3 +514,62 @@ async def test_recovery_ignores_a_reply_for_an_execution_it_no_longer_awaits(
     assert (await storage.load(execution.id)).status is SagaStatus.ERRORED
     assert await manager.handle_reply(reply_to(charge)) == "stale"
     assert (await storage.load(execution.id)).status is SagaStatus.ERRORED
+
+
+# -- a timeout replay racing the reply, in one process --------------------------------------------------
+
+
+class SlowClaims(MemorySagaStorage):
+    """Memory storage whose claims and saves take a moment, as database round trips do."""
+
+    async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> Any:
+        await asyncio.sleep(0.01)
+        return await super().claim(saga_id, owner, lease_seconds=lease_seconds)
+
+    async def save(self, record: Any, **options: Any) -> Any:
+        await asyncio.sleep(0.01)
+        return await super().save(record, **options)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ExecutionDriver._claim checks _active/_driving before awaiting storage.claim but reserves "
+    "nothing, so two tasks of one process (recovery worker, reply consumer) both claim under the same owner "
+    "and drive the execution at once: ConcurrencyError on one side, KeyError in _drive's finally on the "
+    "other (the reply is then dead-lettered as 'error: KeyError'); fix in saga/driver.py + manager.py, "
+    "see the report",
+)
+async def test_recovery_and_a_reply_for_the_same_execution_do_not_drive_it_twice(
+    pool: InMemoryBrokerPool, clock: FakeClock
+) -> None:
+    # The recovery worker replays an overdue step while the reply consumer of the same process applies
+    # the (late) reply. Both claim under the process's owner, which the storage cannot tell apart; the
+    # process must let only one of them in, and the other must get SagaBusyError (retriable), never a
+    # ConcurrencyError from the optimistic save or an internal error that dead-letters the reply.
+    storage = SlowClaims(clock=clock)
+    manager = new_manager(storage, pool, clock)
+    saga = (
+        Saga("race")
+        .remote_step(command("charge"), name="charge", timeout=5, retry=RetryPolicy(max_attempts=3))
+        .local_step(local("ship"))
+        .commit()
+    )
+    await manager.setup()
+    try:
+        execution = await manager.run(saga, pause_on_disk=True)
+        (charge,) = sent(pool, "charge")
+        clock.advance(6)
+        recovered, replied = await asyncio.gather(
+            manager.recover(execution.id), manager.handle_reply(reply_to(charge)), return_exceptions=True
+        )
+    finally:
+        await manager.destroy()
+    outcomes = [repr(r) for r in (recovered, replied)]
+    assert all(isinstance(r, SagaBusyError) for r in (recovered, replied) if isinstance(r, BaseException)), (
+        outcomes
+    )
+    record = await storage.load(execution.id)
+    if replied == "applied":
+        assert record.status is SagaStatus.FINISHED and calls["ship"] == 1
+    else:  # the reply was turned away as busy (the consumer retries it): the step was replayed meanwhile
+        assert record.status is SagaStatus.PAUSED and len(sent(pool, "charge")) == 2
