@@ -7,8 +7,10 @@ the indexed columns (status, name, deadlines, claim) are what storage queries by
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -192,3 +194,97 @@ class QueryResult:
 
     rows: list[ExecutionRecord]
     total: int
+
+
+# -- faster constructors for the records built on every step --------------------------------------------
+#
+# The dataclass-generated ``__init__`` of a frozen class goes through ``object.__setattr__`` once per field.
+# These fill the slots through their descriptors instead: same signature, defaults and result, about half
+# the cost (`ExecutionRecord`: 1.75 -> 0.9 µs; two are built per step, one by the engine, one by storage).
+# The import-time check below keeps them in step with the fields.
+
+
+def _execution_record_init(*s: Any) -> Any:
+    (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15) = s
+
+    def __init__(
+        self: ExecutionRecord,
+        id: uuid.UUID,
+        name: str,
+        definition_version: int,
+        status: SagaStatus,
+        state: bytes,
+        steps: tuple[StepRecord, ...] = (),
+        version: int = 0,
+        recovery_attempts: int = 0,
+        idempotency_key: str | None = None,
+        user: str | None = None,
+        reply_deadline: datetime | None = None,
+        owner: str | None = None,
+        lease_until: datetime | None = None,
+        error: Mapping[str, Any] | None = None,
+        created_at: datetime | None = None,
+        updated_at: datetime | None = None,
+    ) -> None:
+        s0(self, id)
+        s1(self, name)
+        s2(self, definition_version)
+        s3(self, status)
+        s4(self, state)
+        s5(self, steps)
+        s6(self, version)
+        s7(self, recovery_attempts)
+        s8(self, idempotency_key)
+        s9(self, user)
+        s10(self, reply_deadline)
+        s11(self, owner)
+        s12(self, lease_until)
+        s13(self, error)
+        s14(self, created_at)
+        s15(self, updated_at)
+
+    return __init__
+
+
+def _step_record_init(*s: Any) -> Any:
+    (s0, s1, s2, s3, s4, s5, s6, s7, s8) = s
+
+    def __init__(
+        self: StepRecord,
+        name: str,
+        kind: StepKind,
+        phase: StepPhase,
+        status: StepState,
+        attempts: int,
+        started_at: datetime,
+        finished_at: datetime | None = None,
+        request_id: uuid.UUID | None = None,
+        error: Mapping[str, Any] | None = None,
+    ) -> None:
+        s0(self, name)
+        s1(self, kind)
+        s2(self, phase)
+        s3(self, status)
+        s4(self, attempts)
+        s5(self, started_at)
+        s6(self, finished_at)
+        s7(self, request_id)
+        s8(self, error)
+
+    return __init__
+
+
+def _install_init(cls: type[Any], factory: Callable[..., Any]) -> None:
+    fields = dataclasses.fields(cls)
+    init = factory(*(cls.__dict__[f.name].__set__ for f in fields))
+    expected = [(f.name, f.default) for f in fields]
+    parameters = list(inspect.signature(init).parameters.values())[1:]
+    actual = [(p.name, dataclasses.MISSING if p.default is p.empty else p.default) for p in parameters]
+    if actual != expected or any(f.default_factory is not dataclasses.MISSING for f in fields):
+        raise ImportError(f"{cls.__name__}: fields changed, update its __init__ in storage/records.py")
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init
+
+
+_install_init(ExecutionRecord, _execution_record_init)
+_install_init(StepRecord, _step_record_init)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Delete,
     Insert,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Select,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     func,
@@ -271,11 +273,13 @@ class Statements:
             .values(claimed_by=_p("owner"), claimed_until=self.clock.shifted("lease"))
             .returning(o.c.id, o.c.execution_id, o.c.topic, o.c.key, o.c.value, o.c.headers, o.c.created_at)
         )
-        self.mark_sent = (
-            update(o)
-            .where(o.c.id.in_(bindparam("p_ids", expanding=True)), o.c.sent_at.is_(None))
-            .values(sent_at=now())
-        )
+        if self.dialect == "postgresql":
+            # ``= ANY(array)``: one SQL text for any number of ids, so it is prebuilt and runs on the
+            # driver directly; an expanding ``IN`` is rendered per call and takes SQLAlchemy's path.
+            ids: ColumnElement[bool] = o.c.id == any_(_p("ids", postgresql.ARRAY(BigInteger())))
+        else:
+            ids = o.c.id.in_(bindparam("p_ids", expanding=True))
+        self.mark_sent = update(o).where(ids, o.c.sent_at.is_(None)).values(sent_at=now())
 
         c = self.tables.command_replies
         self.get_command_reply = select(c.c.reply).where(c.c.idempotency_key == _p("key"))
