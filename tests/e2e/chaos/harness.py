@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -279,10 +280,17 @@ async def read_topic(bootstrap: str, topic: str, *, settle: float = 0.0) -> list
     )
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer.force_metadata_update()  # type: ignore[no-untyped-call]
-            partitions = consumer.partitions_for_topic(topic) or set()
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            (described,) = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        partitions = (
+            {p["partition"] for p in described.get("partitions", ())}
+            if described["error_code"] == 0
+            else set()
+        )
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not tps:
             return []
@@ -291,7 +299,10 @@ async def read_topic(bootstrap: str, topic: str, *, settle: float = 0.0) -> list
         end = await consumer.end_offsets(tps)
         records: list[Any] = []
         deadline = time.monotonic() + 120
-        while any((await consumer.position(tp)) < end[tp] for tp in tps):
+        while True:
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(position >= end[tp] for position, tp in zip(positions, tps, strict=True)):
+                break
             assert time.monotonic() < deadline, f"reading {topic} took too long"
             batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
             for part in batch.values():
