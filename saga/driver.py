@@ -435,7 +435,10 @@ class ExecutionDriver:
                 del self._waiters[execution_id]
 
     def _resolve_waiters(self, execution: SagaExecution) -> None:
-        for future in self._waiters.get(execution.id, ()):
+        waiters = self._waiters
+        if not waiters:
+            return  # the common case (no one waits by id): no UUID hash
+        for future in waiters.get(execution.id, ()):
             if not future.done():
                 future.set_result(execution)
 

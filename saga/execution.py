@@ -348,7 +348,12 @@ class SagaExecution:
             "dec": self.decision_sent,
             "dl": None if self.deadline is None else self.deadline.isoformat(),
         }
-        data = compact(orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS))
+        # Context keys are always strings (SagaContext refuses others, nested dicts are checked by
+        # encode_context); only the awaited request's content may need OPT_NON_STR_KEYS, which costs
+        # about 0.2 µs per encode when it is set.
+        data = compact(
+            orjson.dumps(state) if awaiting is None else orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS)
+        )
         self._ctx_snapshot = ctx
         # Positional, in field order (checked at import below): a third cheaper than keywords, and this
         # runs once per step.

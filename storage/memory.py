@@ -256,9 +256,6 @@ class MemorySagaStorage:
         """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
         if record.idempotency_key is not None and record.idempotency_key in self._by_key:
             raise DuplicateIdempotencyKeyError(record.idempotency_key, self._by_key[record.idempotency_key])
-        if record.id in self._executions:
-            # The SQL adapter fails on the primary key the same way: the caller expected no row at all.
-            raise ConcurrencyError(record.id, 0)
         now = self._clock()
         steps = record.steps if type(record.steps) is tuple else tuple(record.steps)
         clean = record.error is None and _clean_steps(steps)
@@ -284,7 +281,10 @@ class MemorySagaStorage:
             now,
             now,
         )
-        self._executions[record.id] = stored
+        # One hash of the id for the check and the insert (setdefault never replaces a stored row).
+        if self._executions.setdefault(record.id, stored) is not stored:
+            # The SQL adapter fails on the primary key the same way: the caller expected no row at all.
+            raise ConcurrencyError(record.id, 0)
         if record.idempotency_key is not None:
             self._by_key[record.idempotency_key] = record.id
         if outbox:
