@@ -281,20 +281,31 @@ class ExecutionDriver:
         )
 
     async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
-        """Take the claim and rebuild the execution; `SagaBusyError` if anyone else is advancing it."""
+        """Take the claim and rebuild the execution; `SagaBusyError` if anyone else is advancing it.
+
+        Every task of a process claims under the same owner, which storage cannot tell apart, so the id is
+        reserved in ``_active`` before the first await: a second task of this process (the recovery
+        worker and the reply consumer racing) then gets `SagaBusyError` instead of a claim of its own.
+        On success the caller owns the reservation and must discard it when done (`_claimed`).
+        """
         if execution_id in self._active or execution_id in self._driving:
             raise SagaBusyError(
                 f"execution {execution_id} is being advanced by this process", execution_id=execution_id
             )
-        record = await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
-        if record is None:
-            raise SagaBusyError(
-                f"execution {execution_id} is claimed by another worker", execution_id=execution_id
-            )
+        self._active.add(execution_id)
         try:
-            return record, self._execution(record)
-        except Exception:
-            await self._release(execution_id)
+            record = await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
+            if record is None:
+                raise SagaBusyError(
+                    f"execution {execution_id} is claimed by another worker", execution_id=execution_id
+                )
+            try:
+                return record, self._execution(record)
+            except Exception:
+                await self._release(execution_id)
+                raise
+        except BaseException:
+            self._active.discard(execution_id)
             raise
 
     async def _release(self, execution_id: uuid.UUID) -> None:

@@ -411,28 +411,32 @@ class SagaManager(ExecutionDriver):
     ) -> tuple[SagaExecution, ReplyOutcome]:
         execution_id = response.execution_id
         record, execution = await self._claim(execution_id)
-        outcome = execution.classify_reply(response)
-        if outcome != "applied":
-            await self._ignore_reply(execution, response, outcome, message)
+        try:  # _claim reserved the id in _active: every way out must give it back
+            outcome = execution.classify_reply(response)
+            if outcome != "applied":
+                await self._ignore_reply(execution, response, outcome, message)
+                return execution, outcome
+            reply = ReplyRecord(execution_id, response.request_id, int(response.status), "applied")
+            try:
+                transition = await self._guard(
+                    execution, record, execution.apply_reply(response, self.clock())
+                )
+                execution = await self._drive(
+                    execution, record, transition=transition, reply=reply, wait=wait
+                )
+            except AlreadyAppliedError:
+                # Another worker applied this reply between our claim and our save; nothing was written.
+                await self.storage.record_reply(
+                    dataclasses.replace(reply, outcome="duplicate", reason="applied by another worker")
+                )
+                await self._release(execution_id)
+                return execution, "duplicate"
+            except Exception:
+                await self._release(execution_id)  # nothing more will be written; let others take it
+                raise
             return execution, outcome
-        reply = ReplyRecord(execution_id, response.request_id, int(response.status), "applied")
-        self._active.add(execution_id)
-        try:
-            transition = await self._guard(execution, record, execution.apply_reply(response, self.clock()))
-            execution = await self._drive(execution, record, transition=transition, reply=reply, wait=wait)
-        except AlreadyAppliedError:
-            # Another worker applied this reply between our claim and our save; nothing was written.
-            await self.storage.record_reply(
-                dataclasses.replace(reply, outcome="duplicate", reason="applied by another worker")
-            )
-            await self._release(execution_id)
-            return execution, "duplicate"
-        except Exception:
-            await self._release(execution_id)  # nothing more will be written; let others take it
-            raise
         finally:
             self._active.discard(execution_id)
-        return execution, outcome
 
     # -- operations on stored executions ---------------------------------------------------------------
 
@@ -476,14 +480,12 @@ class SagaManager(ExecutionDriver):
             SagaBusyError: Another worker holds its claim.
         """
         record, execution = await self._claim(execution_id)
-        if execution.status is not SagaStatus.PAUSED or execution.awaiting is None:
-            await self._release(execution_id)
-            raise SagaStateError(
-                f"cannot replay execution {execution_id}: it is {execution.status}, not paused",
-                execution_id=execution_id,
-            )
-        self._active.add(execution_id)
-        try:
+        try:  # _claim reserved the id in _active: every way out must give it back
+            if execution.status is not SagaStatus.PAUSED or execution.awaiting is None:
+                raise SagaStateError(  # the except below releases the claim
+                    f"cannot replay execution {execution_id}: it is {execution.status}, not paused",
+                    execution_id=execution_id,
+                )
             transition = await execution.replay(self.clock())
             return await self._drive(execution, record, transition=transition)
         except Exception:
@@ -531,11 +533,10 @@ class SagaManager(ExecutionDriver):
             StorageError, BrokerError: Infrastructure trouble; retry later.
         """
         record, execution = await self._claim(execution_id)
-        if execution.terminal:
-            await self._release(execution_id)
-            return execution
-        self._active.add(execution_id)
-        try:
+        try:  # _claim reserved the id in _active: every way out must give it back
+            if execution.terminal:
+                await self._release(execution_id)
+                return execution
             now = self.clock()
             transition = None
             if execution.awaiting is not None:

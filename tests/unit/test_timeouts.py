@@ -531,14 +531,6 @@ class SlowClaims(MemorySagaStorage):
         return await super().save(record, **options)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ExecutionDriver._claim checks _active/_driving before awaiting storage.claim but reserves "
-    "nothing, so two tasks of one process (recovery worker, reply consumer) both claim under the same owner "
-    "and drive the execution at once: ConcurrencyError on one side, KeyError in _drive's finally on the "
-    "other (the reply is then dead-lettered as 'error: KeyError'); fix in saga/driver.py + manager.py, "
-    "see the report",
-)
 async def test_recovery_and_a_reply_for_the_same_execution_do_not_drive_it_twice(
     pool: InMemoryBrokerPool, clock: FakeClock
 ) -> None:
