@@ -201,12 +201,6 @@ def check_alive(apps: list[App], all_apps: ChaosApps) -> None:
         pytest.fail(f"a consumer process exited under hostile input: {dead}\n{all_apps.report()}")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs the in-process claim fix (saga/driver.py _claim; see tests/unit/test_timeouts.py::"
-    "test_recovery_and_a_reply_for_the_same_execution_do_not_drive_it_twice): without it a reply racing a "
-    "recovery replay in one process is dead-lettered as 'error: KeyError'. Remove this marker with the fix.",
-)
 async def test_ten_thousand_hostile_records_mixed_into_real_traffic(
     run: Run, chaos_apps: ChaosApps, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
