@@ -35,6 +35,15 @@ _log = logging.getLogger(__name__)
 _MAX_CONNECT_BACKOFF = 2.0
 
 
+#: Producer-state errors that no retry of the same producer can clear.
+_PRODUCER_STATE_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.OutOfOrderSequenceNumber,
+    kafka_errors.UnknownProducerId,
+    kafka_errors.InvalidProducerEpoch,
+    kafka_errors.InvalidProducerIdMapping,
+)
+
+
 class KafkaPublisher:
     """The pool's shared publisher: every ``send`` returns once the broker acknowledged (``acks=all``)."""
 
@@ -82,7 +91,17 @@ class KafkaPublisher:
             failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
             topics = sorted({message.topic for message in messages})
-            raise self._pool._translate(failure, f"publish to {', '.join(topics)}") from failure
+            action = f"publish to {', '.join(topics)}"
+            if isinstance(failure, _PRODUCER_STATE_ERRORS):
+                # The idempotent producer's sequence or id no longer matches the broker's (a lost batch,
+                # a broker restart): aiokafka would fail every later send. A new producer (new id,
+                # sequences from zero) is the only way out; the caller's retry then succeeds.
+                await self._pool._replace_producer(producer)
+                raise BrokerConnectionError(
+                    f"{action} failed: {type(failure).__name__}; the producer was replaced, retry the send",
+                    retriable=True,
+                ) from failure
+            raise self._pool._translate(failure, action) from failure
 
 
 class KafkaSubscriber:
@@ -397,6 +416,19 @@ class KafkaBrokerPool:
         if self._producer is None:
             raise BrokerClosedError("KafkaBrokerPool is not started; call start() first")
         return self._producer
+
+    async def _replace_producer(self, broken: Any) -> None:
+        """Swap in a fresh producer for ``broken`` (once, however many senders saw it fail)."""
+        async with self._lifecycle_lock:
+            if self._stopped or self._producer is not broken:
+                return  # stopped, or another sender already replaced it
+            deadline = asyncio.get_running_loop().time() + self.settings.connect_timeout
+            common = client_options(self.settings)
+            self._producer = await self._connect(
+                lambda: AIOKafkaProducer(**common, **producer_options(self.settings)), deadline, "producer"
+            )
+            _log.warning("replaced the Kafka producer after a producer-state error")
+        await _quietly(broken.stop())
 
     def _forget(self, subscriber: KafkaSubscriber) -> None:
         self._subscribers.discard(subscriber)

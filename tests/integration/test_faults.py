@@ -302,13 +302,6 @@ def test_storage_errors_are_not_retriable_when_the_query_is_wrong() -> None:
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a produce batch fails (seen when the broker restarts), aiokafka's idempotent "
-    "producer keeps a partition's sequence past what the broker has: every later send fails with "
-    "OutOfOrderSequenceNumber (non-retriable), forever; KafkaPublisher.send_batch must replace the "
-    "producer and raise a retriable error (broker/kafka.py; see the report)",
-)
 async def test_a_publisher_recovers_from_an_out_of_order_sequence(kafka_bootstrap: str) -> None:
     from broker import BrokerError, BrokerMessage
 
