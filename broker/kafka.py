@@ -419,6 +419,7 @@ class KafkaBrokerPool:
 
     async def _replace_producer(self, broken: Any) -> None:
         """Swap in a fresh producer for ``broken`` (once, however many senders saw it fail)."""
+        stop_broken = broken.stop
         async with self._lifecycle_lock:
             if self._stopped or self._producer is not broken:
                 return  # stopped, or another sender already replaced it
@@ -428,7 +429,7 @@ class KafkaBrokerPool:
                 lambda: AIOKafkaProducer(**common, **producer_options(self.settings)), deadline, "producer"
             )
             _log.warning("replaced the Kafka producer after a producer-state error")
-        await _quietly(broken.stop())
+        await _quietly(stop_broken())
 
     def _forget(self, subscriber: KafkaSubscriber) -> None:
         self._subscribers.discard(subscriber)
