@@ -446,13 +446,31 @@ def ensure_services(need_pg: bool, need_kafka: bool) -> None:
     missing = (need_pg and not port_open(f"{PG_HOST}:{PG_PORT}")) or (need_kafka and not port_open(KAFKA))
     if missing:
         print("[bench] starting services: scripts/services.sh start", file=sys.stderr)
-        subprocess.run(["bash", str(REPO / "scripts" / "services.sh"), "start"], check=True)
+        env = {
+            **os.environ,
+            "KAFKA_SAGA_PG_PORT": str(PG_PORT),
+            "KAFKA_SAGA_KAFKA_PORT": KAFKA.rsplit(":", 1)[1],
+        }
+        subprocess.run(["bash", str(REPO / "scripts" / "services.sh"), "start"], check=True, env=env)
+
+
+def use_private_services() -> None:
+    """Point the benchmark at its own PostgreSQL and Kafka (started by services.sh on other ports).
+
+    The shared services get restarted by other people's reliability tests; a run on its own pair is not
+    cut short by that (it still shares the CPU).
+    """
+    global PG_PORT, KAFKA
+    PG_PORT = int(os.environ.get("BENCH_PRIVATE_PG_PORT", "25433"))
+    KAFKA = f"127.0.0.1:{os.environ.get('BENCH_PRIVATE_KAFKA_PORT', '29092')}"
 
 
 # ------------------------------------------------------------------------------------------------
 
 
 async def amain(args: argparse.Namespace) -> int:
+    if args.private_services:
+        use_private_services()
     entries = select(build_entries(args.quick), args.only)
     if args.list:
         for e in entries:
@@ -609,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-install", action="store_true", help="use the peers' venvs as they are")
     p.add_argument("--no-services", action="store_true", help="do not start services")
     p.add_argument("--print", action="store_true", help="print the markdown table")
+    p.add_argument(
+        "--private-services",
+        action="store_true",
+        help="run PostgreSQL and Kafka of its own (ports 25433, 29092) via scripts/services.sh",
+    )
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 1 if args.quick else 3
