@@ -30,6 +30,7 @@ Then every saga must reach a terminal status, and from the database:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -111,6 +112,8 @@ async def run(kafka_bootstrap: str, e2e_database: str, chaos_apps: ChaosApps) ->
         chaos_apps.stop_all()
         await storage.stop()
         await engine.dispose()
+        with contextlib.suppress(Exception):  # best effort: a broker that is down keeps them
+            await harness.delete_topics(kafka_bootstrap, run.names.suffix)
 
 
 async def count_executions(storage: SqlAlchemySagaStorage) -> tuple[int, int, dict[str, int]] | None:
@@ -317,7 +320,7 @@ async def test_orchestrators_killed_services_restarted_no_saga_lost_nothing_doub
     restarts = {
         kind: None
         if r is None
-        else {"seconds": round(r.seconds, 1), "old_pid": r.old_pid, "new_pid": r.new_pid}
+        else {"seconds": round(r.seconds, 1), "old_pid": r.old_pid, "new_pid": r.new_pid, "log": r.log}
         for kind, r in chaos.restarts.items()
     }
     for kind, restart in chaos.restarts.items():

@@ -23,6 +23,7 @@ or answered from the participant's dedup store without running its handler again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -95,6 +96,8 @@ async def run(kafka_bootstrap: str, e2e_database: str, chaos_apps: ChaosApps) ->
         chaos_apps.stop_all()
         await storage.stop()
         await engine.dispose()
+        with contextlib.suppress(Exception):  # best effort: a broker that is down keeps them
+            await harness.delete_topics(kafka_bootstrap, run.names.suffix)
 
 
 class Tap:

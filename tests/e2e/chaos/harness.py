@@ -181,7 +181,12 @@ def windows_hit(kinds: Iterable[str]) -> dict[str, int]:
 # -- services ---------------------------------------------------------------------------------------------
 
 
-def _services(command: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+#: Seconds a restarted service may take to serve clients. The development broker keeps every test run's
+#: topics, and loading thousands of partitions on a busy 2-core machine can outlast the script's 90 s.
+READY_TIMEOUT = "240"
+
+
+def _services(command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(SERVICES_SH), command],
         capture_output=True,
@@ -189,7 +194,11 @@ def _services(command: str, timeout: float = 180) -> subprocess.CompletedProcess
         timeout=timeout,
         check=False,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "KAFKA_SAGA_PYTHON": os.environ.get("KAFKA_SAGA_PYTHON", sys.executable)},
+        env={
+            **os.environ,
+            "KAFKA_SAGA_PYTHON": os.environ.get("KAFKA_SAGA_PYTHON", sys.executable),
+            "KAFKA_SAGA_READY_TIMEOUT": os.environ.get("KAFKA_SAGA_READY_TIMEOUT", READY_TIMEOUT),
+        },
     )
 
 
@@ -241,6 +250,7 @@ class Restart:
     seconds: float
     old_pid: int
     new_pid: int | None
+    log: list[str] = field(default_factory=list)  # what scripts/services.sh said, timestamped
 
 
 def restart_service(kind: str, address: str) -> Restart | None:
@@ -253,19 +263,20 @@ def restart_service(kind: str, address: str) -> Restart | None:
     if old is None:
         return None
     began = time.time()
-    result = _services(f"restart-{kind}", 240)
+    result = _services(f"restart-{kind}", 600)
     seconds = time.time() - began
     if result.returncode != 0:
         ensure_service(kind, address)
         raise AssertionError(f"services.sh restart-{kind} failed:\n{result.stderr[-3000:]}")
-    return Restart(kind, began, seconds, old, service_pid(kind, address))
+    log = [line for line in result.stderr.splitlines() if line.startswith("[services ")]
+    return Restart(kind, began, seconds, old, service_pid(kind, address), log)
 
 
 def ensure_service(kind: str, address: str) -> None:
     """Start the service again if the script owns its address (idempotent: a running one is left alone)."""
     if script_address(kind) != address:
         return
-    result = _services(f"start-{kind}", 240)
+    result = _services(f"start-{kind}", 600)
     if result.returncode != 0:
         print(f"WARNING: services.sh start-{kind} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
 
@@ -310,6 +321,23 @@ async def read_topic(bootstrap: str, topic: str, *, settle: float = 0.0) -> list
         return records
     finally:
         await consumer.stop()
+
+
+async def delete_topics(bootstrap: str, suffix: str) -> int:
+    """Delete the topics of one test run (their names carry its random suffix); returns how many.
+
+    The development broker keeps every topic it ever had, and the more partitions it holds the longer it
+    takes to restart; the suites that restart it clean up after themselves.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        topics = [t for t in await admin.list_topics() if suffix in t]
+        if topics:
+            await admin.delete_topics(topics)
+        return len(topics)
+    finally:
+        await admin.close()
 
 
 def headers_of(record: Any) -> dict[str, bytes]:
