@@ -86,8 +86,9 @@ def order_saga(names: Names, runs: StepRuns, crash: CrashPoint) -> Saga:
         return context
 
     def refund_payment(context: SagaContext) -> SagaRequest:
-        # A charge compensated after a timeout may have no reply (nor charge id) in the context.
-        return SagaRequest(names.refund_payment, {"order": context["order"], "charge": context.get("charge")})
+        # The charge has no timeout, so it is compensated only after its 200 reply: the charge id set by
+        # payment_charged must be in the context (a lost context change would dead-letter the saga here).
+        return SagaRequest(names.refund_payment, {"order": context["order"], "charge": context["charge"]})
 
     async def confirm_order(context: SagaContext) -> None:
         await local(context, "confirm_order", fail=context["fail_local"])
