@@ -22,7 +22,8 @@
 #   KAFKA_SAGA_KAFKA_VERSION  Apache Kafka release (DEFAULT_KAFKA_VERSION below)
 #   KAFKA_SAGA_KAFKA_HEAP_OPTS  JVM heap flags for the broker (-Xms128m -Xmx384m)
 #   KAFKA_SAGA_PYTHON         Python with aiokafka, for the readiness check (python3)
-#   KAFKA_SAGA_READY_TIMEOUT  seconds to wait for a service to serve clients (90)
+#   KAFKA_SAGA_READY_TIMEOUT  seconds to wait for a service to serve clients (300: a broker holding
+#                             thousands of partitions takes a minute or more to load them)
 #   KAFKA_SAGA_STOP_TIMEOUT   seconds between SIGTERM and SIGKILL on stop (30)
 #
 # Layout of the cache dir:
@@ -52,7 +53,7 @@ readonly PG_HOST="127.0.0.1"
 readonly PG_PORT="${KAFKA_SAGA_PG_PORT:-15432}"
 readonly PG_USER="saga" PG_PASSWORD="saga" PG_DATABASE="saga_test"
 readonly PYTHON="${KAFKA_SAGA_PYTHON:-python3}"
-readonly READY_TIMEOUT="${KAFKA_SAGA_READY_TIMEOUT:-90}"
+readonly READY_TIMEOUT="${KAFKA_SAGA_READY_TIMEOUT:-300}"
 readonly STOP_TIMEOUT="${KAFKA_SAGA_STOP_TIMEOUT:-30}"
 
 CACHE_DIR="${KAFKA_SAGA_SERVICES_DIR:-${HOME:-/root}/.cache/kafka-saga}"

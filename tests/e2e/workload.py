@@ -39,7 +39,7 @@ class Order:
             "order": self.number,
             "sku": f"sku-{self.number % 7}",
             "quantity": 1 + self.number % 3,
-            "amount": PAYMENT_LIMIT + 1 if self.outcome is Outcome.REFUSED else 10 + self.number,
+            "amount": PAYMENT_LIMIT + 1 if self.outcome is Outcome.REFUSED else 10 + self.number % 900,
             "crash": self.outcome is Outcome.CRASHED,
             "fail_local": self.outcome is Outcome.LOCAL_FAILURE,
         }
