@@ -499,6 +499,7 @@ async def amain(args: argparse.Namespace) -> int:
 
     results: list[dict[str, Any]] = []
     started = time.time()
+    head = git_head()  # the code measured: the commit when the run starts
     machine = machine_info()
     for e in entries:
         peer = peers.get(e.python)
@@ -565,7 +566,7 @@ async def amain(args: argparse.Namespace) -> int:
         "postgres": pg_settings,
         "kafka": KAFKA if need_kafka else None,
         "peers": peers,
-        "kafka_saga_commit": git_head(),
+        "kafka_saga_commit": head,
         "results": results,
     }
     doc["targets"] = report.targets(doc)
