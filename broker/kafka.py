@@ -326,9 +326,7 @@ class KafkaBrokerPool:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.settings.connect_timeout
             common = client_options(self.settings)
-            producer = await self._connect(
-                lambda: AIOKafkaProducer(**common, **producer_options(self.settings)), deadline, "producer"
-            )
+            producer = await self._connect_producer(deadline)
             try:
                 self._admin = await self._connect(
                     lambda: AIOKafkaAdminClient(**common), deadline, "admin client"
@@ -424,12 +422,14 @@ class KafkaBrokerPool:
             if self._stopped or self._producer is not broken:
                 return  # stopped, or another sender already replaced it
             deadline = asyncio.get_running_loop().time() + self.settings.connect_timeout
-            common = client_options(self.settings)
-            self._producer = await self._connect(
-                lambda: AIOKafkaProducer(**common, **producer_options(self.settings)), deadline, "producer"
-            )
+            self._producer = await self._connect_producer(deadline)
             _log.warning("replaced the Kafka producer after a producer-state error")
         await _quietly(stop_broken())
+
+    async def _connect_producer(self, deadline: float) -> Any:
+        """A started idempotent producer with the pool's settings (`start` and producer replacement)."""
+        options = {**client_options(self.settings), **producer_options(self.settings)}
+        return await self._connect(lambda: AIOKafkaProducer(**options), deadline, "producer")
 
     def _forget(self, subscriber: KafkaSubscriber) -> None:
         self._subscribers.discard(subscriber)
