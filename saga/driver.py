@@ -25,6 +25,7 @@ from saga.registry import SagaRegistry
 from storage import (
     TERMINAL_STATUSES,
     DuplicateReplyError,
+    ExecutionNotFoundError,
     ExecutionRecord,
     ReplyRecord,
     SagaStatus,
@@ -75,6 +76,13 @@ class ExecutionDriver:
     _sweep_until: datetime | None = None
     #: Whether ``storage.save`` takes ``outbox_claim``, and for which storage object that was checked.
     _claim_support: tuple[object, bool] | None = None
+    #: Outbox ids published but not yet marked sent, and the task marking them (`_mark_sent_soon`).
+    _unmarked: list[int]
+    _marker: asyncio.Task[None] | None = None
+    #: The one task that polls storage for every run waiting in ``run()`` (`_poll_waiting`).
+    _poller: asyncio.Task[None] | None = None
+    #: Recoveries of overdue waiting runs started by the poller, by execution id.
+    _overdue: dict[uuid.UUID, asyncio.Task[None]]
 
     # -- heartbeat -------------------------------------------------------------------------------------
     #
@@ -365,7 +373,7 @@ class ExecutionDriver:
                     )
                     ids.extend(claim.ids)
                 await self.broker_pool.publisher().send_batch(messages)
-                await self.storage.mark_outbox_sent(ids)
+                self._mark_sent_soon(ids)
             else:
                 await publish_outbox(
                     self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
@@ -376,6 +384,37 @@ class ExecutionDriver:
             self._sweep_until = self.clock() + timedelta(seconds=2 * self.lease_seconds)
             if self.relay is not None:
                 self.relay.wake()
+
+    def _mark_sent_soon(self, ids: Sequence[int]) -> None:
+        """Mark published outbox rows sent in the background, many publishes per statement.
+
+        The mark is bookkeeping, not a durability step: a row published but never marked is published
+        again by the relay once its claim's lease ends, and participants answer a repeated command from
+        their dedup store. So the step that published does not wait for it, and the ids of every publish
+        made while one ``UPDATE`` runs go out together in the next.
+        """
+        self._unmarked.extend(ids)
+        marker = self._marker
+        if marker is None or marker.done():
+            self._marker = asyncio.get_running_loop().create_task(self._mark_sent(), name="saga-outbox-mark")
+
+    async def _mark_sent(self) -> None:
+        while self._unmarked:
+            await asyncio.sleep(0)  # let the publishes finishing in this loop turn join the batch
+            ids, self._unmarked = self._unmarked, []
+            try:
+                await self.storage.mark_outbox_sent(ids)
+            except Exception as exc:  # the relay re-publishes them after their lease; that is all it costs
+                _log.warning(
+                    "marking %d outbox rows sent failed (%s); they will be published again", len(ids), exc
+                )
+
+    async def _drain_marks(self) -> None:
+        """Wait for pending sent-marks (before storage stops)."""
+        marker = self._marker
+        if marker is not None and not marker.done():
+            await asyncio.wait({marker})
+        self._marker = None
 
     async def _ignore_reply(
         self,
@@ -406,29 +445,92 @@ class ExecutionDriver:
             await self.broker_pool.publisher().send(copy)
 
     async def _wait(self, execution_id: uuid.UUID) -> SagaExecution:
-        """Wait for a terminal status: resolved by this process's reply handling, else by polling."""
+        """Wait for a terminal status: resolved by this process's reply handling, else by the poller.
+
+        The waiter is a future; the execution is not held in memory meanwhile. Progress made by another
+        process (its consumer took the reply) and overdue replies are noticed by `_poll_waiting`, one task
+        for all waiting runs, so waiting costs no storage reads of its own.
+        """
         future = self._early_waiters.pop(execution_id, None) or self._waiter(execution_id)
+        self._ensure_poller()
         try:
-            while True:
-                if not future.done():
-                    await asyncio.wait((future,), timeout=self.wait_poll_interval)
-                if future.done():
-                    result = future.result()
-                    if result is not None:
-                        return result
-                    return self._execution(await self.storage.load(execution_id))  # shutting down
-                record = await self.storage.load(execution_id)
-                if record.status in TERMINAL_STATUSES:
-                    return self._execution(record)
-                if record.reply_deadline is not None and record.reply_deadline <= self.clock():
-                    try:
-                        recovered = await self.recover(execution_id)
-                    except SagaBusyError:
-                        continue
-                    if recovered.terminal:
-                        return recovered
+            result = await future
+            if result is not None:
+                return result
+            return self._execution(await self.storage.load(execution_id))  # shutting down
         finally:
             self._drop_waiter(execution_id, future)
+
+    def _ensure_poller(self) -> None:
+        poller = self._poller
+        if (poller is None or poller.done()) and not self._closing:
+            self._poller = asyncio.get_running_loop().create_task(
+                self._poll_waiting(), name="saga-wait-poller"
+            )
+
+    async def _poll_waiting(self) -> None:
+        """Every ``wait_poll_interval``, read all waiting runs in one query (chunks of 500) and settle them.
+
+        A run found terminal resolves its waiters; one whose reply is overdue is recovered (replayed or
+        compensated, as its retry policy says) in a task of its own. Runs being advanced by this process
+        at that moment are skipped: their own drive resolves them. Stops when nobody waits.
+        """
+        while self._waiters and not self._closing:
+            await asyncio.sleep(self.wait_poll_interval)
+            ids = [i for i in self._waiters if i not in self._driving and i not in self._overdue]
+            for start in range(0, len(ids), 500):
+                try:
+                    records = await self._load_many(ids[start : start + 500])
+                except Exception as exc:  # storage away: waiters keep waiting; try at the next interval
+                    _log.warning("polling %d waiting executions failed: %s", len(ids), exc)
+                    break
+                now = self.clock()
+                for record in records:
+                    if record.status in TERMINAL_STATUSES:
+                        try:
+                            execution = self._execution(record)
+                        except Exception as exc:
+                            self._fail_waiters(record.id, exc)
+                            continue
+                        self._resolve_waiters(execution)
+                    elif record.reply_deadline is not None and record.reply_deadline <= now:
+                        self._overdue[record.id] = asyncio.get_running_loop().create_task(
+                            self._recover_waiting(record.id)
+                        )
+
+    async def _load_many(self, ids: list[uuid.UUID]) -> Sequence[ExecutionRecord]:
+        storage = self.storage
+        load_many = getattr(storage, "load_many", None)  # storage.SupportsLoadMany: one query for all
+        if load_many is not None:
+            found: Sequence[ExecutionRecord] = await load_many(ids)
+            for missing in set(ids).difference(r.id for r in found):
+                self._fail_waiters(missing, ExecutionNotFoundError(missing))
+            return found
+        records = []
+        for execution_id in ids:
+            try:
+                records.append(await storage.load(execution_id))
+            except ExecutionNotFoundError as exc:
+                self._fail_waiters(execution_id, exc)
+        return records
+
+    async def _recover_waiting(self, execution_id: uuid.UUID) -> None:
+        try:
+            recovered = await self.recover(execution_id)
+        except SagaBusyError:
+            return  # someone is advancing it; the next poll looks again
+        except Exception as exc:
+            _log.warning("execution %s: recovering an overdue reply failed: %s", execution_id, exc)
+            return
+        finally:
+            self._overdue.pop(execution_id, None)
+        if recovered.terminal:
+            self._resolve_waiters(recovered)
+
+    def _fail_waiters(self, execution_id: uuid.UUID, exc: BaseException) -> None:
+        for future in self._waiters.get(execution_id, ()):
+            if not future.done():
+                future.set_exception(exc)
 
     def _waiter(self, execution_id: uuid.UUID) -> asyncio.Future[SagaExecution | None]:
         future: asyncio.Future[SagaExecution | None] = asyncio.get_running_loop().create_future()

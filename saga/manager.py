@@ -94,8 +94,9 @@ class SagaManager(ExecutionDriver):
         relay_outbox: Whether ``setup()`` starts the `OutboxRelay`.
         relay_interval: Seconds between relay passes.
         consumer_group: Reply consumer group (default ``"{service_name}-orchestrator"``).
-        wait_poll_interval: While ``run(pause_on_disk=False)`` waits, how often it re-reads the execution
-            to notice progress made by another process (and to act on an overdue reply).
+        wait_poll_interval: While ``run(pause_on_disk=False)`` waits, how often the manager re-reads the
+            waiting executions (all in one query) to notice progress made by another process (and to act
+            on an overdue reply).
         clock: Source of "now" (timezone-aware); tests pass a controllable one.
 
     Raises:
@@ -157,6 +158,8 @@ class SagaManager(ExecutionDriver):
         self._driving: dict[uuid.UUID, SagaExecution] = {}
         self._beat: asyncio.TimerHandle | None = None
         self._beat_task: asyncio.Task[None] | None = None
+        self._unmarked: list[int] = []
+        self._overdue: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._started = False
         self._closing = False
 
@@ -218,6 +221,12 @@ class SagaManager(ExecutionDriver):
             if not self._waiters:
                 break
             await asyncio.sleep(0.01)
+        for task in (self._poller, *self._overdue.values()):
+            if task is not None and not task.done():
+                task.cancel()
+        self._poller = None
+        self._overdue.clear()
+        await self._drain_marks()
         self._stop_beat()
         await self.broker_pool.stop()
         await self.storage.stop()

@@ -1,0 +1,134 @@
+"""Runs waiting in ``run()`` share one storage poll; published outbox rows are marked sent in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from broker import InMemoryBrokerPool
+from saga import Saga, SagaContext, SagaManager, SagaRequest, SagaStatus
+from storage import ExecutionNotFoundError, ExecutionRecord
+from storage.memory import MemorySagaStorage
+from tests.unit.conftest import CountingStorage, FakeParticipant, eventually
+
+
+def send(topic: str) -> Any:
+    def build(ctx: SagaContext) -> SagaRequest:
+        return SagaRequest(topic, {"n": ctx.get("n")})
+
+    return build
+
+
+class _BatchLoadingStorage(MemorySagaStorage):
+    """A memory storage that answers ``load_many`` and records each call's ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[uuid.UUID]] = []
+
+    async def load_many(self, ids: Sequence[uuid.UUID]) -> list[ExecutionRecord]:
+        self.batches.append(list(ids))
+        found = []
+        for execution_id in ids:
+            try:
+                found.append(await self.load(execution_id))
+            except Exception:
+                continue
+        return found
+
+
+async def test_many_waiting_runs_are_polled_in_one_query_per_interval(pool: InMemoryBrokerPool) -> None:
+    storage = _BatchLoadingStorage()
+    counted = CountingStorage(storage)
+    manager = SagaManager(
+        counted,  # type: ignore[arg-type]
+        pool,
+        consume_replies=False,
+        relay_outbox=False,
+        wait_poll_interval=0.02,
+    )
+    await manager.setup()
+    saga = manager.register(Saga("slow").remote_step(send("void")).commit())
+    try:
+        runs = [asyncio.create_task(manager.run(saga, {"n": i})) for i in range(20)]
+        await eventually(lambda: len(storage.batches) >= 3)
+        assert all(len(batch) == 20 for batch in storage.batches[:3])
+        assert counted.calls["load"] == 0  # no waiter reads its own execution
+        # Another process finishes them: the next poll resolves every waiter.
+        for execution_id in storage.batches[0]:
+            record = await storage.load(execution_id)
+            await storage.save(
+                ExecutionRecord(
+                    id=record.id,
+                    name=record.name,
+                    definition_version=record.definition_version,
+                    status=SagaStatus.FINISHED,
+                    state=record.state,
+                    steps=record.steps,
+                    version=record.version,
+                )
+            )
+        done = await asyncio.wait_for(asyncio.gather(*runs), 5)
+        assert {e.status for e in done} == {SagaStatus.FINISHED}
+    finally:
+        await manager.destroy()
+
+
+async def test_an_execution_deleted_while_waited_on_fails_the_wait(pool: InMemoryBrokerPool) -> None:
+    storage = _BatchLoadingStorage()
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False, wait_poll_interval=0.02)
+    await manager.setup()
+    saga = manager.register(Saga("gone").remote_step(send("void")).commit())
+    try:
+        run = asyncio.create_task(manager.run(saga))
+        await eventually(lambda: bool(storage.batches))
+        storage._executions.clear()
+        with pytest.raises(ExecutionNotFoundError):
+            await asyncio.wait_for(run, 5)
+    finally:
+        await manager.destroy()
+
+
+async def test_published_rows_are_marked_sent_without_holding_up_the_step(pool: InMemoryBrokerPool) -> None:
+    storage = MemorySagaStorage()
+    gate = asyncio.Event()
+    marked: list[list[int]] = []
+    original = storage.mark_outbox_sent
+
+    async def slow_mark(ids: Sequence[int]) -> None:
+        await gate.wait()
+        marked.append(list(ids))
+        await original(ids)
+
+    storage.mark_outbox_sent = slow_mark  # type: ignore[method-assign]
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
+    await manager.setup()
+    saga = manager.register(Saga("marks").remote_step(send("cmd")).commit())
+    try:
+        # Every run pauses and returns although no mark has been written yet.
+        paused = [await manager.run(saga, {"n": i}, pause_on_disk=True) for i in range(5)]
+        assert {e.status for e in paused} == {SagaStatus.PAUSED}
+        assert len(pool.topic_messages("cmd")) == 5 and marked == []
+        gate.set()
+        await eventually(lambda: sum(map(len, marked)) == 5)
+        # The first mark was already waiting when the other four publishes came: they share one UPDATE.
+        assert len(marked) == 2
+        assert await storage.fetch_outbox(lease_seconds=-1) == []
+    finally:
+        await manager.destroy()
+
+
+async def test_destroy_writes_pending_marks_before_storage_stops(pool: InMemoryBrokerPool) -> None:
+    storage = MemorySagaStorage()
+    manager = SagaManager(storage, pool, relay_outbox=False, service_name="orch")
+    await manager.setup()
+    saga = manager.register(Saga("flush").remote_step(send("cmd")).commit())
+    async with FakeParticipant(pool, "svc", ["cmd"]):
+        execution = await manager.run(saga)
+    await manager.destroy()
+    assert execution.status is SagaStatus.FINISHED
+    assert await storage.fetch_outbox(lease_seconds=-1) == []
