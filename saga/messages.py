@@ -65,6 +65,10 @@ class SagaResponseStatus(IntEnum):
     SYSTEM_ERROR = 500
 
 
+#: Status codes to members: a dict lookup, where ``SagaResponseStatus(code)`` costs an enum call per reply.
+_KNOWN_STATUSES: dict[int, SagaResponseStatus] = {member.value: member for member in SagaResponseStatus}
+
+
 def encode_json(content: Any) -> bytes:
     """Encode message content; raises `TypeError` naming the offending type for non-JSON values."""
     return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
@@ -210,10 +214,7 @@ class SagaResponse:
     @property
     def known_status(self) -> SagaResponseStatus | None:
         """The status as an enum member, or ``None`` when it is not one we know."""
-        try:
-            return SagaResponseStatus(int(self.status))
-        except ValueError:
-            return None
+        return _KNOWN_STATUSES.get(int(self.status))
 
     def to_message(self, topic: str) -> BrokerMessage:
         """Encode for publishing to ``topic`` (the orchestrator's reply topic)."""
@@ -242,11 +243,7 @@ class SagaResponse:
             status_code = int(raw_status)
         except ValueError:
             raise MalformedMessageError(H_STATUS, f"not an integer: {raw_status[:64]!r}") from None
-        status: SagaResponseStatus | int
-        try:
-            status = SagaResponseStatus(status_code)
-        except ValueError:
-            status = status_code
+        status: SagaResponseStatus | int = _KNOWN_STATUSES.get(status_code, status_code)
         return cls(
             content=decode_json(message.value),
             status=status,
