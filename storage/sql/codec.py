@@ -20,6 +20,7 @@ __all__ = [
     "as_uuid",
     "execution_from_row",
     "insert_params",
+    "outbox_arrays",
     "outbox_from_row",
     "outbox_params",
     "reply_from_row",
@@ -142,6 +143,16 @@ def outbox_params(execution_id: uuid.UUID, outbox: Sequence[OutboxMessage]) -> l
     ]
 
 
+def outbox_arrays(outbox: Sequence[OutboxMessage]) -> dict[str, Any]:
+    """The rows as one array per column, for the one-statement writes (`storage.sql.combined`)."""
+    return {
+        "p_outbox_topics": [m.topic for m in outbox],
+        "p_outbox_keys": [m.key for m in outbox],
+        "p_outbox_values": [m.value for m in outbox],
+        "p_outbox_headers": [m.headers for m in outbox],
+    }
+
+
 def outbox_from_row(row: Sequence[Any]) -> OutboxRecord:
     """An outbox row as returned by the relay's claiming ``UPDATE``."""
     id_, execution_id, topic, key, value, headers, created_at = row
@@ -156,15 +167,18 @@ def outbox_from_row(row: Sequence[Any]) -> OutboxRecord:
     )
 
 
-def reply_params(reply: ReplyRecord) -> dict[str, Any]:
-    """Parameters of the reply ``INSERT`` (storage sets ``received_at`` when the reply has none)."""
+def reply_params(reply: ReplyRecord, prefix: str = "p_") -> dict[str, Any]:
+    """Parameters of the reply ``INSERT`` (storage sets ``received_at`` when the reply has none).
+
+    ``prefix`` keeps them apart from the execution's own (``status``) where both are in one statement.
+    """
     return {
-        "p_execution_id": reply.execution_id,
-        "p_request_id": reply.request_id,
-        "p_status": reply.status,
-        "p_outcome": reply.outcome,
-        "p_reason": reply.reason,
-        "p_received_at": reply.received_at,
+        f"{prefix}execution_id": reply.execution_id,
+        f"{prefix}request_id": reply.request_id,
+        f"{prefix}status": reply.status,
+        f"{prefix}outcome": reply.outcome,
+        f"{prefix}reason": reply.reason,
+        f"{prefix}received_at": reply.received_at,
     }
 
 

@@ -39,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from storage.sql.combined import combined_create, combined_save
 from storage.sql.schema import SagaTables
 from storage.sql.types import UtcDateTime
 from storage.status import RECOVERABLE_STATUSES, SagaStatus
@@ -117,6 +118,7 @@ class Statements:
     count_by_status: Select[str, int] = field(init=False)
     _recovery_ids: dict[RecoveryFilter, Select[uuid.UUID]] = field(init=False, default_factory=dict)
     _recovery_claims: dict[RecoveryFilter, Update] = field(init=False, default_factory=dict)
+    _combined: dict[tuple[bool, bool], Select[Any]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         t = self.tables.executions
@@ -297,6 +299,29 @@ class Statements:
         if self.dialect == "postgresql":
             return pick.with_for_update(skip_locked=True)
         return pick
+
+    # -- one-statement writes (PostgreSQL) --------------------------------------------------------------
+
+    @property
+    def combines(self) -> bool:
+        """Whether a write spanning tables runs as one statement (`storage.sql.combined`): PostgreSQL only."""
+        return self.dialect == "postgresql"
+
+    def save_combined(self, *, reply: bool, outbox: bool) -> Select[Any]:
+        """``save`` with the applied reply's row and/or outbox rows, as one statement."""
+        stmt = self._combined.get((reply, outbox))
+        if stmt is None:
+            stmt = self._combined[reply, outbox] = combined_save(
+                self.tables, self.save, reply=reply, outbox=outbox
+            )
+        return stmt
+
+    def create_combined(self) -> Select[Any]:
+        """``insert_execution`` with outbox rows, as one statement."""
+        stmt = self._combined.get((False, False))  # the key no save variant uses
+        if stmt is None:
+            stmt = self._combined[False, False] = combined_create(self.tables, self.insert_execution)
+        return stmt
 
     # -- recovery --------------------------------------------------------------------------------------
 

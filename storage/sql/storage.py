@@ -7,10 +7,11 @@ backend is confined to where "now" comes from (the PostgreSQL server's clock, th
 ``FOR UPDATE SKIP LOCKED`` in the claiming subqueries (PostgreSQL only; SQLite serialises writers), and the
 statement that opens a transaction.
 
-Round trips, because they are the cost (DESIGN §7): ``create`` and ``save`` without outbox rows or a reply
-are one autocommit statement each; with them, one explicit transaction. A ``save`` that matched no row
-spends one more ``SELECT`` to tell "not found" from "stale version". Claims are a single conditional
-``UPDATE ... RETURNING``; so is each heartbeat.
+Round trips, because they are the cost (DESIGN §7): ``create`` and ``save`` are one autocommit statement
+each, outbox rows and the applied reply included on PostgreSQL (data-modifying CTEs, see
+`storage.sql.combined`); SQLite writes those in one explicit transaction instead. A ``save`` that matched
+no row spends one more ``SELECT`` to tell "not found" from "stale version". Claims are a single
+conditional ``UPDATE ... RETURNING``; so is each heartbeat.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import orjson
 from sqlalchemy import URL, ColumnElement, event, func, make_url, select
@@ -43,6 +44,7 @@ from storage.records import (
     StepRecord,
 )
 from storage.sql import codec
+from storage.sql.combined import OUTBOX_IDS
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
 from storage.sql.schema import SagaTables, tables
 from storage.sql.sessions import Session
@@ -61,6 +63,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA journal_mode = WAL")
     finally:
         cursor.close()
+
+
+def _raise_duplicate_reply(reply: ReplyRecord | None, error: BaseException) -> NoReturn:
+    """A unique violation while writing ``reply``: the only unique index it can hit is the applied one's."""
+    if reply is not None and reply.outcome == "applied":
+        raise DuplicateReplyError(reply.execution_id, reply.request_id) from error
+    raise error
 
 
 class SqlAlchemySagaStorage:
@@ -174,13 +183,19 @@ class SqlAlchemySagaStorage:
         ids: list[int] = []
         with self._guard("create"):
             try:
-                if outbox:
+                if not outbox:
+                    async with self._db.connect() as session:
+                        row = await session.first(self._s.insert_execution, params)
+                elif self._s.combines:
+                    params.update(self._outbox_params(outbox, outbox_claim))
+                    async with self._db.connect() as session:
+                        row = await session.first(self._s.create_combined(), params)
+                    assert row is not None
+                    ids = list(row[OUTBOX_IDS])
+                else:
                     async with self._db.transaction() as session:
                         row = await session.first(self._s.insert_execution, params)
                         ids = await self._insert_outbox(session, record.id, outbox, outbox_claim)
-                else:
-                    async with self._db.connect() as session:
-                        row = await session.first(self._s.insert_execution, params)
             except INTEGRITY_ERRORS as error:
                 await self._raise_create_conflict(record, error)
         assert row is not None
@@ -197,6 +212,15 @@ class SqlAlchemySagaStorage:
                 raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
         # Otherwise the primary key: the caller expected no execution with this id (version 0).
         raise ConcurrencyError(record.id, 0) from error
+
+    def _outbox_params(self, outbox: Sequence[OutboxMessage], claim: OutboxClaim | None) -> dict[str, Any]:
+        """The outbox rows' parameters for a one-statement write; the claim columns NULL without a claim."""
+        params = codec.outbox_arrays(outbox)
+        if claim is None:
+            params.update(p_outbox_owner=None, p_outbox_lease=None)
+        else:
+            params.update(self._clock.params(outbox_lease=claim.lease_seconds), p_outbox_owner=claim.owner)
+        return params
 
     async def _insert_outbox(
         self,
@@ -258,6 +282,22 @@ class SqlAlchemySagaStorage:
                     row = await session.first(self._s.save, params)
                     if row is None:
                         await self._raise_save_conflict(session, record)
+            elif self._s.combines:
+                if reply is not None:
+                    params.update(codec.reply_params(reply, prefix="p_reply_"))
+                if outbox:
+                    params.update(self._outbox_params(outbox, outbox_claim))
+                statement = self._s.save_combined(reply=reply is not None, outbox=bool(outbox))
+                async with self._db.connect() as session:
+                    try:
+                        row = await session.first(statement, params)
+                    except INTEGRITY_ERRORS as error:
+                        _raise_duplicate_reply(reply, error)
+                    if row is None:
+                        await self._raise_save_conflict(session, record)
+                assert row is not None
+                if outbox:
+                    ids = list(row[OUTBOX_IDS])
             else:
                 async with self._db.transaction() as session:
                     row = await session.first(self._s.save, params)
@@ -270,7 +310,7 @@ class SqlAlchemySagaStorage:
         assert row is not None
         if outbox_claim is not None:
             outbox_claim.ids.extend(ids)  # committed
-        version, updated_at, owner, lease_until, created_at = row
+        version, updated_at, owner, lease_until, created_at = row[0], row[1], row[2], row[3], row[4]
         return dataclasses.replace(
             record,
             version=version,
@@ -291,9 +331,7 @@ class SqlAlchemySagaStorage:
         try:
             await session.run(self._s.insert_reply, params)
         except INTEGRITY_ERRORS as error:
-            if reply.outcome == "applied":
-                raise DuplicateReplyError(reply.execution_id, reply.request_id) from error
-            raise
+            _raise_duplicate_reply(reply, error)
 
     async def get_steps(self, saga_id: uuid.UUID) -> list[StepRecord]:
         """Step history, oldest first; see `SagaStorage.get_steps`."""

@@ -626,6 +626,58 @@ async def test_outbox_claim_of_a_failed_write_reports_nothing(storage: SagaStora
     assert await unsent(storage) == []
 
 
+async def test_failed_save_with_reply_and_outbox_writes_neither(storage: SagaStorage) -> None:
+    created = await storage.create(execution())
+    current = await storage.save(dataclasses.replace(created, state=b"2"))
+    claim = OutboxClaim("writer", 60)
+    with pytest.raises(ConcurrencyError):
+        await storage.save(
+            dataclasses.replace(created, state=b"3"),
+            outbox=[message(1), message(2)],
+            reply=applied(created.id, uuid.uuid4()),
+            outbox_claim=claim,
+        )
+    with pytest.raises(ExecutionNotFoundError):
+        await storage.save(
+            execution(), outbox=[message(3)], reply=applied(created.id, uuid.uuid4()), outbox_claim=claim
+        )
+    assert claim.ids == []
+    assert await storage.list_replies(created.id) == []
+    assert await unsent(storage) == []
+    assert await storage.load(created.id) == current
+
+
+async def test_outbox_claim_ids_follow_the_rows_order(harness: Harness, storage: SagaStorage) -> None:
+    created = await storage.create(execution())
+    claim = OutboxClaim("writer", 60)
+    await storage.save(
+        dataclasses.replace(created, state=b"2"),
+        outbox=[message(n) for n in range(7)],
+        reply=applied(created.id, uuid.uuid4()),
+        outbox_claim=claim,
+    )
+    await harness.expire_outbox_claims()
+    by_id = {r.id: r.value for r in await unsent(storage)}
+    assert [by_id[i] for i in claim.ids] == [b"v%d" % n for n in range(7)]
+
+
+async def test_save_with_outbox_and_reply_keeps_the_claim_rules(storage: SagaStorage) -> None:
+    rec = await storage.create(execution())
+    claimed = await storage.claim(rec.id, "a", lease_seconds=5)
+    assert claimed is not None
+    assert await storage.renew_claim(rec.id, "a", lease_seconds=600)
+    renewed = (await storage.load(rec.id)).lease_until
+    saved = await storage.save(
+        dataclasses.replace(claimed, state=b"x"), outbox=[message()], reply=applied(rec.id, uuid.uuid4())
+    )
+    assert saved.owner == "a" and saved.lease_until == renewed  # never shortened
+    released = await storage.save(
+        dataclasses.replace(saved, owner=None), outbox=[message()], reply=applied(rec.id, uuid.uuid4())
+    )
+    assert released.owner is None and released.lease_until is None
+    assert await storage.load(rec.id) == released
+
+
 async def test_failed_save_leaves_no_outbox_row(storage: SagaStorage) -> None:
     created = await storage.create(execution())
     await storage.save(dataclasses.replace(created, state=b"2"))

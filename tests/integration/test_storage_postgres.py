@@ -173,9 +173,7 @@ async def test_single_statement_writes_are_one_statement_each(database_url: str,
     async with SqlAlchemySagaStorage(database_url, schema=schema, pool_size=1) as storage:
         warm = await storage.create(ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"))
         await storage.save(warm, outbox=[OutboxMessage("t", None, b"v")])  # prepares every statement once
-        (session,) = storage._db._idle
-        queries: list[str] = []
-        session.raw.add_query_logger(lambda q: queries.append(q.query.split()[0].upper()))  # type: ignore[attr-defined]
+        queries = await _log_queries(storage)
 
         created = await storage.create(ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"))
         saved = await storage.save(dataclasses.replace(created, state=b"1"))
@@ -183,10 +181,158 @@ async def test_single_statement_writes_are_one_statement_each(database_url: str,
         await asyncio.sleep(0.01)  # asyncpg calls query loggers soon after, not during, the query
         assert queries == ["INSERT", "UPDATE", "UPDATE"]
 
-        queries.clear()
-        await storage.save(dataclasses.replace(warm, version=2), outbox=[OutboxMessage("t", None, b"v")])
+
+async def _log_queries(storage: SqlAlchemySagaStorage) -> list[str]:
+    """The first word of every statement the storage's only connection runs from now on."""
+    async with storage._db.connect():  # opens it if the storage has not yet
+        pass
+    (session,) = storage._db._idle
+    queries: list[str] = []
+    session.raw.add_query_logger(lambda q: queries.append(q.query.split()[0].upper()))  # type: ignore[attr-defined]
+    return queries
+
+
+async def _warm_up(storage: SqlAlchemySagaStorage) -> None:
+    """Run each one-statement write once on a throwaway execution, its outbox rows then marked sent.
+
+    asyncpg looks the array types up on their first use (a ``SELECT`` the query logger would see).
+    """
+    from storage import ExecutionRecord, OutboxMessage, ReplyRecord, SagaStatus
+    from storage.records import OutboxClaim
+
+    outbox = [OutboxMessage("warm", None, b"v")]
+    first, second = OutboxClaim("warm", 30), OutboxClaim("warm", 30)
+    warm = ExecutionRecord(uuid.uuid4(), "warm", 1, SagaStatus.RUNNING, b"{}")
+    created = await storage.create(warm, outbox=outbox, outbox_claim=first)
+    reply = ReplyRecord(warm.id, uuid.uuid4(), 200, "applied")
+    await storage.save(created, outbox=outbox, reply=reply, outbox_claim=second)
+    await storage.mark_outbox_sent(first.ids + second.ids)
+
+
+async def _rows(database_url: str, schema: str, sql: str) -> list[Any]:
+    conn = await _connect(database_url, schema)
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+async def test_writes_with_outbox_and_reply_are_one_statement(database_url: str, schema: str) -> None:
+    """A remote step's save (state + applied reply + claimed outbox rows) and a create with outbox rows are
+    one statement each, the outbox ids come back in the rows' order, and every part has the same clock."""
+    from storage import ExecutionRecord, OutboxMessage, ReplyRecord, SagaStatus
+    from storage.records import OutboxClaim
+
+    await upgrade_async(database_url, schema=schema)
+    messages = [OutboxMessage(f"t{n}", None if n % 2 else b"k%d" % n, b"v%d" % n, {"n": n}) for n in range(5)]
+    async with SqlAlchemySagaStorage(database_url, schema=schema, pool_size=1) as storage:
+        await _warm_up(storage)
+        queries = await _log_queries(storage)
+        first = OutboxClaim("me", 30)
+        created = await storage.create(
+            ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"),
+            outbox=messages[:2],
+            outbox_claim=first,
+        )
+        second = OutboxClaim("me", 30)
+        request_id = uuid.uuid4()
+        saved = await storage.save(
+            dataclasses.replace(created, status=SagaStatus.PAUSED, state=b"1"),
+            outbox=messages[2:],
+            reply=ReplyRecord(created.id, request_id, 200, "applied"),
+            outbox_claim=second,
+        )
+        unclaimed = await storage.save(dataclasses.replace(saved, state=b"2"), outbox=messages[:1])
+        replied = await storage.save(
+            dataclasses.replace(unclaimed, state=b"3"),
+            reply=ReplyRecord(created.id, uuid.uuid4(), 200, "applied"),
+        )
         await asyncio.sleep(0.01)
-        assert queries == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+        assert queries == ["WITH"] * 4
+        assert replied.version == 4
+
+    rows = await _rows(
+        database_url,
+        schema,
+        "SELECT id, topic, key, value, headers, created_at, claimed_by, claimed_until FROM saga_outbox"
+        " WHERE sent_at IS NULL ORDER BY id",
+    )
+    assert [r["id"] for r in rows[:2]] == first.ids
+    assert [r["id"] for r in rows[2:5]] == second.ids
+    assert first.ids[0] < first.ids[1] < second.ids[0] < second.ids[1] < second.ids[2]
+    assert [(r["topic"], r["key"], r["value"], r["headers"]) for r in rows] == [
+        (m.topic, m.key, m.value, f'{{"n": {m.headers["n"]}}}') for m in (*messages, messages[0])
+    ]
+    assert {r["claimed_by"] for r in rows[:5]} == {"me"} and rows[5]["claimed_by"] is None
+    assert rows[5]["claimed_until"] is None
+    assert rows[2]["claimed_until"] == saved.updated_at + timedelta(seconds=30)
+    # one statement, one clock: the rows and the reply carry the execution's updated_at
+    assert {r["created_at"] for r in rows[:2]} == {created.updated_at}
+    assert {r["created_at"] for r in rows[2:5]} == {saved.updated_at}
+    replies = await _rows(
+        database_url,
+        schema,
+        f"SELECT request_id, received_at FROM saga_replies WHERE execution_id = '{created.id}' ORDER BY id",
+    )
+    assert (replies[0]["request_id"], replies[0]["received_at"]) == (request_id, saved.updated_at)
+
+
+async def test_a_failed_one_statement_save_writes_nothing(database_url: str, schema: str) -> None:
+    """Stale version, unknown id, duplicate applied reply: no reply row, no outbox row, no state change."""
+    from storage import (
+        ConcurrencyError,
+        DuplicateReplyError,
+        ExecutionNotFoundError,
+        ExecutionRecord,
+        OutboxMessage,
+        ReplyRecord,
+        SagaStatus,
+    )
+    from storage.records import OutboxClaim
+
+    await upgrade_async(database_url, schema=schema)
+    async with SqlAlchemySagaStorage(database_url, schema=schema, pool_size=1) as storage:
+        created = await storage.create(ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"))
+        applied = ReplyRecord(created.id, uuid.uuid4(), 200, "applied")
+        current = await storage.save(dataclasses.replace(created, state=b"1"), reply=applied)
+        await _warm_up(storage)
+        queries = await _log_queries(storage)
+        claim = OutboxClaim("me", 30)
+        outbox = [OutboxMessage("t", None, b"v")]
+
+        with pytest.raises(ConcurrencyError):  # stale version
+            await storage.save(
+                dataclasses.replace(created, state=b"lost"),
+                outbox=outbox,
+                reply=ReplyRecord(created.id, uuid.uuid4(), 200, "applied"),
+                outbox_claim=claim,
+            )
+        await asyncio.sleep(0.01)
+        assert queries == ["WITH", "SELECT"]  # the write, then "not found or stale?"
+        with pytest.raises(ExecutionNotFoundError):
+            await storage.save(
+                dataclasses.replace(created, id=uuid.uuid4()),
+                outbox=outbox,
+                reply=ReplyRecord(created.id, uuid.uuid4(), 200, "applied"),
+            )
+        with pytest.raises(DuplicateReplyError):  # right version, but the reply was applied already
+            await storage.save(
+                dataclasses.replace(current, state=b"twice"), outbox=outbox, reply=applied, outbox_claim=claim
+            )
+        assert claim.ids == []
+        assert await storage.load(created.id) == current
+        assert len(await storage.list_replies(created.id)) == 1
+        # the connection is still good after the aborted statement
+        assert (await storage.save(current, outbox=outbox)).version == current.version + 1
+    assert len(await _rows(database_url, schema, "SELECT id FROM saga_outbox WHERE sent_at IS NULL")) == 1
+    assert (
+        len(
+            await _rows(
+                database_url, schema, f"SELECT id FROM saga_replies WHERE execution_id = '{created.id}'"
+            )
+        )
+        == 1
+    )
 
 
 # -- migrations ----------------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""PostgreSQL: a write that spans tables as one statement, through data-modifying CTEs.
+
+Why: on the explicit-transaction path a remote step's ``save`` costs ``BEGIN``, the ``UPDATE``, the reply's
+``INSERT``, one ``INSERT ... RETURNING id`` per outbox row and ``COMMIT``: five or more round trips for one
+fsync. PostgreSQL runs a single statement in a transaction of its own, so the same writes chained as CTEs
+are just as atomic and cost one round trip::
+
+    WITH e AS (UPDATE saga_executions ... WHERE id = $id AND version = $version RETURNING ...),
+         r AS (INSERT INTO saga_replies (...) SELECT ... FROM e),
+         o AS (INSERT INTO saga_outbox (...) SELECT ... FROM e JOIN unnest($topics, $keys, $values, $headers)
+               WITH ORDINALITY AS m ON true ORDER BY m.n RETURNING id)
+    SELECT e.*, (SELECT array_agg(id ORDER BY id) FROM o) FROM e
+
+Every rule of the multi-statement path still holds:
+
+* Version check: the reply and outbox rows are selected ``FROM e``, the ``UPDATE``'s own output. When it
+  matched no row (unknown id, stale version) they insert nothing and the statement returns no row, so the
+  caller tells "not found" from "stale" with the same follow-up ``SELECT`` as before.
+* A duplicate applied reply violates ``ux_saga_replies_applied`` and aborts the whole statement: the
+  ``UPDATE`` and the outbox rows go with it.
+* Outbox ids come back in the rows' order: the rows are inserted in ordinality order, so the sequence hands
+  out ascending ids in that order, and ``array_agg(id ORDER BY id)`` returns them so.
+* One clock: ``now()`` is the transaction's start time, the same in every part of the statement.
+* Claimed and unclaimed rows are one statement: ``claimed_by = $outbox_owner`` and ``claimed_until = now() +
+  $outbox_lease`` are both NULL when the two parameters are (an interval of NULL gives NULL).
+
+The rows travel as one array per column (``unnest`` of several arrays zips them), so the SQL text is the same
+for any number of rows and compiles once to a `storage.sql.sessions.Plan` like every prebuilt statement.
+SQLite has no data-modifying CTEs, so it keeps the explicit transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    CTE,
+    ColumnElement,
+    Insert,
+    Integer,
+    Interval,
+    LargeBinary,
+    Select,
+    String,
+    Table,
+    Update,
+    bindparam,
+    func,
+    select,
+    true,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+
+from storage.sql.schema import SagaTables
+from storage.sql.types import JsonDocument, UtcDateTime
+
+__all__ = ["OUTBOX_IDS", "combined_create", "combined_save"]
+
+#: Position of the outbox ids (an array, or NULL when no row was written) in a combined statement's row.
+OUTBOX_IDS = -1
+
+
+def _p(name: str, type_: Any) -> Any:
+    # The same ``p_`` prefix as every statement parameter (see `storage.sql.statements`).
+    return bindparam(f"p_{name}", type_=type_)
+
+
+def _reply_row(replies: Table, source: CTE) -> CTE:
+    """``INSERT INTO saga_replies ... SELECT ... FROM source``: one row if ``source`` has one, else none."""
+    return (
+        replies.insert()
+        .from_select(
+            ["execution_id", "request_id", "status", "outcome", "reason", "received_at"],
+            select(
+                _p("reply_execution_id", replies.c.execution_id.type),
+                _p("reply_request_id", replies.c.request_id.type),
+                _p("reply_status", Integer()),
+                _p("reply_outcome", String()),
+                _p("reply_reason", String()),
+                func.coalesce(_p("reply_received_at", UtcDateTime()), func.now(type_=UtcDateTime())),
+            ).select_from(source),
+        )
+        .cte("r")
+    )
+
+
+def _outbox_rows(outbox: Table, execution_id: ColumnElement[Any], source: CTE) -> CTE:
+    """``INSERT INTO saga_outbox ... SELECT`` the zipped parameter arrays, once per row of ``source``."""
+    rows = (
+        func.unnest(
+            _p("outbox_topics", ARRAY(String())),
+            _p("outbox_keys", ARRAY(LargeBinary())),
+            _p("outbox_values", ARRAY(LargeBinary())),
+            _p("outbox_headers", ARRAY(JsonDocument())),
+        )
+        .table_valued("topic", "key", "value", "headers", with_ordinality="n")
+        .render_derived(name="m")
+    )
+    now = func.now(type_=UtcDateTime())
+    return (
+        outbox.insert()
+        .from_select(
+            ["execution_id", "topic", "key", "value", "headers", "created_at", "claimed_by", "claimed_until"],
+            select(
+                execution_id,
+                rows.c.topic,
+                rows.c.key,
+                rows.c.value,
+                rows.c.headers,
+                now,
+                _p("outbox_owner", String()),
+                now + _p("outbox_lease", Interval()),
+            )
+            .select_from(source.join(rows, true()))
+            .order_by(rows.c.n),
+        )
+        .returning(outbox.c.id)
+        .cte("o")
+    )
+
+
+def _with_ids(write: CTE, outbox: CTE | None, *others: CTE) -> Select[Any]:
+    """``SELECT write.*, (SELECT array_agg(id ORDER BY id) FROM outbox) FROM write``, carrying ``others``."""
+    columns: list[Any] = list(write.c)
+    if outbox is not None:
+        columns.append(select(func.array_agg(aggregate_order_by(outbox.c.id, outbox.c.id))).scalar_subquery())
+    stmt = select(*columns)
+    return stmt.add_cte(*others) if others else stmt
+
+
+def combined_save(tables: SagaTables, save: Update, *, reply: bool, outbox: bool) -> Select[Any]:
+    """``save`` (the optimistic ``UPDATE ... RETURNING``) with its reply row and/or outbox rows."""
+    e = save.cte("e")
+    others = [_reply_row(tables.replies, e)] if reply else []
+    o = _outbox_rows(tables.outbox, _p("id", tables.executions.c.id.type), e) if outbox else None
+    return _with_ids(e, o, *others)
+
+
+def combined_create(tables: SagaTables, insert: Insert) -> Select[Any]:
+    """``insert`` (the new execution's ``INSERT ... RETURNING``) with its outbox rows."""
+    e = insert.cte("e")
+    return _with_ids(e, _outbox_rows(tables.outbox, _p("id", tables.executions.c.id.type), e))
