@@ -8,6 +8,10 @@ match its partial index (``status = 'paused'``) even under a generic prepared-st
 Time is the one thing that differs by backend (`Clock`): on PostgreSQL "now" is the server's ``now()``, so
 ``updated_at``, leases and staleness all use the database clock whichever host the workers run on; SQLite
 has no server, so the client's UTC time goes in as a parameter under the same names.
+
+On PostgreSQL the claim, heartbeat, release and sent-mark statements also turn ``synchronous_commit`` off
+for their own transaction (`Statements._commit_without_flush`, which says why that is safe for them and
+for nothing else).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -197,6 +202,7 @@ class Statements:
         )
 
         owner = _p("owner")
+        no_flush = self._commit_without_flush()
         self.claim = (
             update(t)
             .where(
@@ -207,19 +213,20 @@ class Statements:
                     t.c.lease_until.is_(None),
                     t.c.lease_until < now(),
                 ),
+                *no_flush,
             )
             .values(owner=owner, lease_until=self.clock.shifted("lease"), **bump)
             .returning(*every)
         )
         self.renew = (
             update(t)
-            .where(by_id, t.c.owner == owner)
+            .where(by_id, t.c.owner == owner, *no_flush)
             .values(lease_until=self.clock.shifted("lease"))
             .returning(t.c.id)
         )
         self.release = (
             update(t)
-            .where(by_id, t.c.owner == owner)
+            .where(by_id, t.c.owner == owner, *no_flush)
             .values(owner=None, lease_until=None, **bump)
             .returning(t.c.id)
         )
@@ -281,7 +288,7 @@ class Statements:
             ids: ColumnElement[bool] = o.c.id == any_(_p("ids", postgresql.ARRAY(BigInteger())))
         else:
             ids = o.c.id.in_(bindparam("p_ids", expanding=True))
-        self.mark_sent = update(o).where(ids, o.c.sent_at.is_(None)).values(sent_at=now())
+        self.mark_sent = update(o).where(ids, o.c.sent_at.is_(None), *no_flush).values(sent_at=now())
 
         c = self.tables.command_replies
         self.get_command_reply = select(c.c.reply).where(c.c.idempotency_key == _p("key"))
@@ -292,6 +299,37 @@ class Statements:
             .on_conflict_do_nothing(index_elements=[c.c.idempotency_key])
         )
         self.count_by_status = select(t.c.status, func.count()).group_by(t.c.status)
+
+    def _commit_without_flush(self) -> list[ColumnElement[bool]]:
+        """PostgreSQL: a condition that turns ``synchronous_commit`` off for the statement's own transaction.
+
+        ``(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL`` is uncorrelated, so it is
+        planned as an InitPlan run once before any row is touched (a one-time filter, always true), and
+        ``true`` makes the setting local to the transaction: the autocommit statement's own. Its commit then
+        returns without waiting for the WAL flush, in the same single round trip. Visibility to other
+        sessions is immediate either way; only durability across a server crash changes.
+
+        Used only by writes that a server crash may lose without harm (`claim`, `renew_claim`,
+        `release_claim`, `mark_outbox_sent`); never by ``save``, ``create``, ``record_reply`` or
+        ``put_command_reply``, which the "persist before publish" and "commit the offset after the
+        transaction" rules stand on:
+
+        * WAL is flushed in order, so the first durable commit after such a write (the holder's ``save``)
+          makes it durable too.
+        * A claim lost in a crash was never followed by a durable write of its holder, and the holder's next
+          save fails the version check: the stored row is back at the version before the claim (or, if
+          another worker claimed it since, that worker holds the same version and the first save of the
+          two wins, as between any two racing writers). A lost renewal only shortens the lease, a lost
+          release only keeps the row claimed until its lease ends.
+        * A lost sent-mark only makes a relay publish the row again once its claim's lease is over, and
+          participants drop the duplicate by its idempotency key.
+
+        SQLite has no such setting (and no server to crash separately): no condition there.
+        """
+        if self.dialect != "postgresql":
+            return []
+        setting = func.set_config(literal_column("'synchronous_commit'"), literal_column("'off'"), true())
+        return [select(setting).scalar_subquery().is_not(None)]
 
     def _lock(self, pick: Select[Any]) -> Select[Any]:
         # PostgreSQL: concurrent claimers skip each other's rows instead of queueing behind them. SQLite

@@ -12,6 +12,11 @@ each, outbox rows and the applied reply included on PostgreSQL (data-modifying C
 `storage.sql.combined`); SQLite writes those in one explicit transaction instead. A ``save`` that matched
 no row spends one more ``SELECT`` to tell "not found" from "stale version". Claims are a single
 conditional ``UPDATE ... RETURNING``; so is each heartbeat.
+
+Fsyncs, the other cost: on PostgreSQL claims, heartbeats, releases and sent-marks commit without waiting for
+the WAL flush (``synchronous_commit`` off for their own transaction, set by the statement itself), because
+a server crash that loses one of them loses nothing: the reasons are on
+`storage.sql.statements.Statements._commit_without_flush`. Every other write is durable when it returns.
 """
 
 from __future__ import annotations
@@ -435,7 +440,11 @@ class SqlAlchemySagaStorage:
     # -- claims ----------------------------------------------------------------------------------------
 
     async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> ExecutionRecord | None:
-        """Conditional ``UPDATE`` taking the claim; ``None`` if another owner's lease is live."""
+        """Conditional ``UPDATE`` taking the claim; ``None`` if another owner's lease is live.
+
+        Commits without waiting for the WAL flush on PostgreSQL: the holder's next save, durable, either
+        makes the claim durable too or fails the version check if a crash lost the claim.
+        """
         params = self._clock.params(lease=lease_seconds)
         params.update(p_id=saga_id, p_owner=owner)
         with self._guard("claim"):
@@ -473,7 +482,11 @@ class SqlAlchemySagaStorage:
         return [codec.execution_from_row(r) for r in rows]
 
     async def renew_claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> bool:
-        """Extend ``owner``'s lease (no version bump); ``False`` if it no longer holds the claim."""
+        """Extend ``owner``'s lease (no version bump); ``False`` if it no longer holds the claim.
+
+        Commits without waiting for the WAL flush on PostgreSQL: a renewal lost in a crash only shortens the
+        lease, and a claim taken over after that bumps the version, which fences the holder off.
+        """
         params = self._clock.params(lease=lease_seconds)
         params.update(p_id=saga_id, p_owner=owner)
         if await self._update_one("renew_claim", self._s.renew, params):
@@ -482,7 +495,11 @@ class SqlAlchemySagaStorage:
         return False
 
     async def release_claim(self, saga_id: uuid.UUID, owner: str) -> None:
-        """Drop ``owner``'s claim; a no-op if someone else (or no one) holds it."""
+        """Drop ``owner``'s claim; a no-op if someone else (or no one) holds it.
+
+        Commits without waiting for the WAL flush on PostgreSQL: a release lost in a crash only keeps the
+        row claimed until its lease ends.
+        """
         if not await self._update_one("release_claim", self._s.release, {"p_id": saga_id, "p_owner": owner}):
             await self._require(saga_id)
 
@@ -515,7 +532,11 @@ class SqlAlchemySagaStorage:
         return sorted((codec.outbox_from_row(r) for r in rows), key=lambda r: r.id)
 
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
-        """Mark rows as published so no relay fetches them again."""
+        """Mark rows as published so no relay fetches them again.
+
+        Commits without waiting for the WAL flush on PostgreSQL: a mark lost in a crash only makes a relay
+        publish the rows again after their lease, and participants drop duplicates by idempotency key.
+        """
         if not ids:
             return
         params = self._clock.params()

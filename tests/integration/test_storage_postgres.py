@@ -335,6 +335,154 @@ async def test_a_failed_one_statement_save_writes_nothing(database_url: str, sch
     )
 
 
+# -- commits that do not wait for the WAL flush -------------------------------------------------------
+
+
+async def _wal_syncs(raw: Any) -> int:
+    """The server's WAL fsync count, with this connection's own pending counts flushed into it first."""
+    await raw.execute("SELECT pg_stat_force_next_flush()")  # counts are reported when the backend idles
+    await raw.execute("SELECT 1")
+    return int(await raw.fetchval("SELECT wal_sync FROM pg_stat_wal"))
+
+
+async def test_claims_renewals_releases_and_sent_marks_do_not_wait_for_fsync(
+    database_url: str, schema: str
+) -> None:
+    """Each of these writes commits without flushing the WAL; a save after them still flushes it.
+
+    Counted with ``pg_stat_wal.wal_sync``, which the whole server shares: another session's fsyncs only
+    add to the count, so each measurement of a write that should not flush is taken three times and the
+    smallest count kept.
+    """
+    from storage import ExecutionRecord, OutboxMessage, SagaStatus
+    from storage.records import OutboxClaim
+
+    n = 40
+    await upgrade_async(database_url, schema=schema)
+    async with SqlAlchemySagaStorage(database_url, schema=schema, pool_size=1) as storage:
+        claim = OutboxClaim("me", 600)
+        records = []
+        for _ in range(n):
+            record = ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.PAUSED, b"{}")
+            messages = [OutboxMessage("t", None, b"v")] * 3
+            records.append(await storage.create(record, outbox=messages, outbox_claim=claim))
+        (session,) = storage._db._idle
+        if await session.raw.fetchval("SHOW fsync") != "on":
+            pytest.skip("the server runs with fsync off: there is no flush to count")
+        unmarked = list(claim.ids)
+
+        async def syncs(call: Any) -> int:
+            before = await _wal_syncs(session.raw)
+            await call()
+            return await _wal_syncs(session.raw) - before
+
+        async def few_syncs(call: Any) -> int:
+            return min([await syncs(call) for _ in range(3)])
+
+        async def claim_all() -> None:  # the same owner again: each call writes (version bump)
+            for r in records:
+                got = await storage.claim(r.id, "me", lease_seconds=60)
+                assert got is not None and got.owner == "me"
+
+        async def renew_all() -> None:
+            for r in records:
+                assert await storage.renew_claim(r.id, "me", lease_seconds=120)
+
+        async def claim_and_release_all() -> None:
+            for r in records:
+                assert await storage.claim(r.id, "me", lease_seconds=60) is not None
+                await storage.release_claim(r.id, "me")
+                assert (await storage.load(r.id)).owner is None
+
+        async def mark_some() -> None:  # n rows a round, each in a call of its own
+            for _ in range(n):
+                await storage.mark_outbox_sent([unmarked.pop()])
+
+        async def save_all() -> None:
+            for r in records:
+                current = await storage.load(r.id)
+                await storage.save(dataclasses.replace(current, state=b"1"))
+
+        assert await few_syncs(claim_all) < n // 4
+        assert await few_syncs(renew_all) < n // 4
+        assert await few_syncs(claim_and_release_all) < n // 4
+        assert await few_syncs(mark_some) < n // 4
+        assert unmarked == []
+        # and the setting ended with each statement's transaction: saves on the same connection flush
+        assert await syncs(save_all) >= n // 2
+        assert await session.raw.fetchval("SHOW synchronous_commit") == "on"
+    rows = await _rows(
+        database_url, schema, "SELECT count(*) AS unsent FROM saga_outbox WHERE sent_at IS NULL"
+    )
+    assert rows[0]["unsent"] == 0
+
+
+async def test_commit_without_flush_is_set_by_the_statement_in_every_plan(
+    database_url: str, schema: str
+) -> None:
+    """The InitPlan really runs: inside a transaction each statement leaves ``synchronous_commit`` off, with
+    a custom and with a generic plan, whether or not it matched a row, and still returns the right rows;
+    ``save`` leaves it on."""
+    await upgrade_async(database_url, schema=schema)
+    await _insert_stale(database_url, schema, 1)
+    storage = SqlAlchemySagaStorage(database_url, schema=schema, auto_migrate=False)
+    plans = Plans(storage.engine.dialect)
+    conn = await _connect(database_url, schema)
+    s = storage._s
+
+    async def run(statement: Any, params: dict[str, Any], setting: str) -> str:
+        """Run ``statement`` in a transaction rolled back afterwards; its status (``UPDATE <rows>``)."""
+        plan = plans.get(statement)
+        assert plan is not None
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            status = str(await conn.execute(plan.sql, *plan.args(params)))
+            assert await conn.fetchval("SHOW synchronous_commit") == setting, plan.sql
+        finally:
+            await transaction.rollback()
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        return status
+
+    try:
+        saga_id = await conn.fetchval("SELECT id FROM saga_executions")
+        row_id = await conn.fetchval(
+            "INSERT INTO saga_outbox (execution_id, topic, value, headers, created_at)"
+            " VALUES ($1, 't', 'v', '{}', now()) RETURNING id",
+            saga_id,
+        )
+        params = {"p_id": saga_id, "p_owner": "me", "p_lease": timedelta(seconds=30)}
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            for holder, matched in (("me", "UPDATE 1"), ("other", "UPDATE 0")):
+                await conn.execute(
+                    "UPDATE saga_executions SET owner = $1, lease_until = now() + interval '1 hour'", holder
+                )
+                for statement in (s.claim, s.renew, s.release):
+                    assert await run(statement, params, "off") == matched
+            assert await run(s.mark_sent, {"p_ids": [row_id]}, "off") == "UPDATE 1"
+            assert await run(s.mark_sent, {"p_ids": [row_id + 1]}, "off") == "UPDATE 0"
+            saved = await run(s.save, {"p_id": saga_id, "p_version": 1, **_save_values()}, "on")
+            assert saved == "UPDATE 1"
+    finally:
+        await conn.close()
+        await storage.stop()
+
+
+def _save_values() -> dict[str, Any]:
+    return {
+        "p_status": "running",
+        "p_state": b"{}",
+        "p_steps": [],
+        "p_recovery_attempts": 0,
+        "p_user": None,
+        "p_reply_deadline": None,
+        "p_error": None,
+        "p_owner": None,
+        "p_lease_until": None,
+    }
+
+
 # -- migrations ----------------------------------------------------------------------------------------
 
 
