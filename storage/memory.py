@@ -295,6 +295,11 @@ class MemorySagaStorage:
         """Return the stored execution; see `SagaStorage.load`."""
         return _copy_record(self._get(saga_id))
 
+    async def load_many(self, ids: Sequence[uuid.UUID]) -> list[ExecutionRecord]:
+        """The stored executions among ``ids``, in their order, each once; see `SupportsLoadMany`."""
+        executions = self._executions
+        return [_copy_record(executions[i]) for i in dict.fromkeys(ids) if i in executions]
+
     async def find_by_idempotency_key(self, idempotency_key: str) -> ExecutionRecord | None:
         """Return the execution started with this key, if any."""
         saga_id = self._by_key.get(idempotency_key)

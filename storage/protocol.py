@@ -35,7 +35,7 @@ from storage.records import (
 )
 from storage.status import SagaStatus
 
-__all__ = ["ISagaStorage", "SagaStorage"]
+__all__ = ["ISagaStorage", "SagaStorage", "SupportsLoadMany"]
 
 
 @runtime_checkable
@@ -232,6 +232,20 @@ class SagaStorage(Protocol):
 
     async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
         """Remember the reply of a handled command (first write wins)."""
+        ...
+
+
+@runtime_checkable
+class SupportsLoadMany(Protocol):
+    """A storage that reads many executions in one round trip: an optional capability, not in `SagaStorage`.
+
+    The orchestrator polls every execution its callers wait on with one call per interval instead of one
+    `SagaStorage.load` each; storages without it (code written against the port before it) keep working
+    through ``load``. Both adapters here implement it.
+    """
+
+    async def load_many(self, ids: Sequence[uuid.UUID]) -> list[ExecutionRecord]:
+        """The stored executions among ``ids``, in the order of ``ids``, each once; unknown ids are absent."""
         ...
 
 

@@ -104,6 +104,7 @@ class Statements:
     save: Update = field(init=False)
     version_of: Select[int] = field(init=False)
     load: Select[Any] = field(init=False)
+    load_many: Select[Any] = field(init=False)
     by_idempotency_key: Select[Any] = field(init=False)
     id_by_idempotency_key: Select[uuid.UUID] = field(init=False)
     increment_attempts: Update = field(init=False)
@@ -181,6 +182,7 @@ class Statements:
         )
         self.version_of = select(t.c.version).where(t.c.id == _p("id"))
         self.load = select(*every).where(t.c.id == _p("id"))
+        self.load_many = select(*every).where(self._one_of(t.c.id, t.c.id.type))
         self.by_idempotency_key = select(*every).where(t.c.idempotency_key == _p("key"))
         self.id_by_idempotency_key = select(t.c.id).where(t.c.idempotency_key == _p("key"))
 
@@ -282,13 +284,11 @@ class Statements:
             .values(claimed_by=_p("owner"), claimed_until=self.clock.shifted("lease"))
             .returning(o.c.id, o.c.execution_id, o.c.topic, o.c.key, o.c.value, o.c.headers, o.c.created_at)
         )
-        if self.dialect == "postgresql":
-            # ``= ANY(array)``: one SQL text for any number of ids, so it is prebuilt and runs on the
-            # driver directly; an expanding ``IN`` is rendered per call and takes SQLAlchemy's path.
-            ids: ColumnElement[bool] = o.c.id == any_(_p("ids", postgresql.ARRAY(BigInteger())))
-        else:
-            ids = o.c.id.in_(bindparam("p_ids", expanding=True))
-        self.mark_sent = update(o).where(ids, o.c.sent_at.is_(None), *no_flush).values(sent_at=now())
+        self.mark_sent = (
+            update(o)
+            .where(self._one_of(o.c.id, BigInteger()), o.c.sent_at.is_(None), *no_flush)
+            .values(sent_at=now())
+        )
 
         c = self.tables.command_replies
         self.get_command_reply = select(c.c.reply).where(c.c.idempotency_key == _p("key"))
@@ -299,6 +299,14 @@ class Statements:
             .on_conflict_do_nothing(index_elements=[c.c.idempotency_key])
         )
         self.count_by_status = select(t.c.status, func.count()).group_by(t.c.status)
+
+    def _one_of(self, column: ColumnElement[Any], type_: Any) -> ColumnElement[bool]:
+        """``column`` is one of the values of the list parameter ``p_ids``."""
+        if self.dialect == "postgresql":
+            # ``= ANY(array)``: one SQL text for any number of ids, so it is prebuilt and runs on the
+            # driver directly; an expanding ``IN`` is rendered per call and takes SQLAlchemy's path.
+            return column == any_(_p("ids", postgresql.ARRAY(type_)))
+        return column.in_(bindparam("p_ids", expanding=True))
 
     def _commit_without_flush(self) -> list[ColumnElement[bool]]:
         """PostgreSQL: a condition that turns ``synchronous_commit`` off for the statement's own transaction.

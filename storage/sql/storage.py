@@ -262,6 +262,18 @@ class SqlAlchemySagaStorage:
             raise ExecutionNotFoundError(saga_id)
         return codec.execution_from_row(row)
 
+    async def load_many(self, ids: Sequence[uuid.UUID]) -> list[ExecutionRecord]:
+        """The stored executions among ``ids`` in one ``SELECT``, in their order, each once; unknown ids are
+        absent. See `SupportsLoadMany`."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return []
+        with self._guard("load_many"):
+            async with self._db.connect() as session:
+                rows = await session.all(self._s.load_many, {"p_ids": wanted})
+        found = {r.id: r for r in map(codec.execution_from_row, rows)}
+        return [found[i] for i in wanted if i in found]
+
     async def find_by_idempotency_key(self, idempotency_key: str) -> ExecutionRecord | None:
         """Return the execution started with this key, if any."""
         with self._guard("find_by_idempotency_key"):

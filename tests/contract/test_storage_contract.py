@@ -31,6 +31,7 @@ from storage import (
     SagaStatus,
     SagaStorage,
     StepRecord,
+    SupportsLoadMany,
 )
 from storage.records import OutboxClaim
 
@@ -246,6 +247,24 @@ async def test_load_missing_names_the_id(storage: SagaStorage) -> None:
             await call
         assert info.value.execution_id == missing
         assert str(missing) in str(info.value)
+
+
+async def test_load_many_reads_the_known_executions_in_the_order_asked(storage: SagaStorage) -> None:
+    assert isinstance(storage, SupportsLoadMany)
+    first = await storage.create(execution())
+    second = await storage.create(execution(status=SagaStatus.PAUSED, error={"type": "X"}))
+    first = await storage.save(dataclasses.replace(first, state=b"2"))
+    missing = uuid.uuid4()
+    assert await storage.load_many([second.id, missing, first.id, second.id]) == [second, first]
+    assert await storage.load_many([]) == []
+    assert await storage.load_many([missing]) == []
+    many = [(await storage.create(execution())).id for _ in range(30)]
+    assert [r.id for r in await storage.load_many(many[::-1])] == many[::-1]
+    # what comes back is a copy: changing it changes nothing stored
+    (loaded,) = await storage.load_many([second.id])
+    assert loaded.error is not None
+    loaded.error["type"] = "changed"  # type: ignore[index]
+    assert (await storage.load(second.id)).error == {"type": "X"}
 
 
 async def test_save_bumps_version_and_updated_at(storage: SagaStorage) -> None:

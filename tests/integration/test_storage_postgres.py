@@ -192,6 +192,25 @@ async def _log_queries(storage: SqlAlchemySagaStorage) -> list[str]:
     return queries
 
 
+async def test_load_many_is_one_prebuilt_statement(database_url: str, schema: str) -> None:
+    """``= ANY($1::uuid[])``: one SQL text for any number of ids, run on the driver directly."""
+    from storage import ExecutionRecord, SagaStatus
+
+    await upgrade_async(database_url, schema=schema)
+    async with SqlAlchemySagaStorage(database_url, schema=schema, pool_size=1) as storage:
+        ids = [
+            (await storage.create(ExecutionRecord(uuid.uuid4(), "order", 1, SagaStatus.RUNNING, b"{}"))).id
+            for _ in range(3)
+        ]
+        assert len(await storage.load_many(ids[:1])) == 1  # prepares it
+        queries = await _log_queries(storage)
+        found = await storage.load_many([*ids, uuid.uuid4()])
+        await asyncio.sleep(0.01)
+        assert [r.id for r in found] == ids
+        assert queries == ["SELECT"]
+        assert storage._db._plans.get(storage._s.load_many) is not None
+
+
 async def _warm_up(storage: SqlAlchemySagaStorage) -> None:
     """Run each one-statement write once on a throwaway execution, its outbox rows then marked sent.
 

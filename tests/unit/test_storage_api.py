@@ -28,6 +28,7 @@ PUBLIC = [
     "StepRecord",
     "StorageError",
     "StorageUnavailableError",
+    "SupportsLoadMany",
 ]
 
 
@@ -47,8 +48,19 @@ def test_every_public_name_resolves() -> None:
 
 
 def test_adapters_satisfy_the_port() -> None:
-    assert isinstance(storage.MemorySagaStorage(), storage.SagaStorage)
-    assert isinstance(storage.SqlAlchemySagaStorage("sqlite+aiosqlite://"), storage.SagaStorage)
+    for adapter in (storage.MemorySagaStorage(), storage.SqlAlchemySagaStorage("sqlite+aiosqlite://")):
+        assert isinstance(adapter, storage.SagaStorage)
+        assert isinstance(adapter, storage.SupportsLoadMany)
+
+
+def test_load_many_is_optional() -> None:
+    """A storage written against the port before ``load_many`` still is a `SagaStorage`."""
+
+    class Older(storage.MemorySagaStorage):
+        load_many = None  # type: ignore[assignment]
+
+    assert isinstance(Older(), storage.SagaStorage)
+    assert not isinstance(object(), storage.SupportsLoadMany)
 
 
 def test_importing_storage_does_not_import_sqlalchemy_or_the_engine() -> None:
