@@ -1,11 +1,14 @@
 """The tables, as SQLAlchemy Core metadata (the shape Alembic's latest revision produces).
 
-Every query the storage runs has an index:
+Every query the storage runs on the hot path has an index, and ``saga_executions`` no more than those, since
+every index there costs WAL on every ``save`` (``updated_at`` changes each time, so no update is HOT):
 
-* recovery: ``(status, recovery_attempts, updated_at)`` serves "recoverable statuses, under the attempt limit,
-  oldest first"; a partial index on ``reply_deadline`` for ``PAUSED`` rows serves the overdue-reply branch.
-* ``name`` and ``created_at`` serve the admin query; ``status`` leads the recovery index, which also
-  answers ``count_by_status`` from the index alone.
+* recovery: a partial index on ``(updated_at, id)`` over the rows a recovery may pick up (the recoverable
+  statuses and ``PAUSED``), with ``status``, ``recovery_attempts`` and ``reply_deadline`` INCLUDEd, is read
+  oldest first and stops after ``limit`` matches. Finished executions, almost all rows of a live system,
+  are not in it at all.
+* ``name`` and ``created_at`` serve the admin query. ``count_by_status`` (admin and metrics) scans the
+  table: no index on ``status`` is worth its upkeep on every save.
 * the idempotency key is unique; replies are unique on ``(execution_id, request_id)`` only among
   ``applied`` ones (a partial unique index, valid on PostgreSQL and SQLite), so ignored duplicates can
   still be recorded for the audit trail.
@@ -35,14 +38,22 @@ from sqlalchemy import (
 )
 
 from storage.sql.types import JsonDocument, UtcDateTime
+from storage.status import RECOVERABLE_STATUSES, SagaStatus
 
-__all__ = ["PREFIX", "SagaTables", "metadata", "tables"]
+__all__ = ["PREFIX", "RECOVERY_CANDIDATES", "SagaTables", "metadata", "tables"]
 
 #: Every table and index this package creates starts with this, to share a database with the application.
 PREFIX = "saga_"
 
 # BIGINT on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 _Serial = BigInteger().with_variant(Integer(), "sqlite")
+
+#: Statuses a recovery may pick up: the recoverable ones, and ``PAUSED`` once its reply is overdue. The
+#: recovery index covers exactly these rows, and the recovery query repeats this list as literals.
+RECOVERY_CANDIDATES: tuple[str, ...] = tuple(
+    sorted(s.value for s in {*RECOVERABLE_STATUSES, SagaStatus.PAUSED})
+)
+_RECOVERY_CANDIDATES_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in RECOVERY_CANDIDATES))
 
 metadata = MetaData()
 
@@ -67,12 +78,13 @@ executions = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     Index(f"ux_{PREFIX}executions_idempotency_key", "idempotency_key", unique=True),
-    Index(f"ix_{PREFIX}executions_recovery", "status", "recovery_attempts", "updated_at"),
     Index(
-        f"ix_{PREFIX}executions_paused_deadline",
-        "reply_deadline",
-        postgresql_where=text("status = 'paused'"),
-        sqlite_where=text("status = 'paused'"),
+        f"ix_{PREFIX}executions_recoverable",
+        "updated_at",
+        "id",
+        postgresql_include=["status", "recovery_attempts", "reply_deadline"],
+        postgresql_where=text(_RECOVERY_CANDIDATES_SQL),
+        sqlite_where=text(_RECOVERY_CANDIDATES_SQL),
     ),
     Index(f"ix_{PREFIX}executions_name", "name"),
     Index(f"ix_{PREFIX}executions_created_at", "created_at"),

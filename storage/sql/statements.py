@@ -3,7 +3,7 @@
 Building them once keeps the hot path to "look up the compiled form in SQLAlchemy's cache and bind the
 parameters": no ORM, no per-call statement construction. All values are bound parameters; the only
 literals are the status constants the recovery query filters on, which must be literals so PostgreSQL can
-match its partial index (``status = 'paused'``) even under a generic prepared-statement plan.
+match its partial index (``status IN ('compensating', ...)``) even under a generic prepared-statement plan.
 
 Time is the one thing that differs by backend (`Clock`): on PostgreSQL "now" is the server's ``now()``, so
 ``updated_at``, leases and staleness all use the database clock whichever host the workers run on; SQLite
@@ -45,9 +45,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.sql.combined import combined_create, combined_save
-from storage.sql.schema import SagaTables
+from storage.sql.schema import RECOVERY_CANDIDATES, SagaTables
 from storage.sql.types import UtcDateTime
-from storage.status import RECOVERABLE_STATUSES, SagaStatus
+from storage.status import SagaStatus
 
 __all__ = ["Clock", "RecoveryFilter", "Statements"]
 
@@ -372,16 +372,20 @@ class Statements:
     # -- recovery --------------------------------------------------------------------------------------
 
     def _recoverable(self, flt: RecoveryFilter) -> ColumnElement[bool]:
+        """The recovery predicate, in the shape the partial index ``ix_saga_executions_recoverable`` serves.
+
+        ``status IN (every candidate)`` repeats the index's own predicate, so PostgreSQL proves the index
+        applies; the paused rows' deadline and the attempt limit are then checked on the index's INCLUDE
+        columns while it is read in ``(updated_at, id)`` order, which stops after ``limit`` matches. The
+        equivalent ``status IN (...) OR (status = 'paused' AND reply_deadline < now())`` is planned as a
+        bitmap scan of every recoverable row and a sort: milliseconds instead of a tenth of one at a
+        million rows.
+        """
         t = self.tables.executions
-        statuses = sorted(s.value for s in RECOVERABLE_STATUSES)
+        paused: ColumnElement[str] = literal_column(f"'{SagaStatus.PAUSED.value}'")
         conditions: list[ColumnElement[bool]] = [
-            or_(
-                t.c.status.in_([literal_column(f"'{s}'") for s in statuses]),
-                and_(
-                    t.c.status == literal_column(f"'{SagaStatus.PAUSED.value}'"),
-                    t.c.reply_deadline < self.clock.now(),
-                ),
-            ),
+            t.c.status.in_([literal_column(f"'{s}'") for s in RECOVERY_CANDIDATES]),
+            or_(t.c.status != paused, t.c.reply_deadline < self.clock.now()),
             t.c.recovery_attempts < _p("max_attempts", Integer()),
         ]
         if flt.stale:

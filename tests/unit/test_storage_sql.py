@@ -49,8 +49,34 @@ async def test_upgrade_from_revision_1_keeps_rows(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         (version,) = conn.execute("SELECT version_num FROM saga_alembic_version").fetchone()
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(saga_executions)")}
-    assert version == "0002_recovery_attempts"
-    assert "ix_saga_executions_recovery" in indexes
+    assert version == "0003_recoverable_index"
+    assert "ix_saga_executions_recoverable" in indexes
+    assert not indexes & {"ix_saga_executions_recovery", "ix_saga_executions_paused_deadline"}
+
+
+async def test_recovery_index_covers_the_candidates_the_query_names(tmp_path: Path) -> None:
+    """The migration's frozen status list is the one the recovery query repeats (``RECOVERY_CANDIDATES``),
+    so SQLite, which matches a partial index's WHERE term by term, can use the index."""
+    from storage.sql.schema import RECOVERY_CANDIDATES
+
+    db = tmp_path / "saga.db"
+    await upgrade_async(sqlite_url(db))
+    with sqlite3.connect(db) as conn:
+        (sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'ix_saga_executions_recoverable'"
+        ).fetchone()
+        listed = ", ".join(f"'{s}'" for s in RECOVERY_CANDIDATES)
+        assert sql.endswith(f"WHERE status IN ({listed})")
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM saga_executions"
+                f" WHERE status IN ({listed}) AND (status != 'paused' OR reply_deadline < '2030-01-01')"
+                " AND recovery_attempts < 5 ORDER BY updated_at, id LIMIT 10"
+            )
+        )
+    assert "ix_saga_executions_recoverable" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # no sort: the index gives the order
 
 
 def test_sync_upgrade_is_idempotent(tmp_path: Path) -> None:
