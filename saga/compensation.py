@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from saga.errors import SagaContextError
 from saga.messages import SagaResponse, SagaResponseStatus
-from saga.state import AwaitedRequest, Transition, exception_error
+from saga.state import AwaitedRequest, Transition, exception_error, moved
 from saga.step_support import (
     ActionStep,
     as_request,
@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
+_PAUSED = SagaStatus.PAUSED
+_COMPENSATING = SagaStatus.COMPENSATING
+_ERRORED = SagaStatus.ERRORED
+_DEAD_LETTER = SagaStatus.DEAD_LETTER
+
 
 async def begin_compensation(ex: SagaExecution, error: dict[str, Any]) -> Transition:
     """Switch to compensating the executed steps in reverse (or end ERRORED when there are none)."""
@@ -46,8 +51,8 @@ async def begin_compensation(ex: SagaExecution, error: dict[str, Any]) -> Transi
     ex.awaiting = None
     if next_compensation(ex) is None:
         return await end_compensation(ex, error.get("step"))
-    await set_status(ex, SagaStatus.COMPENSATING)
-    return Transition(SagaStatus.COMPENSATING, step=error.get("step"))
+    await set_status(ex, _COMPENSATING)
+    return moved(_COMPENSATING, error.get("step"))
 
 
 def next_compensation(ex: SagaExecution) -> ActionStep | None:
@@ -65,9 +70,9 @@ async def end_compensation(ex: SagaExecution, step: str | None) -> Transition:
     error = ex.error
     if error is not None and "cause" in error:
         ex.error = dict(error["cause"])  # a retried DEAD_LETTER finished compensating
-    await set_status(ex, SagaStatus.ERRORED)
+    await set_status(ex, _ERRORED)
     outbox = ex._decision("reject") if ex.autocommit else ()
-    return Transition(SagaStatus.ERRORED, outbox, step=step)
+    return Transition(_ERRORED, outbox, step=step) if outbox else moved(_ERRORED, step)
 
 
 async def compensation_done(ex: SagaExecution, step: ActionStep, attempt: int) -> Transition:
@@ -78,8 +83,8 @@ async def compensation_done(ex: SagaExecution, step: ActionStep, attempt: int) -
         await emit(ex, "on_compensation_completed", step.name, attempt)
     if next_compensation(ex) is None:
         return await end_compensation(ex, step.name)
-    await set_status(ex, SagaStatus.COMPENSATING)
-    return Transition(SagaStatus.COMPENSATING, step=step.name)
+    await set_status(ex, _COMPENSATING)
+    return moved(_COMPENSATING, step.name)
 
 
 async def compensate_next(ex: SagaExecution, now: datetime) -> Transition:
@@ -121,8 +126,8 @@ async def compensate_next(ex: SagaExecution, now: datetime) -> Transition:
         return await dead_letter(ex, step.name, error)
     new_record(ex, step, "compensate", "waiting", attempt, started, request_id=awaiting.request_id)
     ex.awaiting = awaiting
-    await set_status(ex, SagaStatus.PAUSED)
-    return Transition(SagaStatus.PAUSED, (message,), step=step.name)
+    await set_status(ex, _PAUSED)
+    return Transition(_PAUSED, (message,), step=step.name)
 
 
 async def compensation_replied(
@@ -159,8 +164,8 @@ async def dead_letter(ex: SagaExecution, step: str, compensation_error: Mapping[
         "cause": cause,
     }
     ex.awaiting = None
-    await set_status(ex, SagaStatus.DEAD_LETTER)
-    return Transition(SagaStatus.DEAD_LETTER, step=step)
+    await set_status(ex, _DEAD_LETTER)
+    return moved(_DEAD_LETTER, step)
 
 
 async def compensation_timed_out(

@@ -20,7 +20,7 @@ from saga.compensation import begin_compensation
 from saga.context import SagaContext
 from saga.errors import SagaContextError
 from saga.messages import SagaResponse, SagaResponseStatus
-from saga.state import AwaitedRequest, Transition, exception_error
+from saga.state import AwaitedRequest, Transition, exception_error, moved
 from saga.step_support import (
     as_request,
     context_error,
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from saga.execution import SagaExecution
 
 __all__: list[str] = []
+
+_RUNNING = SagaStatus.RUNNING
+_PAUSED = SagaStatus.PAUSED
+_FINISHED = SagaStatus.FINISHED
 
 
 async def execute_next(ex: SagaExecution, now: datetime) -> Transition:
@@ -107,8 +111,8 @@ async def step_done(ex: SagaExecution, step: SagaStep, compensable: bool) -> Tra
         move_next(ex)
         if len(cursor) == 1 and cursor[0] >= len(ex.definition._steps):
             return await finish(ex, step.name)
-    if ex.status is not SagaStatus.RUNNING:
-        await set_status(ex, SagaStatus.RUNNING)
+    if ex.status is not _RUNNING:
+        await set_status(ex, _RUNNING)
     return running(step.name)
 
 
@@ -172,8 +176,8 @@ async def send_remote(ex: SagaExecution, step: RemoteSagaStep, now: datetime) ->
         return await begin_compensation(ex, error)
     new_record(ex, step, "execute", "waiting", 1, now, request_id=awaiting.request_id)
     ex.awaiting = awaiting
-    await set_status(ex, SagaStatus.PAUSED)
-    return Transition(SagaStatus.PAUSED, (message,), step=step.name)
+    await set_status(ex, _PAUSED)
+    return Transition(_PAUSED, (message,), step=step.name)
 
 
 async def step_replied(
@@ -242,6 +246,6 @@ async def abandon_request(
 
 async def finish(ex: SagaExecution, step: str | None) -> Transition:
     """Every step ran: FINISHED, with commit for the participants when autocommitting."""
-    await set_status(ex, SagaStatus.FINISHED)
+    await set_status(ex, _FINISHED)
     outbox = ex._decision("commit") if ex.autocommit else ()
-    return Transition(SagaStatus.FINISHED, outbox, step=step)
+    return Transition(_FINISHED, outbox, step=step) if outbox else moved(_FINISHED, step)

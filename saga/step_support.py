@@ -16,7 +16,7 @@ from saga.errors import SagaContextError
 from saga.hooks import HookName, SagaEvent, call_hook
 from saga.messages import SagaRequest, SagaResponse
 from saga.retry import RetryPolicy
-from saga.state import AwaitedRequest, Transition, outbox_message
+from saga.state import AwaitedRequest, Transition, moved, outbox_message, random_uuid
 from saga.steps import ConditionalSagaStep, LocalSagaStep, RemoteSagaStep, SagaStep
 from storage import OutboxMessage, SagaStatus, StepRecord
 from storage.records import StepPhase, StepState
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 ActionStep = LocalSagaStep | RemoteSagaStep
+
+_RUNNING = SagaStatus.RUNNING
+_PAUSED = SagaStatus.PAUSED
+_DEAD_LETTER = SagaStatus.DEAD_LETTER
 
 
 # -- small helpers -------------------------------------------------------------------------------------
@@ -46,7 +50,7 @@ async def set_status(ex: SagaExecution, status: SagaStatus) -> None:
             hooks.on_status_changed,
             SagaEvent("on_status_changed", ex.id, ex.name, status=status, previous_status=previous),
         )
-    if status is SagaStatus.DEAD_LETTER and hooks.on_dead_lettered is not None:
+    if status is _DEAD_LETTER and hooks.on_dead_lettered is not None:
         await call_hook(
             hooks.on_dead_lettered,
             SagaEvent("on_dead_lettered", ex.id, ex.name, status=status, error=ex.error),
@@ -167,7 +171,7 @@ def new_request(
     path: tuple[int, ...],
 ) -> tuple[AwaitedRequest, OutboxMessage]:
     """A fresh request (new id and idempotency key) and its outbox row."""
-    request_id = uuid.uuid4()
+    request_id = random_uuid()
     timeout = step.timeout
     awaiting = AwaitedRequest(
         request_id=request_id,
@@ -193,14 +197,14 @@ def as_request(value: Any, step: str) -> SagaRequest:
     return value
 
 
-_RUNNING: dict[str, Transition] = {}
+_RUNNING_AFTER: dict[str, Transition] = {}
 
 
 def running(step: str) -> Transition:
-    """The (shared, immutable) transition "step done, still RUNNING": built once per step name."""
-    transition = _RUNNING.get(step)
+    """The (shared, immutable) transition "step done, still RUNNING": `moved`, keyed by the name alone."""
+    transition = _RUNNING_AFTER.get(step)
     if transition is None:
-        transition = _RUNNING[step] = Transition(SagaStatus.RUNNING, step=step)
+        transition = _RUNNING_AFTER[step] = moved(_RUNNING, step)
     return transition
 
 
@@ -214,5 +218,5 @@ async def resend(
     )
     update_record(ex, awaiting.record, "waiting", attempts=new.attempt, request_id=new.request_id)
     ex.awaiting = new
-    await set_status(ex, SagaStatus.PAUSED)
-    return Transition(SagaStatus.PAUSED, (message,), step=step.name)
+    await set_status(ex, _PAUSED)
+    return Transition(_PAUSED, (message,), step=step.name)
