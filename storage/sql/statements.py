@@ -124,7 +124,8 @@ class Statements:
     count_by_status: Select[str, int] = field(init=False)
     _recovery_ids: dict[RecoveryFilter, Select[uuid.UUID]] = field(init=False, default_factory=dict)
     _recovery_claims: dict[RecoveryFilter, Update] = field(init=False, default_factory=dict)
-    _combined: dict[tuple[bool, bool], Select[Any]] = field(init=False, default_factory=dict)
+    _combined_saves: dict[tuple[bool, bool], Select[Any]] = field(init=False, default_factory=dict)
+    _combined_create: Select[Any] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         t = self.tables.executions
@@ -355,19 +356,18 @@ class Statements:
 
     def save_combined(self, *, reply: bool, outbox: bool) -> Select[Any]:
         """``save`` with the applied reply's row and/or outbox rows, as one statement."""
-        stmt = self._combined.get((reply, outbox))
+        stmt = self._combined_saves.get((reply, outbox))
         if stmt is None:
-            stmt = self._combined[reply, outbox] = combined_save(
+            stmt = self._combined_saves[reply, outbox] = combined_save(
                 self.tables, self.save, reply=reply, outbox=outbox
             )
         return stmt
 
     def create_combined(self) -> Select[Any]:
         """``insert_execution`` with outbox rows, as one statement."""
-        stmt = self._combined.get((False, False))  # the key no save variant uses
-        if stmt is None:
-            stmt = self._combined[False, False] = combined_create(self.tables, self.insert_execution)
-        return stmt
+        if self._combined_create is None:
+            self._combined_create = combined_create(self.tables, self.insert_execution)
+        return self._combined_create
 
     # -- recovery --------------------------------------------------------------------------------------
 

@@ -454,8 +454,9 @@ class SqlAlchemySagaStorage:
     async def claim(self, saga_id: uuid.UUID, owner: str, *, lease_seconds: float) -> ExecutionRecord | None:
         """Conditional ``UPDATE`` taking the claim; ``None`` if another owner's lease is live.
 
-        Commits without waiting for the WAL flush on PostgreSQL: the holder's next save, durable, either
-        makes the claim durable too or fails the version check if a crash lost the claim.
+        Commits without waiting for the WAL flush on PostgreSQL: the holder's next save, durable, makes the
+        claim durable too, and if a server crash lost the claim first, that save is version-checked against
+        the row as it was before the claim (see `Statements._commit_without_flush`).
         """
         params = self._clock.params(lease=lease_seconds)
         params.update(p_id=saga_id, p_owner=owner)
