@@ -183,7 +183,9 @@ def _local(doc: dict[str, Any], idx: dict[str, dict[str, Any]]) -> list[str]:
         "on) before the next one starts (Minos: see the notes). µs/saga is wall time per saga (1 / "
         "throughput); client CPU is the benchmark process's CPU time per saga. SQL statements "
         "(pg_stat_statements calls, BEGIN/COMMIT included) and commits (pg_stat_database.xact_commit, "
-        "first run) are per saga, in the library's own database.",
+        "first run) are per saga, in the library's own database; WAL fsyncs (pg_stat_wal.wal_sync, whole "
+        "server, first run) count the flushes to disk, including the WAL writer's background flushes of "
+        "commits that did not wait for one.",
         "",
         _row(
             "library",
@@ -194,14 +196,15 @@ def _local(doc: dict[str, Any], idx: dict[str, dict[str, Any]]) -> list[str]:
             "client CPU µs/saga",
             "SQL stmts/saga",
             "commits/saga",
+            "WAL fsyncs/saga",
         ),
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in local:
         md = r.get("median", {})
         head = (LIB_LABEL.get(r["lib"], r["lib"]), r["storage"], SCEN_LABEL.get(r["scenario"], r["scenario"]))
         if r.get("error"):
-            lines.append(_row(*head, f"not run: {_short(r['error'])}", "", "", "", ""))
+            lines.append(_row(*head, f"not run: {_short(r['error'])}", "", "", "", "", ""))
             continue
         lines.append(
             _row(
@@ -211,6 +214,7 @@ def _local(doc: dict[str, Any], idx: dict[str, dict[str, Any]]) -> list[str]:
                 _fmt(md.get("client_cpu_us_per_saga")),
                 _fmt(md.get("sql_statements_per_saga"), 1),
                 _fmt(md.get("commits_per_saga"), 1),
+                _fmt(md.get("wal_syncs_per_saga"), 1),
             )
         )
     lines.append("")
@@ -238,14 +242,15 @@ def _remote(doc: dict[str, Any]) -> list[str]:
             "client CPU µs/step",
             "SQL stmts/saga",
             "commits/saga",
+            "WAL fsyncs/saga",
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in remote:
         md = r.get("median", {})
         head = (LIB_LABEL.get(r["lib"], r["lib"]), r["scenario"].removeprefix("inflight"))
         if r.get("error"):
-            lines.append(_row(*head, f"not run: {_short(r['error'])}", "", "", "", "", ""))
+            lines.append(_row(*head, f"not run: {_short(r['error'])}", "", "", "", "", "", ""))
             continue
         lines.append(
             _row(
@@ -256,6 +261,7 @@ def _remote(doc: dict[str, Any]) -> list[str]:
                 _fmt(md.get("client_cpu_us_per_step")),
                 _fmt(md.get("sql_statements_per_saga"), 1),
                 _fmt(md.get("commits_per_saga"), 1),
+                _fmt(md.get("wal_syncs_per_saga"), 1),
             )
         )
     lines.append("")

@@ -229,9 +229,15 @@ class Pg:
     async def dbid(self, db: str) -> int:
         return int(await self.con.fetchval("SELECT oid FROM pg_database WHERE datname = $1", db))
 
-    async def reset(self, dbid: int) -> int:
+    async def reset(self, dbid: int) -> tuple[int, int]:
         await self.con.execute("SELECT pg_stat_statements_reset(0, $1::oid, 0)", dbid)
-        return await self.xact_commit(dbid)
+        return await self.xact_commit(dbid), await self.wal_syncs()
+
+    async def wal_syncs(self) -> int:
+        """WAL flushes to disk by the whole server so far (``pg_stat_wal.wal_sync``): the fsyncs commits
+        waited for, plus the WAL writer's background flushes of commits that did not wait."""
+        await self.con.execute("SELECT pg_stat_clear_snapshot()")
+        return int(await self.con.fetchval("SELECT wal_sync FROM pg_stat_wal"))
 
     async def xact_commit(self, dbid: int) -> int:
         await self.con.execute("SELECT pg_stat_clear_snapshot()")
@@ -298,7 +304,7 @@ async def run_entry(entry: Entry, pg: Pg | None, runs: int, logdir: Path) -> dic
     )
     results: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
-    commits0 = 0
+    commits0 = syncs0 = 0
     t0 = time.monotonic()
     error = None
     try:
@@ -321,7 +327,7 @@ async def run_entry(entry: Entry, pg: Pg | None, runs: int, logdir: Path) -> dic
                         # pending xact counters to pg_stat_database only after 10 s (PostgreSQL 15's
                         # PGSTAT_IDLE_INTERVAL), so each boundary costs that wait.
                         await asyncio.sleep(STATS_WAIT)
-                    commits0 = await pg.reset(dbid)  # type: ignore[union-attr]
+                    commits0, syncs0 = await pg.reset(dbid)  # type: ignore[union-attr]
                 proc.stdin.write(b"go\n")
                 await proc.stdin.drain()
             elif ev == "done":
@@ -338,6 +344,9 @@ async def run_entry(entry: Entry, pg: Pg | None, runs: int, logdir: Path) -> dic
                         commits = await pg.xact_commit(dbid) - commits0  # type: ignore[union-attr]
                         res["commits"] = commits
                         res["commits_per_saga"] = round(commits / units, 2)
+                        syncs = await pg.wal_syncs() - syncs0  # type: ignore[union-attr]
+                        res["wal_syncs"] = syncs
+                        res["wal_syncs_per_saga"] = round(syncs / units, 2)
                 results.append(res)
             elif ev == "end":
                 final = msg.get("info", {})
@@ -539,6 +548,7 @@ async def amain(args: argparse.Namespace) -> int:
                 "us_per_saga",
                 "sql_statements_per_saga",
                 "commits_per_saga",
+                "wal_syncs_per_saga",
                 "step_p50_us",
                 "step_p99_us",
                 "steps_per_s",
