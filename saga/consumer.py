@@ -6,6 +6,11 @@ undecodable records, replies naming an unknown execution or definition, and othe
 are logged, counted, copied to the dead-letter topic with a ``saga-dead-letter-reason`` header, and
 committed. Retriable trouble (another worker holds the execution, the database or broker is briefly away)
 is retried with backoff on the same record, without committing past it.
+
+Records flow through a `KeyedPipeline`: the consumer keeps fetching while earlier replies are applied, one
+execution's replies in order and different executions' concurrently, and offsets are committed in the
+background as the handled prefix of each partition grows, so neither a slow reply nor a commit round trip
+holds up the replies behind it.
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
 from broker import BrokerClientPool, BrokerError, BrokerMessage, BrokerSubscriber
 from saga.errors import MalformedMessageError, SagaBusyError, SagaError, UnknownSagaDefinitionError
 from saga.messages import SagaResponse
+from saga.pipeline import KeyedPipeline
 from storage import ConcurrencyError, ExecutionNotFoundError, StorageError
 from storage.records import ReplyOutcome
 
@@ -46,6 +51,11 @@ def dead_letter_message(message: BrokerMessage, topic: str, reason: str) -> Brok
     return BrokerMessage(topic=topic, key=message.key, value=message.value, headers=headers)
 
 
+def _execution_key(message: BrokerMessage) -> bytes | None:
+    """Replies are keyed by execution id: one execution's replies are handled in order."""
+    return message.key
+
+
 def _retriable(exc: BaseException) -> bool:
     if isinstance(exc, SagaBusyError | ConcurrencyError | BrokerError):
         return True
@@ -65,9 +75,10 @@ class ReplyConsumer:
         max_records: Records per fetch.
         retry_initial: First backoff (seconds) for a retriable failure; doubles up to ``retry_max``.
         retry_max: Longest backoff.
-        stop_timeout: How long ``stop()`` lets the record in progress finish before cancelling it.
-        concurrency: How many executions' replies of one fetched batch are handled at once (replies of
-            one execution always one after the other).
+        stop_timeout: How long ``stop()`` lets the records in progress finish before cancelling them.
+        concurrency: Most replies in progress (fetched, not yet handled) at once; when reached, fetching
+            waits. Replies of different executions are handled concurrently, those of one execution one
+            after the other.
     """
 
     def __init__(
@@ -119,9 +130,9 @@ class ReplyConsumer:
             0,
         )
         self._subscriber: BrokerSubscriber | None = None
+        self._pipeline: KeyedPipeline | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._fetching = False
         self._stop_event = asyncio.Event()
 
     @property
@@ -138,20 +149,36 @@ class ReplyConsumer:
         subscriber = self.broker_pool.subscriber([self.topic], group_id=self.group_id)
         await subscriber.start()
         self._subscriber = subscriber
-        self._task = asyncio.create_task(self._run(subscriber), name=f"saga-reply-consumer-{self.topic}")
+        self._pipeline = KeyedPipeline(
+            subscriber,
+            self._handle_with_retry,
+            lane=_execution_key,
+            concurrency=self.concurrency,
+            max_records=self.max_records,
+            poll_timeout=self.poll_timeout,
+            on_fetch_error=self._fetch_failed,
+            name="reply consumer",
+            retry_initial=self.retry_initial,
+            retry_max=self.retry_max,
+            grace=self.stop_timeout,
+        )
+        self._task = asyncio.create_task(self._pipeline.run(), name=f"saga-reply-consumer-{self.topic}")
 
     async def stop(self) -> None:
-        """Finish the record in progress, commit what was processed, leave the group; idempotent."""
+        """Finish the records in progress, commit what was handled, leave the group; idempotent.
+
+        A fetch in flight is abandoned (its records are not committed, so they are redelivered). Records in
+        progress get ``stop_timeout`` seconds to finish; the rest are cancelled and left uncommitted.
+        """
         task, self._task = self._task, None
         self._stopping = True
         self._stop_event.set()
+        if self._pipeline is not None:
+            self._pipeline.stop(self.stop_timeout)
         if task is not None:
-            if self._fetching:
-                task.cancel()  # idle in a fetch: nothing processed is left uncommitted
-            done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
-            if not done:
-                task.cancel()
-                await asyncio.wait({task})
+            await asyncio.wait({task})  # bounded: the pipeline cancels what overstays stop_timeout
+            if not task.cancelled() and task.exception() is not None:
+                _log.error("reply consumer failed", exc_info=task.exception())
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             with contextlib.suppress(BrokerError):
@@ -171,72 +198,13 @@ class ReplyConsumer:
 
     # -- consuming -------------------------------------------------------------------------------------
 
-    async def _run(self, subscriber: BrokerSubscriber) -> None:
-        failures = 0
-        while not self._stopping:
-            self._fetching = True
-            try:
-                batch = await subscriber.getmany(timeout=self.poll_timeout, max_records=self.max_records)
-            except BrokerError as exc:
-                if self._stopping:
-                    break
-                failures += 1
-                _log.warning("reply consumer: fetch failed (%s); retrying", exc)
-                await self._pause(self._backoff(failures))
-                continue
-            except Exception:
-                failures += 1
-                _log.exception("reply consumer: unexpected error while fetching; retrying")
-                await self._pause(self._backoff(failures))
-                continue
-            finally:
-                self._fetching = False
-            failures = 0
-            if batch:
-                done = await self._process_batch(batch)
-                if done:
-                    await self._commit(subscriber, done)
-
-    async def _process_batch(self, batch: list[BrokerMessage]) -> list[BrokerMessage]:
-        """Handle a batch: one execution's replies in order, different executions concurrently.
-
-        Records are keyed by execution id, so grouping by key keeps each saga's replies in order while
-        the database round trips of different sagas overlap. Returns the records that may be committed:
-        per partition, the prefix handled before a stop interrupted the batch.
-        """
-        groups: dict[bytes | None, list[BrokerMessage]] = {}
-        for message in batch:
-            groups.setdefault(message.key, []).append(message)
-        handled: set[int] = set()
-        if len(groups) == 1 or self.concurrency == 1:
-            for message in batch:
-                if not await self._handle_with_retry(message):
-                    break
-                handled.add(id(message))
+    def _fetch_failed(self, exc: Exception, failures: int) -> float:
+        """Fetch trouble never stops the consumer: log it and back off."""
+        if isinstance(exc, BrokerError):
+            _log.warning("reply consumer: fetch failed (%s); retrying", exc)
         else:
-            slots = asyncio.Semaphore(self.concurrency)
-
-            async def run_group(messages: list[BrokerMessage]) -> None:
-                async with slots:
-                    for message in messages:
-                        if not await self._handle_with_retry(message):
-                            return
-                        handled.add(id(message))
-
-            await asyncio.gather(*(run_group(messages) for messages in groups.values()))
-        if len(handled) == len(batch):
-            return batch
-        done: list[BrokerMessage] = []
-        blocked: set[tuple[str, int | None]] = set()
-        for message in batch:  # batch order is offset order within a partition
-            partition = (message.topic, message.partition)
-            if partition in blocked:
-                continue
-            if id(message) in handled:
-                done.append(message)
-            else:
-                blocked.add(partition)
-        return done
+            _log.error("reply consumer: unexpected error while fetching; retrying", exc_info=exc)
+        return self._backoff(failures)
 
     async def _handle_with_retry(self, message: BrokerMessage) -> bool:
         """Handle one record, retrying retriable failures; ``False`` if stopping interrupted it."""
@@ -315,20 +283,6 @@ class ReplyConsumer:
         )
         await self.broker_pool.publisher().send(dead_letter_message(message, self.dead_letter_topic, reason))
         self.stats["dead_lettered"] += 1
-
-    async def _commit(self, subscriber: BrokerSubscriber, messages: Sequence[BrokerMessage]) -> None:
-        attempt = 0
-        while True:
-            try:
-                await subscriber.commit(messages)
-                return
-            except BrokerError as exc:
-                attempt += 1
-                if self._stopping or not exc.retriable or attempt >= 5:
-                    # Uncommitted records are redelivered and recognised as duplicates: safe to give up.
-                    _log.warning("reply consumer: offset commit failed (%s); records may be redelivered", exc)
-                    return
-                await self._pause(self._backoff(attempt))
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.retry_max, self.retry_initial * 2 ** min(attempt - 1, 16)))

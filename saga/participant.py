@@ -11,6 +11,9 @@ guarantees the orchestrator relies on:
   the handler's own effects and the stored reply in one transaction, which a separate store cannot give:
   a crash after the handler's effect but before the reply is stored runs the handler again on redelivery.
 * **At-least-once replies.** An offset is committed only once its reply (or dead letter) was published.
+* **No stalls.** Records flow through a `KeyedPipeline`: polling goes on while earlier records are
+  handled, each partition's records in offset order and partitions concurrently, and offsets are committed
+  in the background, so a slow command or a commit round trip holds up only its own partition.
 * **Malformed input never stops the consumer.** It is logged with the reason, counted in `stats`, and
   forwarded with its original value and headers plus ``saga-dead-letter-reason`` to the dead-letter topic.
 * **Transient failures are retried.** Retriable broker and storage errors back off and retry the record.
@@ -22,11 +25,10 @@ Autocommit decisions (``commit`` after a saga finished, ``reject`` after it fail
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -47,6 +49,7 @@ from saga.messages import (
 )
 from saga.participant_dedup import KeyLock, LruReplyStore, ReplyStore, key_lock
 from saga.participant_types import CommandContext, CommandHandler, DecisionHandler, ParticipantStats
+from saga.pipeline import KeyedPipeline
 from storage import SagaStorage, StorageError
 
 __all__ = [
@@ -66,6 +69,11 @@ _log = logging.getLogger(__name__)
 H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _partition(message: BrokerMessage) -> tuple[str, int | None]:
+    """Commands and decisions are handled in offset order per partition, as they were published."""
+    return message.topic, message.partition
 
 
 class _DeadLetter(Exception):
@@ -95,6 +103,8 @@ class SagaParticipant:
         dead_letter_topic: Where malformed input goes (default ``f"{service_name}DeadLetter"``).
         dedup_cache_size: Entries of the in-process store when ``storage`` is ``None``.
         max_records: Records fetched per poll.
+        concurrency: Most records in progress (fetched, not yet handled) at once; when reached, polling
+            waits. Records of one partition are handled in offset order, partitions concurrently.
         poll_timeout: Seconds one poll waits for records (`stop` does not wait for it).
         retry_backoff: First pause, in seconds, after a retriable failure; doubled up to ``max_backoff``.
         max_backoff: Longest pause between retries.
@@ -123,12 +133,15 @@ class SagaParticipant:
         dead_letter_topic: str | None = None,
         dedup_cache_size: int = 100_000,
         max_records: int = 100,
+        concurrency: int = 100,
         poll_timeout: float = 0.5,
         retry_backoff: float = 0.1,
         max_backoff: float = 5.0,
     ) -> None:
         if not service_name:
             raise ValueError("service_name must not be empty")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if dedup_cache_size < 1:
             raise ValueError(f"dedup_cache_size must be >= 1, got {dedup_cache_size}")
         self.service_name = service_name
@@ -140,6 +153,7 @@ class SagaParticipant:
         self.stats = ParticipantStats()
         self._replies: ReplyStore = storage if storage is not None else LruReplyStore(dedup_cache_size)
         self._max_records = max_records
+        self._concurrency = concurrency
         self._poll_timeout = poll_timeout
         self._retry_backoff = retry_backoff
         self._max_backoff = max_backoff
@@ -148,6 +162,7 @@ class SagaParticipant:
         self._on_reject: list[DecisionHandler] = []
         self._locks: dict[str, KeyLock] = {}
         self._subscriber: BrokerSubscriber | None = None
+        self._pipeline: KeyedPipeline | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -210,22 +225,36 @@ class SagaParticipant:
         subscriber = self.broker_pool.subscriber(topics, group_id=self.group_id)
         await subscriber.start()
         self._subscriber = subscriber
-        self._task = asyncio.create_task(self._consume(subscriber), name=f"participant-{self.service_name}")
+        self._pipeline = pipeline = KeyedPipeline(
+            subscriber,
+            self._process,
+            lane=_partition,
+            concurrency=self._concurrency,
+            max_records=self._max_records,
+            poll_timeout=self._poll_timeout,
+            on_fetch_error=self._fetch_failed,
+            name=f"participant {self.service_name}",
+            retry_initial=self._retry_backoff,
+            retry_max=self._max_backoff,
+            grace=10.0,
+        )
+        self._task = asyncio.create_task(self._consume(pipeline), name=f"participant-{self.service_name}")
         _log.info("participant %s consuming %s as group %s", self.service_name, topics, self.group_id)
 
     async def stop(self, *, grace: float = 10.0) -> None:
-        """Finish the records in hand (up to ``grace`` seconds), then leave the group; idempotent."""
+        """Finish the records in hand (up to ``grace`` seconds), commit, then leave the group; idempotent.
+
+        A poll in flight is abandoned (its records are not committed, so they are redelivered); records
+        still in progress after ``grace`` are cancelled and left uncommitted.
+        """
         task, self._task = self._task, None
         self._stopping.set()
+        if self._pipeline is not None:
+            self._pipeline.stop(grace)
         if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), grace)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            except Exception:
-                pass  # logged by _consume
+            await asyncio.wait({task})  # bounded: the pipeline cancels what overstays the grace
+            if not task.cancelled():
+                task.exception()  # logged by _consume
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             await subscriber.stop()
@@ -421,31 +450,9 @@ class SagaParticipant:
 
     # -- consuming ----------------------------------------------------------------------------------------
 
-    async def _consume(self, subscriber: BrokerSubscriber) -> None:
-        stopping = asyncio.ensure_future(self._stopping.wait())
+    async def _consume(self, pipeline: KeyedPipeline) -> None:
         try:
-            while not self._stopping.is_set():
-                poll = asyncio.ensure_future(
-                    subscriber.getmany(timeout=self._poll_timeout, max_records=self._max_records)
-                )
-                await asyncio.wait((poll, stopping), return_when=asyncio.FIRST_COMPLETED)
-                if not poll.done():
-                    # Stopping: records fetched by the abandoned poll are not committed, so redelivered.
-                    poll.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, BrokerError):
-                        await poll
-                    break
-                try:
-                    batch = poll.result()
-                except BrokerError as exc:
-                    if not exc.retriable or self._stopping.is_set():
-                        raise
-                    self.stats.retries += 1
-                    _log.warning("%s: poll failed (%s); retrying", self.service_name, exc)
-                    await asyncio.sleep(self._retry_backoff)
-                    continue
-                if batch:
-                    await self._process_batch(subscriber, batch)
+            await pipeline.run()
         except BrokerClosedError:
             if not self._stopping.is_set():
                 _log.error("participant %s: broker closed under it; consumer stopped", self.service_name)
@@ -453,46 +460,22 @@ class SagaParticipant:
         except Exception:
             _log.exception("participant %s consumer failed", self.service_name)
             raise
-        finally:
-            stopping.cancel()
 
-    async def _process_batch(self, subscriber: BrokerSubscriber, batch: Sequence[BrokerMessage]) -> None:
-        """Process partitions concurrently, each in offset order; commit what was fully processed."""
-        by_partition: dict[tuple[str, int | None], list[BrokerMessage]] = {}
-        for message in batch:
-            by_partition.setdefault((message.topic, message.partition), []).append(message)
-        results = await asyncio.gather(
-            *(self._process_partition(records) for records in by_partition.values())
-        )
-        done = [message for processed, _ in results for message in processed]
-        if done:
-            try:
-                await subscriber.commit(done)
-            except BrokerClosedError:
-                raise
-            except BrokerError as exc:
-                # Typically a rebalance moved the partition: its new owner gets the records again and
-                # answers them from the dedup store.
-                _log.warning(
-                    "%s: offset commit failed (%s); records will be redelivered", self.service_name, exc
-                )
-        for _, error in results:
-            if error is not None:
-                raise error
+    async def _process(self, message: BrokerMessage) -> bool:
+        """Handle one record; ``False`` when stopping abandoned it (it is left uncommitted)."""
+        try:
+            await self.handle(message)
+        except _Abandoned:
+            return False
+        return True
 
-    async def _process_partition(
-        self, records: Sequence[BrokerMessage]
-    ) -> tuple[list[BrokerMessage], BaseException | None]:
-        done: list[BrokerMessage] = []
-        for message in records:
-            try:
-                await self.handle(message)
-            except _Abandoned:
-                return done, None
-            except Exception as exc:
-                return done, exc
-            done.append(message)
-        return done, None
+    def _fetch_failed(self, exc: Exception, failures: int) -> float:
+        """A retriable poll failure is retried after a pause; any other stops the consumer."""
+        if not isinstance(exc, BrokerError) or not exc.retriable:
+            raise exc
+        self.stats.retries += 1
+        _log.warning("%s: poll failed (%s); retrying", self.service_name, exc)
+        return self._retry_backoff
 
     def _check_not_started(self) -> None:
         if self._task is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -294,3 +295,74 @@ async def test_executions_are_handled_concurrently_and_only_the_handled_prefix_i
     assert consumer.stats["retries"] >= 1
     with pytest.raises(ValueError, match="concurrency"):
         ReplyConsumer(handler, pool, topic="r", group_id="g", dead_letter_topic="dlq", concurrency=0)
+
+
+class GatedHandler:
+    """Applies replies in the order it sees them; those of execution ``slow`` wait for ``release``."""
+
+    def __init__(self, slow: uuid.UUID) -> None:
+        self.slow = slow
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.applied: list[tuple[uuid.UUID, Any]] = []
+
+    async def handle_reply(
+        self, response: SagaResponse, *, message: BrokerMessage | None = None
+    ) -> ReplyOutcome:
+        if response.execution_id == self.slow:
+            self.entered.set()
+            await self.release.wait()
+        else:  # later replies take fewer turns: handled concurrently, they would overtake earlier ones
+            for _ in range(10 - response.content):
+                await asyncio.sleep(0)
+        self.applied.append((response.execution_id, response.content))
+        return "applied"
+
+
+def gated_consumer(pool: InMemoryBrokerPool, handler: GatedHandler, **kw: Any) -> ReplyConsumer:
+    return ReplyConsumer(handler, pool, topic="r", group_id="g", dead_letter_topic="dlq", **kw)
+
+
+def reply(execution: uuid.UUID, n: int = 0) -> BrokerMessage:
+    return SagaResponse(n, 200, execution, uuid.uuid4()).to_message("r")
+
+
+async def test_a_slow_reply_holds_up_neither_other_executions_nor_later_fetches() -> None:
+    pool = InMemoryBrokerPool(partitions=1)
+    slow, other, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    handler = GatedHandler(slow)
+    consumer = gated_consumer(pool, handler, max_records=1)  # one record per fetch: later batches
+    await consumer.start()
+    try:
+        await pool.publisher().send(reply(slow))
+        await asyncio.wait_for(handler.entered.wait(), 5)
+        for n in range(10):
+            await pool.publisher().send(reply(other if n % 2 else third, n))
+        await eventually(lambda: len(handler.applied) == 10)
+        for execution in (other, third):
+            assert [n for e, n in handler.applied if e == execution] == sorted(
+                n for e, n in handler.applied if e == execution
+            )
+        assert pool.committed("g", "r", 0) is None  # the slow reply at offset 0 holds the partition
+        handler.release.set()
+        await eventually(lambda: pool.committed("g", "r", 0) == 11)
+    finally:
+        await consumer.stop()
+    assert handler.applied[-1] == (slow, 0)
+
+
+async def test_stop_lets_the_reply_in_progress_finish_and_commits_it() -> None:
+    pool = InMemoryBrokerPool(partitions=1)
+    slow = uuid.uuid4()
+    handler = GatedHandler(slow)
+    consumer = gated_consumer(pool, handler)
+    await consumer.start()
+    await pool.publisher().send(reply(slow))
+    await asyncio.wait_for(handler.entered.wait(), 5)
+    stopping = asyncio.create_task(consumer.stop())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not stopping.done() and pool.committed("g", "r", 0) is None
+    handler.release.set()
+    await asyncio.wait_for(stopping, 5)
+    assert handler.applied == [(slow, 0)] and pool.committed("g", "r", 0) == 1
