@@ -12,8 +12,8 @@ guarantees the orchestrator relies on:
   a crash after the handler's effect but before the reply is stored runs the handler again on redelivery.
 * **At-least-once replies.** An offset is committed only once its reply (or dead letter) was published.
 * **No stalls.** Records flow through a `KeyedPipeline`: polling goes on while earlier records are
-  handled, each partition's records in offset order and partitions concurrently, and offsets are committed
-  in the background, so a slow command or a commit round trip holds up only its own partition.
+  handled, each key's records (one saga execution's) in offset order and keys concurrently, and offsets
+  are committed in the background, so a slow command or a commit round trip holds up only its own saga.
 * **Malformed input never stops the consumer.** It is logged with the reason, counted in `stats`, and
   forwarded with its original value and headers plus ``saga-dead-letter-reason`` to the dead-letter topic.
 * **Transient failures are retried.** Retriable broker and storage errors back off and retry the record.
@@ -71,9 +71,15 @@ H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _partition(message: BrokerMessage) -> tuple[str, int | None]:
-    """Commands and decisions are handled in offset order per partition, as they were published."""
-    return message.topic, message.partition
+def _lane(message: BrokerMessage) -> tuple[str, int | None, bytes | None]:
+    """Records of one key (the saga execution id) are handled in offset order, other keys concurrently.
+
+    A saga's commands and its decision share the key, so they reach handlers in the order the orchestrator
+    published them; sagas sharing a partition have no order to keep between them, and handling them one
+    after the other would cap a participant at one reply publish per partition at a time. Records without
+    a key keep partition order.
+    """
+    return message.topic, message.partition, message.key
 
 
 class _DeadLetter(Exception):
@@ -104,7 +110,7 @@ class SagaParticipant:
         dedup_cache_size: Entries of the in-process store when ``storage`` is ``None``.
         max_records: Records fetched per poll.
         concurrency: Most records in progress (fetched, not yet handled) at once; when reached, polling
-            waits. Records of one partition are handled in offset order, partitions concurrently.
+            waits. Records of one key (saga execution) are handled in offset order, keys concurrently.
         poll_timeout: Seconds one poll waits for records (`stop` does not wait for it).
         retry_backoff: First pause, in seconds, after a retriable failure; doubled up to ``max_backoff``.
         max_backoff: Longest pause between retries.
@@ -228,7 +234,7 @@ class SagaParticipant:
         self._pipeline = pipeline = KeyedPipeline(
             subscriber,
             self._process,
-            lane=_partition,
+            lane=_lane,
             concurrency=self._concurrency,
             max_records=self._max_records,
             poll_timeout=self._poll_timeout,

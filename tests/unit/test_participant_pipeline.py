@@ -1,4 +1,4 @@
-"""`SagaParticipant` consuming as a pipeline: partitions in parallel, each in order, commits behind.
+"""`SagaParticipant` consuming as a pipeline: sagas in parallel, each in order, commits behind.
 
 Ordering is controlled with events: a gated command holds its handler until the test releases it.
 """
@@ -79,6 +79,22 @@ async def test_a_slow_command_holds_up_only_its_own_partition(pool: InMemoryBrok
         service.release.set()
         await eventually(lambda: pool.committed(GROUP, "Do", 0) == 3)
     assert service.handled == [2, 3, 0, 1, 4]  # partition 0 in offset order
+
+
+async def test_a_slow_command_holds_up_only_its_own_saga_within_a_partition(
+    pool: InMemoryBrokerPool,
+) -> None:
+    service = Service(pool, max_records=1)
+    slow, other = on_partition(0), on_partition(0)
+    async with service.participant:
+        await pool.publisher().send(command(slow, 0, gate=True))
+        await asyncio.wait_for(service.entered.wait(), 5)
+        await pool.publisher().send_batch([command(slow, 1), command(other, 2), command(other, 3)])
+        await eventually(lambda: service.handled == [2, 3])  # same partition, another saga: not held up
+        assert pool.committed(GROUP, "Do", 0) is None  # the commit never passes the record in progress
+        service.release.set()
+        await eventually(lambda: pool.committed(GROUP, "Do", 0) == 4)
+    assert service.handled == [2, 3, 0, 1]  # the slow saga's own commands in offset order
 
 
 async def test_stop_finishes_the_command_in_progress_and_commits_it(pool: InMemoryBrokerPool) -> None:
