@@ -8,6 +8,10 @@ commits while the consumer goes on:
 
 * **Coalescing.** `mark` only records the latest committable offset of a partition. While a commit is in
   flight, later marks accumulate; the next commit carries all of them, whatever their number.
+* **Spaced.** At most one commit starts per ``interval``: a commit is a write to the group coordinator
+  (and a record in ``__consumer_offsets``) whatever the number of offsets it carries, so under load one
+  commit per interval replaces one per handled batch. The price is the redelivery window after a crash,
+  which is at most ``interval`` longer; redelivered records are recognised as duplicates.
 * **In order.** One commit at a time, each with the newest offsets known when it starts, so the group never
   sees an older offset after a newer one from this consumer.
 * **Errors as before.** A retriable failure is backed off and retried, carrying whatever was marked
@@ -40,11 +44,21 @@ class OffsetCommitter:
         name: How log lines name the consumer.
         retry_initial: First pause (seconds) after a retriable failure; doubled up to ``retry_max``.
         retry_max: Longest pause.
+        interval: Least time (seconds) from the start of one commit to the start of the next.
     """
 
     def __init__(
-        self, subscriber: BrokerSubscriber, *, name: str, retry_initial: float, retry_max: float
+        self,
+        subscriber: BrokerSubscriber,
+        *,
+        name: str,
+        retry_initial: float,
+        retry_max: float,
+        interval: float = 0.0,
     ) -> None:
+        if interval < 0:
+            raise ValueError(f"interval must be >= 0, got {interval}")
+        self._interval = interval
         self._subscriber = subscriber
         self._name = name
         self._retry_initial = retry_initial
@@ -94,10 +108,15 @@ class OffsetCommitter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            started = asyncio.get_running_loop().time()
             offsets, self._pending = self._pending, {}
             retry = await self._commit(offsets, final=False)
             if retry is None:
                 failures = 0
+                rest = self._interval - (asyncio.get_running_loop().time() - started)
+                if rest > 0:  # marks made meanwhile wait for the next commit; close() commits at once
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), timeout=rest)
                 continue
             failures += 1
             if failures == 1 or failures % 20 == 0:

@@ -79,6 +79,8 @@ class ReplyConsumer:
         concurrency: Most replies in progress (fetched, not yet handled) at once; when reached, fetching
             waits. Replies of different executions are handled concurrently, those of one execution one
             after the other.
+        commit_interval: Least seconds between two offset commits (they run in the background and carry
+            every reply handled meanwhile; a crash redelivers at most that much more, as duplicates).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class ReplyConsumer:
         retry_max: float = 5.0,
         stop_timeout: float = 10.0,
         concurrency: int = 64,
+        commit_interval: float = 0.1,
     ) -> None:
         self.handler = handler
         self.broker_pool = broker_pool
@@ -109,6 +112,7 @@ class ReplyConsumer:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.concurrency = concurrency
+        self.commit_interval = commit_interval
         #: Counters by outcome (``applied``, ``duplicate``, ``stale``, ``unknown_status``) and trouble
         #: (``malformed``, ``unknown_execution``, ``unknown_definition``, ``failed``, ``dead_lettered``,
         #: ``retries``, ``errors``); ``received`` counts every record handled.
@@ -161,6 +165,7 @@ class ReplyConsumer:
             retry_initial=self.retry_initial,
             retry_max=self.retry_max,
             grace=self.stop_timeout,
+            commit_interval=self.commit_interval,
         )
         self._task = asyncio.create_task(self._pipeline.run(), name=f"saga-reply-consumer-{self.topic}")
 

@@ -114,6 +114,9 @@ class SagaParticipant:
         poll_timeout: Seconds one poll waits for records (`stop` does not wait for it).
         retry_backoff: First pause, in seconds, after a retriable failure; doubled up to ``max_backoff``.
         max_backoff: Longest pause between retries.
+        commit_interval: Least seconds between two offset commits (they run in the background and carry
+            every record handled meanwhile; a crash redelivers at most that much more, answered from the
+            dedup store).
 
     Example::
 
@@ -143,6 +146,7 @@ class SagaParticipant:
         poll_timeout: float = 0.5,
         retry_backoff: float = 0.1,
         max_backoff: float = 5.0,
+        commit_interval: float = 0.1,
     ) -> None:
         if not service_name:
             raise ValueError("service_name must not be empty")
@@ -163,6 +167,7 @@ class SagaParticipant:
         self._poll_timeout = poll_timeout
         self._retry_backoff = retry_backoff
         self._max_backoff = max_backoff
+        self._commit_interval = commit_interval
         self._handlers: dict[str, CommandHandler] = {}
         self._on_commit: list[DecisionHandler] = []
         self._on_reject: list[DecisionHandler] = []
@@ -243,6 +248,7 @@ class SagaParticipant:
             retry_initial=self._retry_backoff,
             retry_max=self._max_backoff,
             grace=10.0,
+            commit_interval=self._commit_interval,
         )
         self._task = asyncio.create_task(self._consume(pipeline), name=f"participant-{self.service_name}")
         _log.info("participant %s consuming %s as group %s", self.service_name, topics, self.group_id)

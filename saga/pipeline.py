@@ -78,6 +78,7 @@ class KeyedPipeline:
         name: How log lines name the consumer.
         retry_initial: First pause after a retriable commit failure.
         retry_max: Longest pause between commit attempts.
+        commit_interval: Least time between the starts of two offset commits (see `OffsetCommitter`).
         grace: Default for `stop`'s grace period; also bounds the unwinding of cancelled handlers and
             the last commit (at least a second each).
     """
@@ -96,6 +97,7 @@ class KeyedPipeline:
         retry_initial: float,
         retry_max: float,
         grace: float,
+        commit_interval: float = 0.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -109,7 +111,11 @@ class KeyedPipeline:
         self._name = name
         self._grace = grace
         self.committer = OffsetCommitter(
-            subscriber, name=name, retry_initial=retry_initial, retry_max=retry_max
+            subscriber,
+            name=name,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+            interval=commit_interval,
         )
         self._lanes: dict[Hashable, deque[tuple[BrokerMessage, int]]] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()

@@ -475,3 +475,28 @@ def test_concurrency_must_be_positive() -> None:
 
     with pytest.raises(ValueError, match="concurrency"):
         pipeline(ScriptedSubscriber(), process, concurrency=0)
+
+
+async def test_committer_spaces_commits_by_its_interval_and_close_does_not_wait_for_it() -> None:
+    subscriber = ScriptedSubscriber()
+    committer = OffsetCommitter(
+        subscriber,  # type: ignore[arg-type]
+        name="test",
+        retry_initial=0.001,
+        retry_max=0.001,
+        interval=3600.0,
+    )
+    committer.mark(("t", 0), 1)
+    await subscriber.committed_to(1)
+    for offset in (2, 3, 4):  # within the interval: remembered, not committed
+        committer.mark(("t", 0), offset)
+        for _ in range(5):
+            await asyncio.sleep(0)
+    assert subscriber.commits == [{("t", 0): 1}]
+    await wait(asyncio.create_task(committer.close(1.0)))
+    assert subscriber.commits == [{("t", 0): 1}, {("t", 0): 4}]
+
+
+def test_committer_refuses_a_negative_interval() -> None:
+    with pytest.raises(ValueError, match="interval"):
+        OffsetCommitter(None, name="t", retry_initial=0.1, retry_max=0.1, interval=-1)  # type: ignore[arg-type]
