@@ -31,6 +31,7 @@ from storage import (
     SagaStatus,
     SagaStorage,
     StorageError,
+    SupportsClaimMany,
 )
 from storage.records import OutboxClaim, OutboxMessage, ReplyOutcome
 
@@ -83,6 +84,9 @@ class ExecutionDriver:
     _poller: asyncio.Task[None] | None = None
     #: Recoveries of overdue waiting runs started by the poller, by execution id.
     _overdue: dict[uuid.UUID, asyncio.Task[None]]
+    #: Claims asked for in this turn of the event loop, to be taken in one statement (`_take_claim`).
+    _claim_batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]] | None = None
+    _claims_in_flight: set[asyncio.Task[None]]
 
     # -- heartbeat -------------------------------------------------------------------------------------
     #
@@ -302,7 +306,7 @@ class ExecutionDriver:
             )
         self._active.add(execution_id)
         try:
-            record = await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
+            record = await self._take_claim(execution_id)
             if record is None:
                 raise SagaBusyError(
                     f"execution {execution_id} is claimed by another worker", execution_id=execution_id
@@ -315,6 +319,68 @@ class ExecutionDriver:
         except BaseException:
             self._active.discard(execution_id)
             raise
+
+    async def _take_claim(self, execution_id: uuid.UUID) -> ExecutionRecord | None:
+        """``storage.claim``, batched: the claims asked for in one turn of the event loop share a statement.
+
+        Replies fetched together are dispatched together, so under load their claims arrive in the same
+        turn; one ``UPDATE ... WHERE id = ANY(...)`` then takes them all, where one each cost a round trip
+        apiece. A single claim, or a storage without `SupportsClaimMany`, goes straight through.
+        """
+        if not isinstance(self.storage, SupportsClaimMany):
+            return await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
+        loop = asyncio.get_running_loop()
+        batch = self._claim_batch
+        if batch is None:
+            batch = self._claim_batch = {}
+            loop.call_soon(self._start_claims, batch)
+        future: asyncio.Future[ExecutionRecord | None] = loop.create_future()
+        batch[execution_id] = future  # one per id: _claim reserved it in _active
+        return await future
+
+    def _start_claims(self, batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]]) -> None:
+        if self._claim_batch is batch:
+            self._claim_batch = None  # later claims start a batch of their own
+        task = asyncio.get_running_loop().create_task(self._claim_batched(batch))
+        self._claims_in_flight.add(task)
+        task.add_done_callback(self._claims_in_flight.discard)
+
+    async def _claim_batched(self, batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]]) -> None:
+        storage = self.storage
+        owner, lease = self.owner, self.lease_seconds
+        try:
+            if len(batch) == 1:
+                ((execution_id, future),) = batch.items()
+                record = await storage.claim(execution_id, owner, lease_seconds=lease)
+                self._hand_over(execution_id, future, record)
+                return
+            assert isinstance(storage, SupportsClaimMany)
+            claimed = {r.id: r for r in await storage.claim_many(list(batch), owner, lease_seconds=lease)}
+            for execution_id, future in batch.items():
+                if execution_id in claimed:
+                    self._hand_over(execution_id, future, claimed[execution_id])
+                elif not future.done():
+                    # Held by someone else, or unknown: the single claim tells which (and raises for the
+                    # unknown); it is rare enough to cost its own round trip.
+                    record = await storage.claim(execution_id, owner, lease_seconds=lease)
+                    self._hand_over(execution_id, future, record)
+        except Exception as exc:
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(exc)
+
+    def _hand_over(
+        self,
+        execution_id: uuid.UUID,
+        future: asyncio.Future[ExecutionRecord | None],
+        record: ExecutionRecord | None,
+    ) -> None:
+        if not future.done():
+            future.set_result(record)
+        elif record is not None:  # the caller gave up (cancelled) meanwhile: do not sit on the claim
+            task = asyncio.get_running_loop().create_task(self._release(execution_id))
+            self._claims_in_flight.add(task)
+            task.add_done_callback(self._claims_in_flight.discard)
 
     async def _release(self, execution_id: uuid.UUID) -> None:
         """Drop this manager's claim; a failure only delays others until the lease runs out."""

@@ -160,6 +160,7 @@ class SagaManager(ExecutionDriver):
         self._beat_task: asyncio.Task[None] | None = None
         self._unmarked: list[int] = []
         self._overdue: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._claims_in_flight: set[asyncio.Task[None]] = set()
         self._started = False
         self._closing = False
 

@@ -15,7 +15,7 @@ from storage.errors import (
     StorageUnavailableError,
 )
 from storage.memory import MemorySagaStorage
-from storage.protocol import ISagaStorage, SagaStorage, SupportsLoadMany
+from storage.protocol import ISagaStorage, SagaStorage, SupportsClaimMany, SupportsLoadMany
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
@@ -51,6 +51,7 @@ __all__ = [
     "StepRecord",
     "StorageError",
     "StorageUnavailableError",
+    "SupportsClaimMany",
     "SupportsLoadMany",
 ]
 

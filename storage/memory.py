@@ -436,6 +436,19 @@ class MemorySagaStorage:
         stored = self._touch(current, owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
         return _copy_record(stored)
 
+    async def claim_many(
+        self, ids: Sequence[uuid.UUID], owner: str, *, lease_seconds: float
+    ) -> list[ExecutionRecord]:
+        """`claim` of several executions at once; see `SupportsClaimMany`."""
+        claimed = []
+        for saga_id in dict.fromkeys(ids):
+            if saga_id not in self._executions:
+                continue
+            record = await self.claim(saga_id, owner, lease_seconds=lease_seconds)
+            if record is not None:
+                claimed.append(record)
+        return claimed
+
     async def claim_for_recovery(
         self,
         owner: str,

@@ -35,7 +35,7 @@ from storage.records import (
 )
 from storage.status import SagaStatus
 
-__all__ = ["ISagaStorage", "SagaStorage", "SupportsLoadMany"]
+__all__ = ["ISagaStorage", "SagaStorage", "SupportsClaimMany", "SupportsLoadMany"]
 
 
 @runtime_checkable
@@ -246,6 +246,22 @@ class SupportsLoadMany(Protocol):
 
     async def load_many(self, ids: Sequence[uuid.UUID]) -> list[ExecutionRecord]:
         """The stored executions among ``ids``, in the order of ``ids``, each once; unknown ids are absent."""
+        ...
+
+
+@runtime_checkable
+class SupportsClaimMany(Protocol):
+    """A storage that claims many executions in one round trip: optional, like `SupportsLoadMany`.
+
+    The orchestrator claims the executions of replies that arrive together with one call instead of one
+    `SagaStorage.claim` each; storages without it keep working through ``claim``.
+    """
+
+    async def claim_many(
+        self, ids: Sequence[uuid.UUID], owner: str, *, lease_seconds: float
+    ) -> list[ExecutionRecord]:
+        """`SagaStorage.claim` for each of ``ids``: the records now claimed by ``owner``, in the order of
+        ``ids``, each once. Unknown ids and executions another owner's live lease holds are absent."""
         ...
 
 

@@ -111,6 +111,7 @@ class Statements:
     increment_attempts_status: Update = field(init=False)
     set_attempts: Update = field(init=False)
     claim: Update = field(init=False)
+    claim_many: Update = field(init=False)
     renew: Update = field(init=False)
     release: Update = field(init=False)
     insert_reply: Insert = field(init=False)
@@ -206,18 +207,21 @@ class Statements:
 
         owner = _p("owner")
         no_flush = self._commit_without_flush()
+        claimable = or_(
+            t.c.owner.is_(None),
+            t.c.owner == owner,
+            t.c.lease_until.is_(None),
+            t.c.lease_until < now(),
+        )
         self.claim = (
             update(t)
-            .where(
-                by_id,
-                or_(
-                    t.c.owner.is_(None),
-                    t.c.owner == owner,
-                    t.c.lease_until.is_(None),
-                    t.c.lease_until < now(),
-                ),
-                *no_flush,
-            )
+            .where(by_id, claimable, *no_flush)
+            .values(owner=owner, lease_until=self.clock.shifted("lease"), **bump)
+            .returning(*every)
+        )
+        self.claim_many = (
+            update(t)
+            .where(self._one_of(t.c.id, t.c.id.type), claimable, *no_flush)
             .values(owner=owner, lease_until=self.clock.shifted("lease"), **bump)
             .returning(*every)
         )

@@ -31,6 +31,7 @@ from storage import (
     SagaStatus,
     SagaStorage,
     StepRecord,
+    SupportsClaimMany,
     SupportsLoadMany,
 )
 from storage.records import OutboxClaim
@@ -480,6 +481,28 @@ async def test_claim_held_expired_and_same_owner(harness: Harness, storage: Saga
         await storage.save(dataclasses.replace(again, state=b"late"))
     with pytest.raises(ExecutionNotFoundError):
         await storage.claim(uuid.uuid4(), "a", lease_seconds=1)
+
+
+async def test_claim_many_claims_what_a_single_claim_would(harness: Harness, storage: SagaStorage) -> None:
+    assert isinstance(storage, SupportsClaimMany)
+    free, held, expired, mine = [await storage.create(execution()) for _ in range(4)]
+    assert await storage.claim(held.id, "b", lease_seconds=60) is not None
+    assert await storage.claim(expired.id, "b", lease_seconds=60) is not None
+    await harness.set_times(expired.id, lease_until=harness.now() - timedelta(seconds=1))
+    first = await storage.claim(mine.id, "a", lease_seconds=60)
+    assert first is not None
+    missing = uuid.uuid4()
+    claimed = await storage.claim_many(
+        [mine.id, held.id, missing, free.id, expired.id, free.id], "a", lease_seconds=60
+    )
+    assert [r.id for r in claimed] == [mine.id, free.id, expired.id]  # order asked, each once
+    for record in claimed:
+        assert record.owner == "a" and record.lease_until is not None
+        assert record.lease_until > harness.now() + timedelta(seconds=50)
+        assert record == await storage.load(record.id)  # what is stored now, version bumped
+    assert claimed[0].version == first.version + 1
+    assert (await storage.load(held.id)).owner == "b"  # a live lease of another owner is untouched
+    assert await storage.claim_many([], "a", lease_seconds=60) == []
 
 
 async def test_save_keeps_a_given_claim(storage: SagaStorage) -> None:

@@ -28,6 +28,7 @@ PUBLIC = [
     "StepRecord",
     "StorageError",
     "StorageUnavailableError",
+    "SupportsClaimMany",
     "SupportsLoadMany",
 ]
 
@@ -51,6 +52,7 @@ def test_adapters_satisfy_the_port() -> None:
     for adapter in (storage.MemorySagaStorage(), storage.SqlAlchemySagaStorage("sqlite+aiosqlite://")):
         assert isinstance(adapter, storage.SagaStorage)
         assert isinstance(adapter, storage.SupportsLoadMany)
+        assert isinstance(adapter, storage.SupportsClaimMany)
 
 
 def test_load_many_is_optional() -> None:
@@ -61,6 +63,7 @@ def test_load_many_is_optional() -> None:
 
     assert isinstance(Older(), storage.SagaStorage)
     assert not isinstance(object(), storage.SupportsLoadMany)
+    assert not isinstance(object(), storage.SupportsClaimMany)
 
 
 def test_importing_storage_does_not_import_sqlalchemy_or_the_engine() -> None:

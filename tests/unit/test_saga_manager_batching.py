@@ -1,4 +1,4 @@
-"""Runs waiting in ``run()`` share one storage poll; published outbox rows are marked sent in batches."""
+"""Work the manager batches: one storage poll for all waiting runs, sent-marks, claims of replies."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from broker import InMemoryBrokerPool
-from saga import Saga, SagaContext, SagaManager, SagaRequest, SagaStatus
+from saga import Saga, SagaBusyError, SagaContext, SagaManager, SagaRequest, SagaResponse, SagaStatus
 from storage import ExecutionNotFoundError, ExecutionRecord
 from storage.memory import MemorySagaStorage
 from tests.unit.conftest import CountingStorage, FakeParticipant, eventually
@@ -45,7 +45,7 @@ async def test_many_waiting_runs_are_polled_in_one_query_per_interval(pool: InMe
     storage = _BatchLoadingStorage()
     counted = CountingStorage(storage)
     manager = SagaManager(
-        counted,  # type: ignore[arg-type]
+        counted,
         pool,
         consume_replies=False,
         relay_outbox=False,
@@ -132,3 +132,43 @@ async def test_destroy_writes_pending_marks_before_storage_stops(pool: InMemoryB
     await manager.destroy()
     assert execution.status is SagaStatus.FINISHED
     assert await storage.fetch_outbox(lease_seconds=-1) == []
+
+
+async def test_replies_handled_together_are_claimed_in_one_statement(pool: InMemoryBrokerPool) -> None:
+    storage = CountingStorage(MemorySagaStorage())
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
+    await manager.setup()
+    saga = manager.register(Saga("together").remote_step(send("cmd")).commit())
+    try:
+        paused = [await manager.run(saga, {"n": i}, pause_on_disk=True) for i in range(5)]
+        held = paused[-1]
+        assert await storage.inner.claim(held.id, "another-worker", lease_seconds=60) is not None
+        storage.calls.clear()
+        replies = [SagaResponse({"ok": 1}, 200, e.id, e.awaiting.request_id, "svc") for e in paused]  # type: ignore[union-attr]
+        outcomes = await asyncio.gather(*(manager.handle_reply(r) for r in replies), return_exceptions=True)
+        assert outcomes[:4] == ["applied"] * 4
+        assert isinstance(outcomes[4], SagaBusyError)  # the one another worker holds
+        # One claim_many for all five; the single claim only for the one it did not get (to say why).
+        assert storage.calls["claim_many"] == 1 and storage.calls["claim"] == 1
+        for execution in paused[:4]:
+            assert (await storage.inner.load(execution.id)).status is SagaStatus.FINISHED
+    finally:
+        await manager.destroy()
+
+
+async def test_a_reply_handled_alone_takes_the_single_claim(pool: InMemoryBrokerPool) -> None:
+    storage = CountingStorage(MemorySagaStorage())
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
+    await manager.setup()
+    saga = manager.register(Saga("alone").remote_step(send("cmd")).commit())
+    try:
+        paused = await manager.run(saga, pause_on_disk=True)
+        assert paused.awaiting is not None
+        storage.calls.clear()
+        assert (
+            await manager.handle_reply(SagaResponse(None, 200, paused.id, paused.awaiting.request_id))
+            == "applied"
+        )
+        assert storage.calls["claim"] == 1 and storage.calls["claim_many"] == 0
+    finally:
+        await manager.destroy()
