@@ -156,10 +156,24 @@ def _decode_tag(tag: str, inner: Any) -> Any:
 def encode_context(data: Mapping[str, Any], *, step: str | None = None) -> dict[str, Any]:
     """Encode a whole context (top-level keys are never tags, so no escaping is needed there).
 
+    Given a `SagaContext`, only its entries that are not plain JSON scalars are walked (see
+    `SagaContext._nested`); the others are their own encoding.
+
     Raises:
         SagaContextError: A value cannot be stored; names the key (and the step, when given).
     """
-    out: dict[str, Any] = {}
+    if type(data) is SagaContext:
+        entries = data._data
+        out = entries.copy()
+        nested = data._nested
+        if nested:
+            try:
+                for key in nested:
+                    out[key] = encode_value(entries[key], key)
+            except _Unstorable as exc:
+                raise _context_error(exc, step) from None
+        return out
+    out = {}
     try:
         for key, value in data.items():
             t = type(value)
@@ -176,7 +190,15 @@ def encode_context(data: Mapping[str, Any], *, step: str | None = None) -> dict[
 def decode_context(encoded: Mapping[str, Any]) -> SagaContext:
     """Rebuild a context from `encode_context`'s output (values are trusted: they were validated)."""
     ctx = SagaContext()
-    ctx._data.update({key: decode_value(value) for key, value in encoded.items()})
+    data = ctx._data
+    nested = ctx._nested
+    for key, value in encoded.items():
+        t = type(value)
+        if t is dict or t is list:  # containers and tagged values
+            data[key] = decode_value(value)
+            nested[key] = None
+        else:  # JSON scalars: integers in range, since wider ones are tagged
+            data[key] = value
     return ctx
 
 
@@ -200,15 +222,34 @@ class SagaContext(MutableMapping[str, Any]):
         Decimal('9.90')
     """
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_nested")
 
     _data: dict[str, Any]
+    #: The keys whose values are not plain JSON scalars (``str``, ``bool``, ``None``, finite ``float``,
+    #: ``int`` within 64 bits), as an ordered set. Only those can change without a ``ctx[key] = ...`` (a
+    #: list appended to in place) or need tags, so `encode_context` walks them alone and takes the others
+    #: as they are. Kept by every method that writes ``_data``.
+    _nested: dict[str, None]
 
     def __init__(self, data: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
-        object.__setattr__(self, "_data", {})
+        entries: dict[str, Any] = {}
+        _set_slot(self, "_data", entries)
+        _set_slot(self, "_nested", {})
         if data is not None:
-            for key, value in data.items():
-                self[key] = value
+            if type(data) is SagaContext:
+                # Plain entries were checked when set and cannot have changed; nested ones are checked again.
+                entries.update(data._data)
+                for key in data._nested:
+                    _put_nested(self, key, data._data[key])
+            else:
+                for key, value in data.items():
+                    t = type(value)
+                    if type(key) is str and (
+                        (t is int and _INT_MIN <= value < _INT_MAX) or t is str or t is bool or value is None
+                    ):
+                        entries[key] = value  # what __setitem__ does with a plain value, without the call
+                    else:
+                        self[key] = value
         for key, value in kwargs.items():
             self[key] = value
 
@@ -221,15 +262,17 @@ class SagaContext(MutableMapping[str, Any]):
         if type(key) is not str:
             raise SagaContextError(f"context keys must be strings, got {key!r}", key=str(key))
         t = type(value)
-        if not (t is str or t is int or t is bool or value is None):
-            try:
-                encode_value(value, key)
-            except _Unstorable as exc:
-                raise _context_error(exc, None) from None
-        self._data[key] = value
+        if (t is int and _INT_MIN <= value < _INT_MAX) or t is str or t is bool or value is None:
+            self._data[key] = value
+            if self._nested:
+                self._nested.pop(key, None)
+        else:
+            _put_nested(self, key, value)
 
     def __delitem__(self, key: str) -> None:
         del self._data[key]
+        if self._nested:
+            self._nested.pop(key, None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
@@ -252,17 +295,11 @@ class SagaContext(MutableMapping[str, Any]):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _RESERVED or name[:1] == "_":
             raise AttributeError(f"cannot set {name!r} on a SagaContext as an attribute; use ctx[{name!r}]")
-        t = type(value)
-        if not (t is str or t is int or t is bool or value is None):
-            try:
-                encode_value(value, name)
-            except _Unstorable as exc:
-                raise _context_error(exc, None) from None
-        self._data[name] = value
+        self[name] = value
 
     def __delattr__(self, name: str) -> None:
         try:
-            del self._data[name]
+            del self[name]
         except KeyError:
             raise AttributeError(f"SagaContext has no entry {name!r}") from None
 
@@ -285,16 +322,33 @@ class SagaContext(MutableMapping[str, Any]):
         """A shallow copy (values are not re-validated: they were checked when set)."""
         ctx = SagaContext()
         ctx._data.update(self._data)
+        ctx._nested.update(self._nested)
         return ctx
 
     def to_json(self) -> bytes:
         """The tagged JSON encoding (what the engine stores). Raises `SagaContextError`."""
-        return orjson.dumps(encode_context(self._data))
+        return orjson.dumps(encode_context(self))
 
     @classmethod
     def from_json(cls, data: bytes | str) -> SagaContext:
         """Rebuild a context from `to_json` output, types intact."""
         return decode_context(orjson.loads(data))
+
+
+_set_slot = object.__setattr__
+
+
+def _put_nested(ctx: SagaContext, key: str, value: Any) -> None:
+    """Store a value that is not a plain scalar, once it proved storable (floats: finite)."""
+    try:
+        encode_value(value, key)
+    except _Unstorable as exc:
+        raise _context_error(exc, None) from None
+    ctx._data[key] = value
+    if type(value) is float:
+        ctx._nested.pop(key, None)
+    else:
+        ctx._nested[key] = None
 
 
 #: Attribute names that belong to the mapping itself and cannot be entries set by attribute.

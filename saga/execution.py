@@ -341,7 +341,7 @@ class SagaExecution:
         Raises:
             SagaContextError: The context holds a value that cannot be stored (names the key and step).
         """
-        ctx = encode_context(self.context._data, step=step)
+        ctx = encode_context(self.context, step=step)
         awaiting = self.awaiting
         deadline = self.deadline
         state = {
@@ -455,7 +455,7 @@ class SagaExecution:
         if result.status is _RUNNING or result.status is _COMPENSATING:
             # The manager saves this together with the next step; should that step fail, its context
             # must roll back to here (reply applied), not to the last save.
-            self._ctx_snapshot = encode_context(self.context._data, step=result.step)
+            self._ctx_snapshot = encode_context(self.context, step=result.step)
         return Transition(result.status, result.outbox, outcome="applied", step=result.step)
 
     def overdue(self, now: datetime) -> bool:

@@ -158,3 +158,70 @@ def test_encode_context_names_the_step() -> None:
 def test_nested_saga_context_is_stored_as_a_dict() -> None:
     ctx = SagaContext(inner=SagaContext(x=1))
     assert SagaContext.from_json(ctx.to_json()).inner == {"x": 1}
+
+
+def walked(ctx: SagaContext) -> dict[str, object]:
+    """The encoding of every entry, walked one by one (what `encode_context` does with a plain dict)."""
+    return encode_context(dict(ctx.items()))
+
+
+def test_a_context_encodes_like_a_full_walk_through_every_kind_of_write() -> None:
+    ctx = SagaContext({"n": 1, "items": [1], "big": 2**70, "f": 1.5}, when=date(2024, 1, 1))
+    states = [encode_context(ctx)]
+    writes = [
+        lambda: ctx.__setitem__("n", [1, 2]),  # plain -> nested
+        lambda: ctx.__setitem__("items", "now plain"),  # nested -> plain
+        lambda: ctx["n"].append(uuid.UUID(int=1)),  # in place, no write through the context
+        lambda: setattr(ctx, "total", Decimal("2.50")),
+        lambda: setattr(ctx, "total", 2**63 - 1),
+        lambda: setattr(ctx, "total", -(2**63) - 1),
+        lambda: ctx.update({"a": (1, 2), "b": None, "c": Color.RED, "d": Level.HIGH}),
+        lambda: ctx.setdefault("e", {"$uuid": "looks like a tag"}),
+        lambda: ctx.pop("a"),
+        lambda: delattr(ctx, "when"),
+        lambda: ctx.__delitem__("big"),
+        lambda: ctx.__setitem__("big", True),
+        lambda: ctx["e"].update(more=[datetime(2024, 1, 1, tzinfo=UTC)]),
+    ]
+    for write in writes:
+        write()
+        encoded = encode_context(ctx)
+        assert encoded == walked(ctx) and list(encoded) == list(ctx)
+        assert orjson.dumps(encoded) == orjson.dumps(walked(ctx))
+        states.append(encoded)
+    # Nothing handed out earlier changed with the context (the engine keeps them as rollback points).
+    assert states[0] == {
+        "n": 1,
+        "items": [1],
+        "big": {"$int": str(2**70)},
+        "f": 1.5,
+        "when": {"$date": "2024-01-01"},
+    }
+    assert states[2]["n"] == [1, 2] and states[3]["n"] == [1, 2, {"$uuid": str(uuid.UUID(int=1))}]
+    ctx.clear()
+    assert encode_context(ctx) == {} and ctx == {}
+
+
+def test_copies_and_decoded_contexts_encode_like_a_full_walk() -> None:
+    ctx = SagaContext(n=1, items=[{"at": date(2024, 1, 1)}], plain="x")
+    for other in (
+        ctx.copy(),
+        SagaContext(ctx),
+        SagaContext(ctx, more=(1,)),
+        decode_context(encode_context(ctx)),
+        SagaContext.from_json(ctx.to_json()),
+    ):
+        assert encode_context(other) == walked(other)
+        other["items"].append(5)  # nested values may be shared by a shallow copy: still encoded fresh
+        assert encode_context(other) == walked(other)
+        assert encode_context(ctx) == walked(ctx)
+
+
+def test_a_nested_value_made_unstorable_in_place_is_refused_when_encoded_or_copied() -> None:
+    ctx = SagaContext(ok=1, items=[])
+    ctx["items"].append(object())
+    with pytest.raises(SagaContextError, match="set in step 'pack'") as info:
+        encode_context(ctx, step="pack")
+    assert info.value.key == "items"
+    with pytest.raises(SagaContextError):
+        SagaContext(ctx)
