@@ -87,6 +87,7 @@ class ExecutionDriver:
     #: Claims asked for in this turn of the event loop, to be taken in one statement (`_take_claim`).
     _claim_batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]] | None = None
     _claims_in_flight: set[asyncio.Task[None]]
+    _claim_many_support: tuple[object, bool] | None = None
 
     # -- heartbeat -------------------------------------------------------------------------------------
     #
@@ -118,7 +119,8 @@ class ExecutionDriver:
             except Exception as exc:  # transient: the lease still runs; try again at the next beat
                 _log.warning("execution %s: renewing the claim failed: %s", execution.id, exc)
                 continue
-            if not renewed:
+            if not renewed and self._driving.get(execution.id) is execution:
+                # (A run that ended while the renewal was on its way released the claim itself.)
                 execution.claim_lost = True
                 _log.warning(
                     "execution %s: claim lost to another worker; its state will not be saved", execution.id
@@ -327,7 +329,7 @@ class ExecutionDriver:
         turn; one ``UPDATE ... WHERE id = ANY(...)`` then takes them all, where one each cost a round trip
         apiece. A single claim, or a storage without `SupportsClaimMany`, goes straight through.
         """
-        if not isinstance(self.storage, SupportsClaimMany):
+        if not self._storage_claims_many():
             return await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
         loop = asyncio.get_running_loop()
         batch = self._claim_batch
@@ -337,6 +339,15 @@ class ExecutionDriver:
         future: asyncio.Future[ExecutionRecord | None] = loop.create_future()
         batch[execution_id] = future  # one per id: _claim reserved it in _active
         return await future
+
+    def _storage_claims_many(self) -> bool:
+        """Whether the storage has `SupportsClaimMany` (checked once per storage object: a protocol
+        ``isinstance`` costs microseconds, and this is asked for every reply)."""
+        storage = self.storage
+        known = self._claim_many_support
+        if known is None or known[0] is not storage:
+            known = self._claim_many_support = (storage, isinstance(storage, SupportsClaimMany))
+        return known[1]
 
     def _start_claims(self, batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]]) -> None:
         if self._claim_batch is batch:
