@@ -33,7 +33,7 @@ from saga.messages import ControlAction, SagaControl, SagaResponse
 from saga.state import STATE_FORMAT, AwaitedRequest, Transition, compact, outbox_message, random_uuid
 from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep
 from storage import ExecutionRecord, OutboxMessage, SagaStatus, StepRecord
-from storage.records import ReplyOutcome, StepPhase
+from storage.records import ReplyOutcome, StepPhase, new_execution_record
 
 __all__ = ["SagaExecution", "Transition"]
 
@@ -368,7 +368,7 @@ class SagaExecution:
         self._ctx_snapshot = ctx
         # Positional, in field order (checked at import below): a third cheaper than keywords, and this
         # runs once per step.
-        return ExecutionRecord(
+        return new_execution_record(
             self.id,
             self.saga_name,
             self.definition.version,

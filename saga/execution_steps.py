@@ -36,7 +36,8 @@ from saga.step_support import (
     update_record,
 )
 from saga.steps import ConditionalSagaStep, LocalSagaStep, RemoteSagaStep, SagaStep, invoke
-from storage import SagaStatus, StepRecord
+from storage import SagaStatus
+from storage.records import new_step_record
 
 if TYPE_CHECKING:
     from saga.execution import SagaExecution
@@ -151,7 +152,9 @@ async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Tr
         new_record(ex, step, "execute", "failed", attempt, started, error=error)
         return await begin_compensation(ex, error)
     ex.attempt = 0
-    ex.steps.append(StepRecord(step.name, "local", "execute", "succeeded", attempt, started, ex._clock()))
+    ex.steps.append(
+        new_step_record(step.name, "local", "execute", "succeeded", attempt, started, ex._clock())
+    )
     if hooks is not None:
         await emit(ex, "on_step_completed", step.name, attempt)
     return await step_done(ex, step, True)

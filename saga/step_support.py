@@ -18,8 +18,8 @@ from saga.messages import SagaRequest, SagaResponse
 from saga.retry import RetryPolicy
 from saga.state import AwaitedRequest, Transition, moved, outbox_message, random_uuid
 from saga.steps import ConditionalSagaStep, LocalSagaStep, RemoteSagaStep, SagaStep
-from storage import OutboxMessage, SagaStatus, StepRecord
-from storage.records import StepPhase, StepState
+from storage import OutboxMessage, SagaStatus
+from storage.records import StepPhase, StepState, new_step_record
 
 if TYPE_CHECKING:
     from saga.execution import SagaExecution
@@ -114,7 +114,9 @@ def new_record(
     """Append a step-history record (``waiting`` ones have no finish time yet)."""
     finished = None if status == "waiting" else ex._clock()
     ex.steps.append(
-        StepRecord(step.name, step.kind, phase, status, attempts, started_at, finished, request_id, error)
+        new_step_record(
+            step.name, step.kind, phase, status, attempts, started_at, finished, request_id, error
+        )
     )
 
 
@@ -129,7 +131,7 @@ def update_record(
 ) -> None:
     """Replace history record ``index`` with a new status (records are immutable)."""
     old = ex.steps[index]
-    ex.steps[index] = StepRecord(
+    ex.steps[index] = new_step_record(
         old.name,
         old.kind,
         old.phase,

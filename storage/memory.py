@@ -37,6 +37,7 @@ from storage.records import (
     QueryResult,
     ReplyRecord,
     StepRecord,
+    new_execution_record,
 )
 from storage.status import RECOVERABLE_STATUSES, SagaStatus
 
@@ -264,7 +265,7 @@ class MemorySagaStorage:
             steps = _copy_steps(steps)
         # Built directly (positional, in field order) rather than through dataclasses.replace: this runs
         # once per saga on the hot path.
-        stored = ExecutionRecord(
+        stored = new_execution_record(
             record.id,
             record.name,
             record.definition_version,
@@ -339,7 +340,7 @@ class MemorySagaStorage:
                 lease_until = held
         # Identity and creation columns are not the caller's to change through save. Built directly
         # (positional, in field order): this runs once per step.
-        stored = ExecutionRecord(
+        stored = new_execution_record(
             current.id,
             current.name,
             current.definition_version,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from storage import ExecutionRecord, SagaStatus, StepRecord
+from storage.records import new_execution_record, new_step_record
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -72,3 +73,27 @@ def test_positional_keyword_and_default_arguments_fill_the_same_fields() -> None
     assert step.finished_at is step.request_id is step.error is None
     with pytest.raises(TypeError):
         StepRecord("s", "local", "execute", "succeeded")  # type: ignore[call-arg]
+
+
+def test_the_hot_path_builders_give_what_the_constructors_give() -> None:
+    record = full_execution_record()
+    values = [getattr(record, f.name) for f in dataclasses.fields(record)]
+    built = new_execution_record(*values)
+    assert type(built) is ExecutionRecord and built == record and built is not record
+    assert new_execution_record(record.id, "n", 1, SagaStatus.RUNNING, b"") == ExecutionRecord(
+        record.id, "n", 1, SagaStatus.RUNNING, b""
+    )
+    step = record.steps[0]
+    assert new_step_record(*[getattr(step, f.name) for f in dataclasses.fields(step)]) == step
+    assert type(new_step_record("s", "local", "execute", "running", 1, NOW)) is StepRecord
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.status = SagaStatus.FAILED  # type: ignore[misc]
+
+
+def test_a_subclass_without_slots_of_its_own_is_built_as_itself() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Tagged(StepRecord):
+        pass
+
+    tagged = Tagged("s", "local", "execute", "running", 1, NOW)
+    assert type(tagged) is Tagged and tagged.name == "s"
