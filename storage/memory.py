@@ -38,6 +38,7 @@ from storage.records import (
     ReplyRecord,
     StepRecord,
     new_execution_record,
+    new_step_record,
 )
 from storage.status import RECOVERABLE_STATUSES, SagaStatus
 
@@ -66,18 +67,52 @@ def _clean_steps(steps: tuple[StepRecord, ...]) -> bool:
 
 
 def _copy_steps(steps: Iterable[StepRecord]) -> tuple[StepRecord, ...]:
-    # Only the (rare) error mapping is mutable; everything else in a StepRecord is immutable already.
+    # Only the error mapping (of failed steps) is mutable; everything else in a StepRecord is immutable.
+    # Copies are built positionally, not through dataclasses.replace (ten times dearer): once a saga has
+    # failed, every later write copies its failed steps twice, on the way in and on the way out.
     return tuple(
-        s if s.error is None else dataclasses.replace(s, error=_copy_mapping(s.error)) for s in steps
+        [
+            s
+            if s.error is None
+            else new_step_record(
+                s.name,
+                s.kind,
+                s.phase,
+                s.status,
+                s.attempts,
+                s.started_at,
+                s.finished_at,
+                s.request_id,
+                _copy_mapping(s.error),
+            )
+            for s in steps
+        ]
     )
 
 
-def _copy_record(record: ExecutionRecord) -> ExecutionRecord:
-    """``record`` itself when it holds nothing mutable (records are frozen, ``state`` is bytes), else a
+def _copy_record(r: ExecutionRecord) -> ExecutionRecord:
+    """``r`` itself when it holds nothing mutable (records are frozen, ``state`` is bytes), else a
     copy with fresh ``error`` mappings, so callers never share a mutable object with the store."""
-    if record.error is None and _clean_steps(record.steps):
-        return record
-    return dataclasses.replace(record, error=_copy_mapping(record.error), steps=_copy_steps(record.steps))
+    if r.error is None and _clean_steps(r.steps):
+        return r
+    return new_execution_record(
+        r.id,
+        r.name,
+        r.definition_version,
+        r.status,
+        r.state,
+        _copy_steps(r.steps),
+        r.version,
+        r.recovery_attempts,
+        r.idempotency_key,
+        r.user,
+        r.reply_deadline,
+        r.owner,
+        r.lease_until,
+        _copy_mapping(r.error),
+        r.created_at,
+        r.updated_at,
+    )
 
 
 def _updated_order(record: ExecutionRecord) -> tuple[datetime, bytes]:

@@ -92,3 +92,27 @@ async def test_callers_cannot_mutate_stored_state() -> None:
     row.headers["h"] = "x"  # type: ignore[index]
     (again,) = await storage.fetch_outbox(lease_seconds=-1)
     assert again.headers == {"h": "1"}
+
+
+async def test_save_copies_error_mappings_on_the_way_in_and_out_and_keeps_every_other_field() -> None:
+    storage = MemorySagaStorage()
+    now = datetime.now(UTC)
+    ok = StepRecord("a", "local", "execute", "succeeded", 1, now, now)
+    step_error = {"type": "StepBoom", "detail": {"n": [1]}}
+    failed = StepRecord("b", "remote", "execute", "failed", 2, now, now, uuid.uuid4(), step_error)
+    created = await storage.create(record())
+    error = {"step": "b", "error": "boom"}
+    sent = dataclasses.replace(created, steps=(ok, failed), error=error, status=SagaStatus.COMPENSATING)
+    saved = await storage.save(sent)
+    assert saved.steps == (ok, failed) and saved.error == error and saved.version == created.version + 1
+    assert saved.steps[0] is ok  # nothing mutable in it: shared, not copied
+    assert saved.steps[1].error is not step_error and saved.error is not error
+    step_error["detail"]["n"].append(2)  # type: ignore[index]
+    error["error"] = "changed"
+    saved.steps[1].error["type"] = "changed"  # type: ignore[index]
+    saved.error["step"] = "changed"  # type: ignore[index]
+    loaded = await storage.load(created.id)
+    assert loaded.steps[1].error == {"type": "StepBoom", "detail": {"n": [1]}}
+    assert loaded.error == {"step": "b", "error": "boom"}
+    expected = dataclasses.replace(saved, error=loaded.error, steps=loaded.steps)
+    assert loaded == expected and type(loaded.steps) is tuple
