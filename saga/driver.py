@@ -359,26 +359,39 @@ class ExecutionDriver:
     async def _claim_batched(self, batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]]) -> None:
         storage = self.storage
         owner, lease = self.owner, self.lease_seconds
+        if len(batch) == 1:
+            await self._claim_one(*next(iter(batch.items())))
+            return
+        assert isinstance(storage, SupportsClaimMany)
         try:
-            if len(batch) == 1:
-                ((execution_id, future),) = batch.items()
-                record = await storage.claim(execution_id, owner, lease_seconds=lease)
-                self._hand_over(execution_id, future, record)
-                return
-            assert isinstance(storage, SupportsClaimMany)
-            claimed = {r.id: r for r in await storage.claim_many(list(batch), owner, lease_seconds=lease)}
-            for execution_id, future in batch.items():
-                if execution_id in claimed:
-                    self._hand_over(execution_id, future, claimed[execution_id])
-                elif not future.done():
-                    # Held by someone else, or unknown: the single claim tells which (and raises for the
-                    # unknown); it is rare enough to cost its own round trip.
-                    record = await storage.claim(execution_id, owner, lease_seconds=lease)
-                    self._hand_over(execution_id, future, record)
+            found = await storage.claim_many(list(batch), owner, lease_seconds=lease)
         except Exception as exc:
             for future in batch.values():
                 if not future.done():
                     future.set_exception(exc)
+            return
+        claimed = {record.id: record for record in found}
+        missed = []
+        for execution_id, future in batch.items():
+            if execution_id in claimed:
+                self._hand_over(execution_id, future, claimed.pop(execution_id))
+            else:
+                missed.append((execution_id, future))
+        # Held by someone else, or unknown: each one's own claim tells which (and raises for the unknown,
+        # to its caller alone); rare enough to cost a round trip apiece.
+        for execution_id, future in missed:
+            await self._claim_one(execution_id, future)
+
+    async def _claim_one(
+        self, execution_id: uuid.UUID, future: asyncio.Future[ExecutionRecord | None]
+    ) -> None:
+        try:
+            record = await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        self._hand_over(execution_id, future, record)
 
     def _hand_over(
         self,

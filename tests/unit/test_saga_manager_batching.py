@@ -172,3 +172,27 @@ async def test_a_reply_handled_alone_takes_the_single_claim(pool: InMemoryBroker
         assert storage.calls["claim"] == 1 and storage.calls["claim_many"] == 0
     finally:
         await manager.destroy()
+
+
+async def test_an_unknown_execution_in_a_claim_batch_fails_only_its_own_reply(
+    pool: InMemoryBrokerPool,
+) -> None:
+    storage = CountingStorage(MemorySagaStorage())
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
+    await manager.setup()
+    saga = manager.register(Saga("mixed").remote_step(send("cmd")).commit())
+    try:
+        paused = [await manager.run(saga, {"n": i}, pause_on_disk=True) for i in range(3)]
+        unknown = SagaResponse({"ok": 1}, 200, uuid.uuid4(), uuid.uuid4(), "svc")
+        real = [SagaResponse({"ok": 1}, 200, e.id, e.awaiting.request_id, "svc") for e in paused]  # type: ignore[union-attr]
+        # The unknown one first: its failure must not reach the replies claimed with it.
+        outcomes = await asyncio.gather(
+            *(manager.handle_reply(r) for r in [unknown, *real]), return_exceptions=True
+        )
+        assert isinstance(outcomes[0], ExecutionNotFoundError)
+        assert outcomes[1:] == ["applied"] * 3
+        for execution in paused:
+            stored = await storage.inner.load(execution.id)
+            assert stored.status is SagaStatus.FINISHED and stored.owner is None
+    finally:
+        await manager.destroy()
