@@ -405,9 +405,10 @@ class SagaExecution:
             SagaContextError: A callback stored a value that cannot be stored (``step`` is set); the
                 caller marks the run FAILED from its last stored record.
         """
-        if self.awaiting is not None or self.terminal:
+        status = self.status
+        if self.awaiting is not None or status is _FINISHED or status is _ERRORED or status is _DEAD_LETTER:
             raise SagaStateError(
-                f"cannot advance execution {self.id} in status {self.status}", execution_id=self.id
+                f"cannot advance execution {self.id} in status {status}", execution_id=self.id
             )
         if self.phase == "compensate":
             return await _comp.compensate_next(self, now)

@@ -12,6 +12,7 @@ methods and mutate it in place. Rules they implement:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Coroutine
 from datetime import datetime
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
@@ -49,25 +50,34 @@ _PAUSED = SagaStatus.PAUSED
 _FINISHED = SagaStatus.FINISHED
 
 
-async def execute_next(ex: SagaExecution, now: datetime) -> Transition:
-    """Run the step under the cursor (deciding conditionals on the way)."""
-    top = ex.definition._steps
-    while True:
-        cursor = ex.cursor
-        if len(cursor) == 1:
-            if cursor[0] >= len(top):
-                return await finish(ex, None)
-            step = top[cursor[0]]
-        else:
-            step = ex.step_at(cursor)
-        if type(step) is LocalSagaStep:
-            return await run_local(ex, step, now)
-        if type(step) is RemoteSagaStep:
-            return await send_remote(ex, step, now)
-        assert isinstance(step, ConditionalSagaStep)
-        failed = await choose_branch(ex, step, now)
-        if failed is not None:
-            return failed
+def execute_next(ex: SagaExecution, now: datetime) -> Coroutine[Any, Any, Transition]:
+    """The move that runs the step under the cursor (deciding conditionals on the way), to be awaited.
+
+    Not a coroutine itself: it picks the step's own coroutine, so running a step costs no frame of its
+    own here.
+    """
+    cursor = ex.cursor
+    if len(cursor) == 1:
+        top = ex.definition._steps
+        if cursor[0] >= len(top):
+            return finish(ex, None)
+        step = top[cursor[0]]
+    else:
+        step = ex.step_at(cursor)
+    if type(step) is LocalSagaStep:
+        return run_local(ex, step, now)
+    if type(step) is RemoteSagaStep:
+        return send_remote(ex, step, now)
+    assert isinstance(step, ConditionalSagaStep)
+    return _through(ex, step, now)
+
+
+async def _through(ex: SagaExecution, step: ConditionalSagaStep, now: datetime) -> Transition:
+    """Decide a conditional step, then run the step the cursor lands on."""
+    failed = await choose_branch(ex, step, now)
+    if failed is not None:
+        return failed
+    return await execute_next(ex, now)
 
 
 async def choose_branch(ex: SagaExecution, step: ConditionalSagaStep, now: datetime) -> Transition | None:
@@ -96,8 +106,8 @@ async def choose_branch(ex: SagaExecution, step: ConditionalSagaStep, now: datet
     return None
 
 
-async def step_done(ex: SagaExecution, step: SagaStep, compensable: bool) -> Transition:
-    """A forward step completed: remember it for compensation, move the cursor on, maybe finish."""
+async def step_done(ex: SagaExecution, step: str, compensable: bool) -> Transition:
+    """Step ``step`` completed: remember it for compensation, move the cursor on, maybe finish."""
     cursor = ex.cursor
     if len(cursor) == 1:  # top level: the common case, without the general walk
         index = cursor[0]
@@ -105,25 +115,26 @@ async def step_done(ex: SagaExecution, step: SagaStep, compensable: bool) -> Tra
             ex.executed.append((index,))
         cursor[0] = index + 1
         if index + 1 >= len(ex.definition._steps):
-            return await finish(ex, step.name)
+            return await finish(ex, step)
     else:
         if compensable:
             ex.executed.append(tuple(cursor))
         move_next(ex)
         if len(cursor) == 1 and cursor[0] >= len(ex.definition._steps):
-            return await finish(ex, step.name)
+            return await finish(ex, step)
     if ex.status is not _RUNNING:
         await set_status(ex, _RUNNING)
-    return running(step.name)
+    return running(step)
 
 
 async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Transition:
     """Run a local step once: done, a retry after a delay, or the start of compensation."""
     attempt = ex.attempt + 1
     started = now if attempt == 1 else (ex._attempt_started or now)
+    name = step.name
     hooks = ex.hooks
     if hooks is not None:
-        await emit(ex, "on_step_started", step.name, attempt)
+        await emit(ex, "on_step_started", name, attempt)
     fn = step.execute_fn
     try:
         if fn is not None:
@@ -138,26 +149,24 @@ async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Tr
                         result = await result
                     take_result(ex, result)
     except SagaContextError as exc:
-        raise context_error(exc, step.name) from None
+        raise context_error(exc, name) from None
     except Exception as exc:
         ex._restore_context()
-        error = exception_error(step.name, exc)
+        error = exception_error(name, exc)
         if hooks is not None:
-            await emit(ex, "on_step_failed", step.name, attempt, error)
+            await emit(ex, "on_step_failed", name, attempt, error)
         if step.retry.allows(attempt):
             ex.attempt = attempt
             ex._attempt_started = started
-            return Transition(ex.status, persist=False, retry_after=step.retry.delay(attempt), step=step.name)
+            return Transition(ex.status, persist=False, retry_after=step.retry.delay(attempt), step=name)
         ex.attempt = 0
         new_record(ex, step, "execute", "failed", attempt, started, error=error)
         return await begin_compensation(ex, error)
     ex.attempt = 0
-    ex.steps.append(
-        new_step_record(step.name, "local", "execute", "succeeded", attempt, started, ex._clock())
-    )
+    ex.steps.append(new_step_record(name, "local", "execute", "succeeded", attempt, started, ex._clock()))
     if hooks is not None:
-        await emit(ex, "on_step_completed", step.name, attempt)
-    return await step_done(ex, step, True)
+        await emit(ex, "on_step_completed", name, attempt)
+    return await step_done(ex, name, True)
 
 
 async def send_remote(ex: SagaExecution, step: RemoteSagaStep, now: datetime) -> Transition:
@@ -232,7 +241,7 @@ async def step_replied(
     if ex.hooks is not None:
         await emit(ex, "on_step_completed", step.name, attempt)
     # The cursor still points at the step that sent the request.
-    return await step_done(ex, step, status is SagaResponseStatus.SUCCESS)
+    return await step_done(ex, step.name, status is SagaResponseStatus.SUCCESS)
 
 
 async def abandon_request(
