@@ -7,6 +7,7 @@ records mid-run to check nothing is lost.
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -220,6 +221,21 @@ def test_random_uuid_is_a_version_4_uuid_like_uuid4() -> None:
             value.int = 1  # type: ignore[misc]
         seen.add(value)
     assert len(seen) == 200
+
+
+def test_a_forked_child_never_hands_out_its_parents_next_ids() -> None:
+    random_uuid()  # ids drawn ahead in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        os.write(write, random_uuid().bytes)
+        os._exit(0)
+    os.close(write)
+    child = uuid.UUID(bytes=os.read(read, 16))
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child.version == 4 and child != random_uuid()
 
 
 def test_moved_transitions_are_shared_and_equal_to_fresh_ones() -> None:
