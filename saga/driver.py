@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from storage import (
     SagaStorage,
     StorageError,
     SupportsClaimMany,
+    SupportsLoadMany,
 )
 from storage.records import OutboxClaim, OutboxMessage, ReplyOutcome
 
@@ -45,6 +46,19 @@ _COMPENSATING = SagaStatus.COMPENSATING
 _PAUSED = SagaStatus.PAUSED
 
 _log = logging.getLogger(__name__)
+
+
+def _probe(storage: object, capability: str) -> bool:
+    """See `ExecutionDriver._storage_supports`."""
+    if capability == "claim_many":
+        return isinstance(storage, SupportsClaimMany)
+    if capability == "load_many":
+        return isinstance(storage, SupportsLoadMany)
+    try:
+        parameters = inspect.signature(storage.save).parameters.values()  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return any(p.name == "outbox_claim" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 class AlreadyAppliedError(Exception):
@@ -75,8 +89,8 @@ class ExecutionDriver:
     _beat_task: asyncio.Task[None] | None
     #: Until when each publish sweeps every unsent row (`publish_outbox`), set after a publish failed.
     _sweep_until: datetime | None = None
-    #: Whether ``storage.save`` takes ``outbox_claim``, and for which storage object that was checked.
-    _claim_support: tuple[object, bool] | None = None
+    #: Which optional capabilities the storage has, and for which storage object that was checked.
+    _capabilities: tuple[object, dict[str, bool]] | None = None
     #: Outbox ids published but not yet marked sent, and the task marking them (`_mark_sent_soon`).
     _unmarked: list[int]
     _marker: asyncio.Task[None] | None = None
@@ -87,7 +101,6 @@ class ExecutionDriver:
     #: Claims asked for in this turn of the event loop, to be taken in one statement (`_take_claim`).
     _claim_batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]] | None = None
     _claims_in_flight: set[asyncio.Task[None]]
-    _claim_many_support: tuple[object, bool] | None = None
 
     # -- heartbeat -------------------------------------------------------------------------------------
     #
@@ -217,7 +230,7 @@ class ExecutionDriver:
                         raise
                     outbox = transition.outbox
                     try:
-                        if outbox and self._storage_claims_outbox():
+                        if outbox and self._storage_supports("outbox_claim"):
                             # Rows written claimed by us, their ids reported: published and marked sent
                             # below with no fetch_outbox round trip.
                             claim = OutboxClaim(self.owner, self.lease_seconds)
@@ -329,7 +342,7 @@ class ExecutionDriver:
         turn; one ``UPDATE ... WHERE id = ANY(...)`` then takes them all, where one each cost a round trip
         apiece. A single claim, or a storage without `SupportsClaimMany`, goes straight through.
         """
-        if not self._storage_claims_many():
+        if not self._storage_supports("claim_many"):
             return await self.storage.claim(execution_id, self.owner, lease_seconds=self.lease_seconds)
         loop = asyncio.get_running_loop()
         batch = self._claim_batch
@@ -340,21 +353,10 @@ class ExecutionDriver:
         batch[execution_id] = future  # one per id: _claim reserved it in _active
         return await future
 
-    def _storage_claims_many(self) -> bool:
-        """Whether the storage has `SupportsClaimMany` (checked once per storage object: a protocol
-        ``isinstance`` costs microseconds, and this is asked for every reply)."""
-        storage = self.storage
-        known = self._claim_many_support
-        if known is None or known[0] is not storage:
-            known = self._claim_many_support = (storage, isinstance(storage, SupportsClaimMany))
-        return known[1]
-
     def _start_claims(self, batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]]) -> None:
         if self._claim_batch is batch:
             self._claim_batch = None  # later claims start a batch of their own
-        task = asyncio.get_running_loop().create_task(self._claim_batched(batch))
-        self._claims_in_flight.add(task)
-        task.add_done_callback(self._claims_in_flight.discard)
+        self._claim_task(self._claim_batched(batch))
 
     async def _claim_batched(self, batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]]) -> None:
         storage = self.storage
@@ -402,9 +404,13 @@ class ExecutionDriver:
         if not future.done():
             future.set_result(record)
         elif record is not None:  # the caller gave up (cancelled) meanwhile: do not sit on the claim
-            task = asyncio.get_running_loop().create_task(self._release(execution_id))
-            self._claims_in_flight.add(task)
-            task.add_done_callback(self._claims_in_flight.discard)
+            self._claim_task(self._release(execution_id))
+
+    def _claim_task(self, work: Coroutine[object, object, None]) -> None:
+        """Run claim bookkeeping in a task the manager keeps a reference to until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._claims_in_flight.add(task)
+        task.add_done_callback(self._claims_in_flight.discard)
 
     async def _release(self, execution_id: uuid.UUID) -> None:
         """Drop this manager's claim; a failure only delays others until the lease runs out."""
@@ -413,21 +419,21 @@ class ExecutionDriver:
         except StorageError as exc:  # the lease runs out by itself
             _log.warning("execution %s: releasing the claim failed: %s", execution_id, exc)
 
-    def _storage_claims_outbox(self) -> bool:
-        """Whether ``storage.save`` takes ``outbox_claim`` (a storage written before it may not)."""
+    def _storage_supports(self, capability: str) -> bool:
+        """Whether the storage has an optional capability, checked once per storage object (a protocol
+        ``isinstance`` or a signature inspection costs microseconds, and this is asked on every step):
+
+        * ``outbox_claim``: ``save`` takes ``outbox_claim`` (a storage written before it may not);
+        * ``claim_many``: `SupportsClaimMany`;
+        * ``load_many``: `SupportsLoadMany`.
+        """
         storage = self.storage
-        known = self._claim_support
-        if known is not None and known[0] is storage:
-            return known[1]
-        try:
-            parameters = inspect.signature(storage.save).parameters.values()
-        except (TypeError, ValueError):
-            supported = False
-        else:
-            supported = any(
-                p.name == "outbox_claim" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
-            )
-        self._claim_support = (storage, supported)
+        known = self._capabilities
+        if known is None or known[0] is not storage:
+            known = self._capabilities = (storage, {})
+        supported = known[1].get(capability)
+        if supported is None:
+            supported = known[1][capability] = _probe(storage, capability)
         return supported
 
     def _sweeping(self) -> bool:
@@ -590,9 +596,9 @@ class ExecutionDriver:
 
     async def _load_many(self, ids: list[uuid.UUID]) -> Sequence[ExecutionRecord]:
         storage = self.storage
-        load_many = getattr(storage, "load_many", None)  # storage.SupportsLoadMany: one query for all
-        if load_many is not None:
-            found: Sequence[ExecutionRecord] = await load_many(ids)
+        if self._storage_supports("load_many"):  # one query for all
+            assert isinstance(storage, SupportsLoadMany)
+            found: Sequence[ExecutionRecord] = await storage.load_many(ids)
             for missing in set(ids).difference(r.id for r in found):
                 self._fail_waiters(missing, ExecutionNotFoundError(missing))
             return found

@@ -470,7 +470,7 @@ class SagaManager(ExecutionDriver):
             # Keep whatever claim the row has: save writes the record's owner, and deciding needs none.
             record = execution.to_record(owner=record.owner, lease_until=record.lease_until)
             outbox = transition.outbox
-            if outbox and self._storage_claims_outbox():
+            if outbox and self._storage_supports("outbox_claim"):
                 claim = OutboxClaim(self.owner, self.lease_seconds)
                 stored = await self.storage.save(record, outbox=outbox, outbox_claim=claim)
                 execution.mark_stored(stored)
