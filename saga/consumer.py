@@ -136,7 +136,6 @@ class ReplyConsumer:
         self._subscriber: BrokerSubscriber | None = None
         self._pipeline: KeyedPipeline | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._stop_event = asyncio.Event()
 
     @property
@@ -148,7 +147,6 @@ class ReplyConsumer:
         """Join the consumer group and start consuming; idempotent."""
         if self.running:
             return
-        self._stopping = False
         self._stop_event.clear()
         subscriber = self.broker_pool.subscriber([self.topic], group_id=self.group_id)
         await subscriber.start()
@@ -176,7 +174,6 @@ class ReplyConsumer:
         progress get ``stop_timeout`` seconds to finish; the rest are cancelled and left uncommitted.
         """
         task, self._task = self._task, None
-        self._stopping = True
         self._stop_event.set()
         if self._pipeline is not None:
             self._pipeline.stop(self.stop_timeout)
@@ -227,7 +224,7 @@ class ReplyConsumer:
                 self.stats["retries"] += 1
                 if attempt == 1 or attempt % 20 == 0:
                     _log.info("reply consumer: %s; retrying the record (attempt %d)", exc, attempt)
-                if self._stopping:
+                if self._stop_event.is_set():
                     return False
                 await self._pause(self._backoff(attempt))
 
