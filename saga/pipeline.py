@@ -18,6 +18,11 @@ batches added a coordinator round trip to each. Here the fetch loop only dispatc
 * **Stopping.** `stop` abandons a fetch in flight (its records are not committed, so redelivered), lets the
   records in progress finish for up to its grace period, cancels the rest (left uncommitted), then commits
   what was handled, all before the caller leaves the group.
+* **A record runs in the task that fetched it.** Every hand-over between tasks costs an event-loop
+  iteration (an ``epoll`` call, and whatever else is ready runs first, such as the client's next fetch
+  request), so a fetch is awaited directly, not raced against a halt event in tasks of its own, and a
+  fetch that brings a new lane hands *fetching* over to a new task and runs that lane's first record at
+  once in the task that received it. The other new lanes of the batch get tasks of their own.
 * **Failing.** A record whose handling raises halts the pipeline like a stop: fetching ends, the other
   records in progress finish, handled offsets are committed, and `run` raises the error.
 """
@@ -27,9 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from broker import BrokerMessage, BrokerSubscriber
 from saga.committer import OffsetCommitter, TopicPartition
@@ -39,6 +44,9 @@ __all__ = ["FetchFailed", "KeyedPipeline", "Process"]
 _log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+#: A lane's key and its queue of ``(record, fetch sequence number)``, oldest first.
+_Lane = tuple[Hashable, deque[tuple[BrokerMessage, int]]]
 
 #: Seconds cancelled handlers get to unwind, and the last commit to complete, even after a zero grace:
 #: "stop now" still means "commit what was handled".
@@ -50,6 +58,10 @@ Process = Callable[[BrokerMessage], Awaitable[bool]]
 #: Told of a failed fetch and how many failed in a row: returns the pause before the next, or raises to
 #: fail the pipeline.
 FetchFailed = Callable[[Exception, int], float]
+
+
+class _Halted(Exception):
+    """Internal: the pipeline halted while the fetcher waited; what it waited for is abandoned."""
 
 
 @dataclass(slots=True)
@@ -118,7 +130,11 @@ class KeyedPipeline:
             interval=commit_interval,
         )
         self._lanes: dict[Hashable, deque[tuple[BrokerMessage, int]]] = {}
-        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the fetcher and the lanes
+        self._fetcher: asyncio.Task[None] | None = None  # the one task fetching, if any
+        self._fetch_ended = asyncio.Event()
+        self._waiting = False  # the fetcher is in a wait that halting abandons (`_interruptible`)
+        self._abandoned = False  # halting cancelled that wait
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._sequence = 0
         self._in_progress = 0
@@ -126,7 +142,7 @@ class KeyedPipeline:
         self._room.set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._halt = asyncio.Event()  # stop asked for, or a record failed: fetch no more
+        self._halted = False  # stop asked for, or a record failed: fetch no more
         self._stopped = asyncio.Event()
         self._error: BaseException | None = None
 
@@ -140,7 +156,7 @@ class KeyedPipeline:
         if grace is not None:
             self._grace = grace
         self._stopped.set()
-        self._halt.set()
+        self._halt()
 
     async def run(self) -> None:
         """Fetch and handle until `stop` or a failure, then finish, commit, and return.
@@ -150,10 +166,8 @@ class KeyedPipeline:
                 progress finished and the handled offsets were committed.
         """
         try:
-            try:
-                await self._fetch_loop()
-            except Exception as exc:
-                self._fail(exc)
+            self._start_fetcher()
+            await self._fetch_ended.wait()
             await self._finish()
         finally:
             await self._abort()
@@ -163,47 +177,93 @@ class KeyedPipeline:
 
     # -- fetching ----------------------------------------------------------------------------------------
 
-    async def _fetch_loop(self) -> None:
-        failures = 0
-        while not self._halt.is_set():
-            room = self._concurrency - self._in_progress
-            if room <= 0:
-                await self._until(self._room.wait())
-                continue
-            fetch = await self._until(
-                self._subscriber.getmany(timeout=self._poll_timeout, max_records=min(self._max_records, room))
-            )
-            if fetch is None:
-                return  # halted; an abandoned fetch's records stay uncommitted, so they are redelivered
-            try:
-                batch = fetch.result()
-            except Exception as exc:
-                failures += 1
-                await self._until(asyncio.sleep(self._on_fetch_error(exc, failures)))
-                continue
-            failures = 0
-            self._dispatch(batch)
+    def _start_fetcher(self) -> None:
+        self._fetcher = self._spawn(self._fetch())
 
-    async def _until(self, awaitable: Awaitable[_T]) -> asyncio.Future[_T] | None:
-        """Await ``awaitable`` unless the pipeline halts first; its future, or ``None`` once halted."""
-        future = asyncio.ensure_future(awaitable)
-        halt = asyncio.ensure_future(self._halt.wait())
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _fetch(self) -> None:
+        """Fetch until halted, or until a fetch brings a new lane: then fetching goes on in a new task.
+
+        The new lane runs here, so its first record starts without waiting for a task to be scheduled.
+        """
+        lane: _Lane | None = None
         try:
-            await asyncio.wait((future, halt), return_when=asyncio.FIRST_COMPLETED)
+            lane = await self._fetch_loop()
+        except Exception as exc:
+            self._fail(exc)
         finally:
-            halt.cancel()
-            if not future.done():
-                future.cancel()
-        if not self._halt.is_set():
-            return future
-        await asyncio.wait((future,))
-        if not future.cancelled():
-            future.exception()  # a fetch that failed as it was abandoned: nothing to report
+            if lane is None:
+                self._fetcher = None
+                self._fetch_ended.set()
+        if lane is not None:
+            self._start_fetcher()
+            await self._run_lane(*lane)
+
+    async def _fetch_loop(self) -> _Lane | None:
+        """Fetch and dispatch; returns a new lane for the calling task to run, or ``None`` once halted."""
+        failures = 0
+        try:
+            while not self._halted:
+                room = self._concurrency - self._in_progress
+                if room <= 0:
+                    await self._interruptible(self._room.wait())
+                    continue
+                try:
+                    batch = await self._interruptible(
+                        self._subscriber.getmany(
+                            timeout=self._poll_timeout, max_records=min(self._max_records, room)
+                        )
+                    )
+                except _Halted:
+                    raise
+                except Exception as exc:
+                    failures += 1
+                    await self._interruptible(asyncio.sleep(self._on_fetch_error(exc, failures)))
+                    continue
+                failures = 0
+                lane = self._dispatch(batch)
+                if lane is not None:
+                    return lane
+        except _Halted:
+            pass  # an abandoned fetch's records stay uncommitted, so they are redelivered
         return None
+
+    async def _interruptible(self, awaitable: Awaitable[_T]) -> _T:
+        """Await ``awaitable`` in the fetcher unless the pipeline halts first, which raises `_Halted`.
+
+        `_halt` cancels the fetcher while it is in here. Racing the wait against a halt event instead
+        took two more tasks and several loop iterations for every fetch.
+        """
+        self._waiting = True
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            if self._abandoned and self._uncancel() == 0:
+                raise _Halted from None
+            raise  # cancelled by someone else too: the caller's cancellation goes on
+        finally:
+            self._waiting = False
+        if self._abandoned:  # ``awaitable`` swallowed the cancellation: still abandon its result
+            self._uncancel()
+            raise _Halted
+        return result
+
+    @staticmethod
+    def _uncancel() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        return task.uncancel()
 
     # -- dispatching -------------------------------------------------------------------------------------
 
-    def _dispatch(self, batch: Sequence[BrokerMessage]) -> None:
+    def _dispatch(self, batch: Sequence[BrokerMessage]) -> _Lane | None:
+        """Queue ``batch`` on its lanes; a task starts each new lane but the first, which is returned."""
+        first: _Lane | None = None
         for message in batch:
             self._sequence += 1
             sequence = self._sequence
@@ -218,15 +278,17 @@ class KeyedPipeline:
             queue = self._lanes.get(key)
             if queue is None:
                 queue = self._lanes[key] = deque()
-                task = asyncio.create_task(self._run_lane(key, queue))
-                self._lane_tasks.add(task)
-                task.add_done_callback(self._lane_tasks.discard)
+                if first is None:
+                    first = (key, queue)
+                else:
+                    self._spawn(self._run_lane(key, queue))
             queue.append((message, sequence))
         if batch:
             self._in_progress += len(batch)
             self._idle.clear()
             if self._in_progress >= self._concurrency:
                 self._room.clear()
+        return first
 
     async def _run_lane(self, key: Hashable, queue: deque[tuple[BrokerMessage, int]]) -> None:
         """Handle one lane's records in order until it is empty, a record is abandoned, or one fails."""
@@ -234,7 +296,7 @@ class KeyedPipeline:
             while queue:
                 message, sequence = queue[0]
                 if not await self._process(message):
-                    self._halt.set()  # the consumer is stopping: the lane's records stay unhandled
+                    self._halt()  # the consumer is stopping: the lane's records stay unhandled
                     return
                 queue.popleft()
                 self._release(1)
@@ -268,7 +330,17 @@ class KeyedPipeline:
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
-        self._halt.set()
+        self._halt()
+
+    def _halt(self) -> None:
+        """Fetch no more; a fetch in flight is abandoned (its records stay uncommitted, so redelivered)."""
+        if self._halted:
+            return
+        self._halted = True
+        fetcher = self._fetcher
+        if self._waiting and fetcher is not None and fetcher is not asyncio.current_task():
+            self._abandoned = True
+            fetcher.cancel()
 
     # -- ending ------------------------------------------------------------------------------------------
 
@@ -286,10 +358,11 @@ class KeyedPipeline:
 
     async def _abort(self) -> None:
         """Cancel the lanes still running; their records stay uncommitted and are redelivered."""
-        tasks = set(self._lane_tasks)
+        tasks = {task for task in self._tasks if not task.done()}
         if not tasks:
             return
-        _log.warning("%s: %d record(s) still in progress are abandoned", self._name, self._in_progress)
+        if self._in_progress:
+            _log.warning("%s: %d record(s) still in progress are abandoned", self._name, self._in_progress)
         for task in tasks:
             task.cancel()
         _, pending = await asyncio.wait(tasks, timeout=max(self._grace, _MIN_WIND_UP))

@@ -7,6 +7,7 @@ and when a commit returns, and checks every commit against what was handled at t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -422,6 +423,90 @@ async def test_fetch_errors_back_off_or_fail_as_the_consumer_decides() -> None:
     with pytest.raises(BrokerConfigError):
         await run.run()
     assert told == [("BrokerConnectionError", 1), ("BrokerConfigError", 2)]
+
+
+async def test_stop_abandons_a_fetch_that_completes_before_the_fetcher_resumes() -> None:
+    subscriber = ScriptedSubscriber()
+    handled: list[BrokerMessage] = []
+
+    async def process(message: BrokerMessage) -> bool:
+        handled.append(message)
+        return True
+
+    run = pipeline(subscriber, process)
+    task = asyncio.create_task(run.run())
+    await until(lambda: len(subscriber.fetches) == 1)
+    subscriber.feed([record("A", 0)])  # the fetch has its record, but has not returned it yet
+    run.stop()
+    await wait(task)
+    assert handled == [] and subscriber.committed == {}  # left for redelivery
+
+
+async def test_a_fetch_that_swallows_the_abandoning_cancellation_is_still_abandoned() -> None:
+    subscriber = ScriptedSubscriber()
+    entered = asyncio.Event()
+    handled: list[BrokerMessage] = []
+
+    async def getmany(**kwargs: Any) -> list[BrokerMessage]:
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return [record("A", 0)]
+
+    async def process(message: BrokerMessage) -> bool:
+        handled.append(message)
+        return True
+
+    subscriber.getmany = getmany  # type: ignore[method-assign]
+    run = pipeline(subscriber, process)
+    task = asyncio.create_task(run.run())
+    await wait(entered.wait())
+    run.stop()
+    await wait(task)
+    assert handled == [] and subscriber.committed == {}
+
+
+async def test_cancelling_run_during_a_fetch_cancels_it_rather_than_halting() -> None:
+    subscriber = ScriptedSubscriber()
+
+    async def process(message: BrokerMessage) -> bool:
+        return True
+
+    run = pipeline(subscriber, process)
+    task = asyncio.create_task(run.run())
+    await until(lambda: len(subscriber.fetches) == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wait(task)
+
+
+async def test_the_first_record_of_a_new_lane_runs_in_the_task_that_fetched_it() -> None:
+    subscriber = ScriptedSubscriber()
+    original = subscriber.getmany
+    fetched_by: list[asyncio.Task[Any] | None] = []
+    handled_by: dict[int, asyncio.Task[Any] | None] = {}
+
+    async def getmany(**kwargs: Any) -> list[BrokerMessage]:
+        batch = await original(**kwargs)
+        fetched_by.append(asyncio.current_task())
+        return batch
+
+    async def process(message: BrokerMessage) -> bool:
+        handled_by[message.offset or 0] = asyncio.current_task()
+        return True
+
+    subscriber.getmany = getmany  # type: ignore[method-assign]
+    subscriber.feed([record("A", 0), record("B", 1), record("A", 2)])
+    run = pipeline(subscriber, process)
+    task = asyncio.create_task(run.run())
+    await subscriber.committed_to(3)
+    subscriber.feed([record("C", 3)])  # fetched by the task that took over fetching
+    await subscriber.committed_to(4)
+    run.stop()
+    await wait(task)
+    assert handled_by[0] is fetched_by[0] and handled_by[2] is fetched_by[0]  # lane A, in order
+    assert handled_by[1] is not fetched_by[0]  # lane B got a task of its own
+    assert handled_by[3] is fetched_by[1] and fetched_by[1] is not fetched_by[0]
 
 
 async def test_committer_retries_retriable_failures_with_the_newest_offsets() -> None:
