@@ -24,6 +24,7 @@ from saga.messages import SagaResponse
 from saga.registry import SagaRegistry
 from storage import (
     TERMINAL_STATUSES,
+    ConcurrencyError,
     DuplicateReplyError,
     ExecutionNotFoundError,
     ExecutionRecord,
@@ -46,6 +47,15 @@ _COMPENSATING = SagaStatus.COMPENSATING
 _PAUSED = SagaStatus.PAUSED
 
 _log = logging.getLogger(__name__)
+
+#: Seconds published outbox ids wait to be marked sent together (`ExecutionDriver._mark_sent_soon`). Far
+#: below any lease, so the relay never sees such a row as abandoned; a crash in between re-publishes it.
+MARK_SENT_DELAY = 0.05
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _probe(storage: object, capability: str) -> bool:
@@ -94,6 +104,8 @@ class ExecutionDriver:
     #: Outbox ids published but not yet marked sent, and the task marking them (`_mark_sent_soon`).
     _unmarked: list[int]
     _marker: asyncio.Task[None] | None = None
+    #: What the marker waits on during its delay; resolved early by `_drain_marks`.
+    _mark_wake: asyncio.Future[None] | None = None
     #: The one task that polls storage for every run waiting in ``run()`` (`_poll_waiting`).
     _poller: asyncio.Task[None] | None = None
     #: Recoveries of overdue waiting runs started by the poller, by execution id.
@@ -101,6 +113,10 @@ class ExecutionDriver:
     #: Claims asked for in this turn of the event loop, to be taken in one statement (`_take_claim`).
     _claim_batch: dict[uuid.UUID, asyncio.Future[ExecutionRecord | None]] | None = None
     _claims_in_flight: set[asyncio.Task[None]]
+    #: Records of executions this process paused itself, claim released, by id, oldest first; at most
+    #: ``paused_cache_size`` of them (`_remember_paused`, `_apply_unclaimed`).
+    _paused: dict[uuid.UUID, ExecutionRecord]
+    paused_cache_size: int
 
     # -- heartbeat -------------------------------------------------------------------------------------
     #
@@ -158,6 +174,7 @@ class ExecutionDriver:
         reply: ReplyRecord | None = None,
         wait: bool = False,
         release: bool = True,
+        claimed: bool = True,
     ) -> SagaExecution:
         """Advance, saving after every step, until the execution pauses, ends or fails.
 
@@ -173,27 +190,36 @@ class ExecutionDriver:
             release: Release the claim when the execution ends too (it always is when it pauses). A fresh
                 run skips it: the row is terminal, nobody will claim it, and the call would cost a
                 statement on the hot path.
+            claimed: Whether this process holds the claim. ``False`` (a reply applied to an execution this
+                process paused, see `_apply_unclaimed`): the claim is taken before the first move that
+                may run step code with effects, and until then the version-checked save decides.
 
         Raises:
             AlreadyAppliedError: ``reply`` had been applied by another worker; nothing was written.
             SagaBusyError: The claim was lost while a step ran; nothing more was written.
             SagaContextError: The context cannot be stored; the execution was marked FAILED.
+            ConcurrencyError: Unclaimed only: the execution changed since ``stored``; nothing was written.
         """
         last = stored
         execution_id = execution.id
         driving = self._driving
         execution.claim_lost = False
-        driving[execution_id] = execution
-        if self._beat is None:
-            self._start_beat()
+        if claimed:
+            driving[execution_id] = execution  # the heartbeat renews what is in here
+            if self._beat is None:
+                self._start_beat()
         written: list[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = []
         storage = self.storage
         clock = self.clock
         try:
             while True:
                 if transition is None:
+                    now = clock()
+                    if not claimed and execution.next_move_runs_effects(now):
+                        last = await self._claim_in_place(execution, last)
+                        claimed = True
                     try:
-                        transition = await execution.advance(clock())
+                        transition = await execution.advance(now)
                     except Exception as exc:
                         await self._fail(execution, last, exc)
                         raise
@@ -250,7 +276,7 @@ class ExecutionDriver:
                     break  # paused, ended or failed
                 transition = None
         finally:
-            del driving[execution_id]
+            driving.pop(execution_id, None)
         # A save that paused or ended the run released the claim already (``last.owner`` is None); the
         # releases below only matter when the loop stopped without saving (nothing to persist).
         if execution.status is SagaStatus.PAUSED:
@@ -258,6 +284,8 @@ class ExecutionDriver:
                 self._early_waiters[execution_id] = self._waiter(execution_id)
             if last.owner is not None:
                 await self._release(execution_id)
+            elif last is not stored:
+                self._remember_paused(last)  # before the publish: its reply may come back at once
             self._active.discard(execution_id)
         elif release and last.owner is not None:
             await self._release(execution_id)
@@ -320,6 +348,7 @@ class ExecutionDriver:
                 f"execution {execution_id} is being advanced by this process", execution_id=execution_id
             )
         self._active.add(execution_id)
+        self._paused.pop(execution_id, None)  # the claim changes the version: the copy is stale now
         try:
             record = await self._take_claim(execution_id)
             if record is None:
@@ -334,6 +363,44 @@ class ExecutionDriver:
         except BaseException:
             self._active.discard(execution_id)
             raise
+
+    async def _claim_in_place(self, execution: SagaExecution, last: ExecutionRecord) -> ExecutionRecord:
+        """Claim an execution being advanced unclaimed, which must still be stored as ``last``.
+
+        The claim bumps the version by one; anything else means another worker wrote the row since
+        ``last`` was stored, and what was computed from ``last`` is void (`ConcurrencyError`, claim given
+        back). On success the execution is registered for the heartbeat like any claimed drive.
+
+        Raises:
+            SagaBusyError: Another worker holds a live claim.
+            ConcurrencyError: The row changed since ``last``.
+        """
+        execution_id = execution.id
+        record = await self._take_claim(execution_id)
+        if record is None:
+            raise SagaBusyError(
+                f"execution {execution_id} is claimed by another worker", execution_id=execution_id
+            )
+        if record.version != last.version + 1:
+            await self._release(execution_id)
+            raise ConcurrencyError(execution_id, last.version)
+        execution.mark_stored(record)
+        self._driving[execution_id] = execution
+        if self._beat is None:
+            self._start_beat()
+        return record
+
+    def _remember_paused(self, record: ExecutionRecord) -> None:
+        """Keep the record of an execution this process just paused (and released), for its reply.
+
+        When the reply comes back to this process, as it does unless the reply topic's partitions moved,
+        the record in hand replaces the claim's read: see `_apply_unclaimed`. Bounded, oldest dropped
+        first; a copy made stale by another worker only costs the fallback to a claim.
+        """
+        paused = self._paused
+        paused[record.id] = record
+        if len(paused) > self.paused_cache_size:
+            del paused[next(iter(paused))]
 
     async def _take_claim(self, execution_id: uuid.UUID) -> ExecutionRecord | None:
         """``storage.claim``, batched: the claims asked for in one turn of the event loop share a statement.
@@ -486,8 +553,9 @@ class ExecutionDriver:
 
         The mark is bookkeeping, not a durability step: a row published but never marked is published
         again by the relay once its claim's lease ends, and participants answer a repeated command from
-        their dedup store. So the step that published does not wait for it, and the ids of every publish
-        made while one ``UPDATE`` runs go out together in the next.
+        their dedup store. So the step that published does not wait for it, and the marks wait up to
+        `MARK_SENT_DELAY` to go out together: one ``UPDATE`` for every publish of that while, instead of
+        one per publish competing with the steps for the event loop (and the database) when few run.
         """
         self._unmarked.extend(ids)
         marker = self._marker
@@ -495,8 +563,16 @@ class ExecutionDriver:
             self._marker = asyncio.get_running_loop().create_task(self._mark_sent(), name="saga-outbox-mark")
 
     async def _mark_sent(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._unmarked:
-            await asyncio.sleep(0)  # let the publishes finishing in this loop turn join the batch
+            if not self._closing:
+                wake = self._mark_wake = loop.create_future()
+                timer = loop.call_later(MARK_SENT_DELAY, _wake, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._mark_wake = None
             ids, self._unmarked = self._unmarked, []
             try:
                 await self.storage.mark_outbox_sent(ids)
@@ -506,9 +582,11 @@ class ExecutionDriver:
                 )
 
     async def _drain_marks(self) -> None:
-        """Wait for pending sent-marks (before storage stops)."""
+        """Write pending sent-marks now, without their delay, and wait for them (before storage stops)."""
         marker = self._marker
         if marker is not None and not marker.done():
+            if self._mark_wake is not None:
+                _wake(self._mark_wake)
             await asyncio.wait({marker})
         self._marker = None
 

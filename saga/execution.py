@@ -416,6 +416,27 @@ class SagaExecution:
             return await _comp.begin_compensation(self, _deadline_error())
         return await _steps.execute_next(self, now)
 
+    def next_move_runs_effects(self, now: datetime) -> bool:
+        """Whether the next `advance` may run step code with effects of its own: a local step, a
+        compensation or a condition.
+
+        ``False`` only when it certainly builds a remote step's command or finishes the run, both of which
+        the save that follows decides: the manager advances such moves without holding the claim
+        (`ExecutionDriver` applies a reply to an execution it paused itself that way) and takes the claim
+        first otherwise, so that a local step never runs on two workers at once. Conservative: anything
+        less obvious (inside a conditional branch, compensating, deadline passed) counts as effects.
+        """
+        if self.phase != "execute" or self.status is not _RUNNING or self.awaiting is not None:
+            return True
+        deadline = self.deadline
+        if deadline is not None and now >= deadline:
+            return True
+        cursor = self.cursor
+        if len(cursor) != 1:
+            return True
+        top = self.definition._steps
+        return cursor[0] < len(top) and type(top[cursor[0]]) is not RemoteSagaStep
+
     def classify_reply(self, response: SagaResponse) -> ReplyOutcome:
         """Whether ``response`` would be applied, and if not why (changes nothing).
 

@@ -35,13 +35,14 @@ from saga.consumer import ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
 from saga.driver import AlreadyAppliedError, ExecutionDriver
-from saga.errors import SagaConfigError, SagaExecutionError, SagaStateError
+from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, SagaStateError
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
 from saga.messages import SagaResponse
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from storage import (
+    ConcurrencyError,
     DuplicateIdempotencyKeyError,
     ExecutionRecord,
     ReplyRecord,
@@ -98,6 +99,8 @@ class SagaManager(ExecutionDriver):
             waiting executions (all in one query) to notice progress made by another process (and to act
             on an overdue reply).
         clock: Source of "now" (timezone-aware); tests pass a controllable one.
+        paused_cache_size: How many executions this manager paused keep their record in memory, so that
+            applying their reply needs no claim statement (see `handle_reply`); 0 turns that off.
 
     Raises:
         SagaConfigError: ``broker_pool`` (or ``storage``) is an unresolved ``Provide`` marker, or an option
@@ -122,6 +125,7 @@ class SagaManager(ExecutionDriver):
         consumer_group: str | None = None,
         wait_poll_interval: float = 1.0,
         clock: Callable[[], datetime] | None = None,
+        paused_cache_size: int = 4096,
     ) -> None:
         _check_resolved(broker_pool, "broker_pool")
         _check_resolved(storage, "storage")
@@ -134,6 +138,8 @@ class SagaManager(ExecutionDriver):
         ):
             if not value > 0:
                 raise SagaConfigError(key, f"must be > 0, got {value!r}")
+        if paused_cache_size < 0:
+            raise SagaConfigError("paused_cache_size", f"must be >= 0, got {paused_cache_size!r}")
         self.storage = storage
         self.broker_pool = broker_pool
         self.service_name = service_name
@@ -161,6 +167,8 @@ class SagaManager(ExecutionDriver):
         self._unmarked: list[int] = []
         self._overdue: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._claims_in_flight: set[asyncio.Task[None]] = set()
+        self._paused: dict[uuid.UUID, ExecutionRecord] = {}
+        self.paused_cache_size = paused_cache_size
         self._started = False
         self._closing = False
 
@@ -227,6 +235,7 @@ class SagaManager(ExecutionDriver):
                 task.cancel()
         self._poller = None
         self._overdue.clear()
+        self._paused.clear()
         await self._drain_marks()
         self._stop_beat()
         await self.broker_pool.stop()
@@ -400,7 +409,12 @@ class SagaManager(ExecutionDriver):
         """Apply one participant reply (what the `ReplyConsumer` calls); never waits for the saga to end.
 
         Claims the execution, checks the reply against the awaited request, applies it and runs the
-        following steps up to the next pause or the end, exactly like a fresh run. A duplicate, stale or
+        following steps up to the next pause or the end, exactly like a fresh run. When this manager paused
+        the execution itself and still holds its record (``paused_cache_size``), the claim is skipped while
+        the moves only build commands or finish: the save is version-checked, so should another worker have
+        written the row meanwhile, nothing is written and the reply is applied again the claimed way (its
+        reply handler then runs twice; handlers are already at-least-once). A local step or compensation
+        always runs claimed. A duplicate, stale or
         unknown-status reply is recorded (``storage.record_reply``) and changes nothing; an unknown-status
         one is also copied to the dead-letter topic (``message``, the record as received, when given).
 
@@ -420,6 +434,11 @@ class SagaManager(ExecutionDriver):
         self, response: SagaResponse, message: BrokerMessage | None, *, wait: bool
     ) -> tuple[SagaExecution, ReplyOutcome]:
         execution_id = response.execution_id
+        cached = self._paused.pop(execution_id, None)
+        if cached is not None and execution_id not in self._active and execution_id not in self._driving:
+            applied = await self._apply_unclaimed(cached, response, wait=wait)
+            if applied is not None:
+                return applied
         record, execution = await self._claim(execution_id)
         try:  # _claim reserved the id in _active: every way out must give it back
             outcome = execution.classify_reply(response)
@@ -445,6 +464,45 @@ class SagaManager(ExecutionDriver):
                 await self._release(execution_id)  # nothing more will be written; let others take it
                 raise
             return execution, outcome
+        finally:
+            self._active.discard(execution_id)
+
+    async def _apply_unclaimed(
+        self, cached: ExecutionRecord, response: SagaResponse, *, wait: bool
+    ) -> tuple[SagaExecution, ReplyOutcome] | None:
+        """Apply a reply to an execution from the record this process stored when pausing it, unclaimed.
+
+        Saves a claim round trip per remote step. ``None`` when this way cannot decide, for the claimed
+        way to take over: the reply does not match the record (it may be stale), a handler raised, the
+        definition is gone, or the row changed since (`ConcurrencyError`: nothing was written).
+        """
+        execution_id = cached.id
+        self._active.add(execution_id)
+        try:
+            try:
+                execution = self._execution(cached)
+                if execution.classify_reply(response) != "applied":
+                    return None
+                transition = await execution.apply_reply(response, self.clock())
+            except Exception:
+                return None  # the claimed way reports it
+            reply = ReplyRecord(execution_id, response.request_id, int(response.status), "applied")
+            try:
+                execution = await self._drive(
+                    execution, cached, transition=transition, reply=reply, wait=wait, claimed=False
+                )
+            except (ConcurrencyError, SagaBusyError):
+                return None
+            except AlreadyAppliedError:
+                await self.storage.record_reply(
+                    dataclasses.replace(reply, outcome="duplicate", reason="applied by another worker")
+                )
+                return execution, "duplicate"
+            except Exception:
+                if execution.record_version != cached.version:
+                    await self._release(execution_id)  # claimed (or saved claimed) on the way
+                raise
+            return execution, "applied"
         finally:
             self._active.discard(execution_id)
 

@@ -70,8 +70,11 @@ async def test_three_local_steps_cost_one_create_and_three_saves(pool: InMemoryB
 
 
 async def test_remote_steps_neither_fetch_the_outbox_nor_release(
-    pool: InMemoryBrokerPool,
+    pool: InMemoryBrokerPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Marks wait for company far longer than the run takes: the three publishes share one UPDATE,
+    # written by destroy() at once instead of after the delay.
+    monkeypatch.setattr("saga.driver.MARK_SENT_DELAY", 30.0)
     storage = CountingStorage(MemorySagaStorage())
     manager = SagaManager(storage, pool, service_name="orch", relay_outbox=False)  # type: ignore[arg-type]
     await manager.setup()
@@ -88,16 +91,20 @@ async def test_remote_steps_neither_fetch_the_outbox_nor_release(
             storage.calls.clear()
             execution = await manager.run(saga, {"order": 1})
         assert execution.status is SagaStatus.FINISHED
-        # create; per remote step: the save that pauses (and releases), the claim of the reply, the save
-        # that applies it; the commit decision rides on the last save. Every outbox write is published
-        # and marked sent by the ids its save reported: no fetch_outbox, no release_claim.
-        assert dict(storage.calls) == {"create": 1, "save": 3, "claim": 2, "mark_outbox_sent": 3}
-        assert await storage.inner.fetch_outbox(lease_seconds=-1) == []  # everything marked sent
+        # create; per remote step: the save that pauses (and releases) and the save that applies its
+        # reply, with no claim in between (this manager paused it and holds its record); the commit
+        # decision rides on the last save. Every outbox write is published and marked sent by the ids its
+        # save reported: no fetch_outbox, no release_claim.
+        assert dict(storage.calls) == {"create": 1, "save": 3}
         stored = await storage.inner.load(execution.id)
         assert stored.owner is None and stored.lease_until is None
         assert controls(pool, "stock") == [("commit", execution.id)]
     finally:
+        started = asyncio.get_running_loop().time()
         await manager.destroy()
+    assert asyncio.get_running_loop().time() - started < 10  # did not sit out the delay
+    assert storage.calls["mark_outbox_sent"] == 1
+    assert await storage.inner.fetch_outbox(lease_seconds=-1) == []
 
 
 class _SaveWithoutOutboxClaim(MemorySagaStorage):
@@ -469,8 +476,9 @@ async def test_a_reply_costs_one_save_with_the_step_that_follows(pool: InMemoryB
             storage.calls.clear()
             execution = await manager.run(saga)
         assert execution.status is SagaStatus.FINISHED
-        # create, save PAUSED(a); then one save per reply: applied a + PAUSED(b), b + PAUSED(c), c + end.
-        assert storage.calls["create"] == 1 and storage.calls["save"] == 4 and storage.calls["claim"] == 3
+        # create, save PAUSED(a); then one save per reply: applied a + PAUSED(b), b + PAUSED(c), c + end;
+        # no claims: this manager paused the run each time (test_saga_manager_unclaimed.py).
+        assert storage.calls["create"] == 1 and storage.calls["save"] == 4 and storage.calls["claim"] == 0
         replies = await storage.inner.list_replies(execution.id)
         assert [r.outcome for r in replies] == ["applied"] * 3
     finally:

@@ -115,8 +115,9 @@ async def test_published_rows_are_marked_sent_without_holding_up_the_step(pool: 
         assert len(pool.topic_messages("cmd")) == 5 and marked == []
         gate.set()
         await eventually(lambda: sum(map(len, marked)) == 5)
-        # The first mark was already waiting when the other four publishes came: they share one UPDATE.
-        assert len(marked) == 2
+        # Marks wait MARK_SENT_DELAY for company: the five publishes share one UPDATE (two if the runs
+        # took longer than the delay, the first mark then holding at the gate while the others gather).
+        assert len(marked) <= 2
         assert await storage.fetch_outbox(lease_seconds=-1) == []
     finally:
         await manager.destroy()
@@ -136,7 +137,9 @@ async def test_destroy_writes_pending_marks_before_storage_stops(pool: InMemoryB
 
 async def test_replies_handled_together_are_claimed_in_one_statement(pool: InMemoryBrokerPool) -> None:
     storage = CountingStorage(MemorySagaStorage())
-    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
+    # Without the records of paused runs in hand, every reply takes a claim (see
+    # test_saga_manager_unclaimed.py for the replies that need none).
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False, paused_cache_size=0)
     await manager.setup()
     saga = manager.register(Saga("together").remote_step(send("cmd")).commit())
     try:
@@ -158,7 +161,9 @@ async def test_replies_handled_together_are_claimed_in_one_statement(pool: InMem
 
 async def test_a_reply_handled_alone_takes_the_single_claim(pool: InMemoryBrokerPool) -> None:
     storage = CountingStorage(MemorySagaStorage())
-    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
+    # Without the records of paused runs in hand, every reply takes a claim (see
+    # test_saga_manager_unclaimed.py for the replies that need none).
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False, paused_cache_size=0)
     await manager.setup()
     saga = manager.register(Saga("alone").remote_step(send("cmd")).commit())
     try:
@@ -178,7 +183,9 @@ async def test_an_unknown_execution_in_a_claim_batch_fails_only_its_own_reply(
     pool: InMemoryBrokerPool,
 ) -> None:
     storage = CountingStorage(MemorySagaStorage())
-    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
+    # Without the records of paused runs in hand, every reply takes a claim (see
+    # test_saga_manager_unclaimed.py for the replies that need none).
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False, paused_cache_size=0)
     await manager.setup()
     saga = manager.register(Saga("mixed").remote_step(send("cmd")).commit())
     try:
