@@ -20,16 +20,16 @@ def decode_headers(raw: Iterable[tuple[str, bytes | None]]) -> tuple[dict[str, s
     headers: dict[str, str] = {}
     invalid: list[str] = []
     for name, value in raw:
-        if value is None:
-            invalid.append(name)
-            headers.pop(name, None)
-            continue
-        try:
-            headers[name] = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            invalid.append(name)
-            headers.pop(name, None)
-    return headers, tuple(dict.fromkeys(invalid))
+        if value is not None:
+            try:
+                # ``bytes(value)`` copies: only for the bytes-like values some clients hand out.
+                headers[name] = (value if type(value) is bytes else bytes(value)).decode()
+                continue
+            except UnicodeDecodeError:
+                pass
+        invalid.append(name)
+        headers.pop(name, None)
+    return headers, tuple(dict.fromkeys(invalid)) if invalid else ()
 
 
 def encode_headers(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:

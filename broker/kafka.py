@@ -75,7 +75,9 @@ class KafkaPublisher:
             return
         producer = self._pool._producer_or_raise()
         headers = [encode_headers(message.headers) for message in messages]  # type errors before any send
-        await self._pool._ensure_known({message.topic for message in messages})
+        unknown = self._pool._unknown_topics(messages)
+        if unknown:
+            await self._pool._ensure_known(unknown)
         futures: list[asyncio.Future[Any]] = []
         failure: BaseException | None = None
         for message, encoded in zip(messages, headers, strict=True):
@@ -86,9 +88,12 @@ class KafkaPublisher:
             except Exception as exc:
                 failure = exc
                 break
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        if failure is None:
-            failure = next((r for r in results if isinstance(r, BaseException)), None)
+        # Awaited one after the other rather than gathered: they are all queued already, and a gather only
+        # added a future, callbacks and a loop iteration between the acknowledgement and the caller.
+        for future in futures:
+            error = await _outcome(future)
+            if failure is None:
+                failure = error
         if failure is not None:
             topics = sorted({message.topic for message in messages})
             action = f"publish to {', '.join(topics)}"
@@ -439,6 +444,13 @@ class KafkaBrokerPool:
             return BrokerClosedError(f"{action} failed: KafkaBrokerPool was stopped")
         return translate_error(exc, action)
 
+    def _unknown_topics(self, messages: Sequence[BrokerMessage]) -> list[str]:
+        """Topics of ``messages`` `_ensure_known` would create (none once each was seen: no await then)."""
+        if not self.settings.auto_create_topics:
+            return []
+        known = self._known_topics
+        return [topic for topic in {message.topic for message in messages} if topic not in known]
+
     async def _ensure_known(self, topics: Iterable[str]) -> None:
         """Create, once per process, topics not seen yet, when ``auto_create_topics`` is on."""
         if not self.settings.auto_create_topics:
@@ -481,6 +493,20 @@ class KafkaBrokerPool:
                 _log.info("Kafka at %s not reachable yet (%s); retrying", bootstrap, exc)
                 await asyncio.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, _MAX_CONNECT_BACKOFF)
+
+
+async def _outcome(future: asyncio.Future[Any]) -> BaseException | None:
+    """What ``future`` failed with, if it did; the caller's own cancellation is raised, not returned."""
+    try:
+        await future
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        return exc  # the future alone was cancelled: a failed send like any other
+    except Exception as exc:
+        return exc
+    return None
 
 
 async def _quietly(awaitable: Any) -> None:
