@@ -40,6 +40,7 @@ __all__ = [
     "control_topic",
     "decode_json",
     "encode_json",
+    "reply_message",
 ]
 
 H_KIND = "saga-kind"
@@ -218,19 +219,13 @@ class SagaResponse:
 
     def to_message(self, topic: str) -> BrokerMessage:
         """Encode for publishing to ``topic`` (the orchestrator's reply topic)."""
-        headers = {
-            H_KIND: "reply",
-            H_EXECUTION_ID: str(self.execution_id),
-            H_REQUEST_ID: str(self.request_id),
-            H_STATUS: str(int(self.status)),
-        }
-        if self.service_name is not None:
-            headers[H_SERVICE] = self.service_name
-        return BrokerMessage(
-            topic=topic,
-            key=str(self.execution_id).encode(),
+        return reply_message(
+            topic,
             value=encode_json(self.content),
-            headers=headers,
+            status=self.status,
+            execution_id=self.execution_id,
+            request_id=self.request_id,
+            service_name=self.service_name,
         )
 
     @classmethod
@@ -251,6 +246,35 @@ class SagaResponse:
             request_id=_uuid_header(headers, H_REQUEST_ID),
             service_name=headers.get(H_SERVICE),
         )
+
+
+def reply_message(
+    topic: str,
+    *,
+    value: bytes,
+    status: int,
+    execution_id: uuid.UUID,
+    request_id: uuid.UUID,
+    service_name: str | None,
+    traceparent: str | None = None,
+) -> BrokerMessage:
+    """A reply whose content is already encoded (``value``), as `SagaResponse.to_message` publishes it.
+
+    A participant encodes a handler's result once, for the reply and its dedup record alike, and passes
+    the command's trace context on, without building a `SagaResponse` and a copy of its message.
+    """
+    execution = str(execution_id)
+    headers = {
+        H_KIND: "reply",
+        H_EXECUTION_ID: execution,
+        H_REQUEST_ID: str(request_id),
+        H_STATUS: str(int(status)),
+    }
+    if service_name is not None:
+        headers[H_SERVICE] = service_name
+    if traceparent is not None:
+        headers[H_TRACEPARENT] = traceparent
+    return BrokerMessage(topic=topic, key=execution.encode(), value=value, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,6 @@ import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -38,16 +37,15 @@ from saga.consumer import H_DEAD_LETTER_REASON
 from saga.errors import MalformedMessageError, SagaBusinessError, SagaStateError
 from saga.messages import (
     H_SERVICE,
-    H_TRACEPARENT,
     SagaCommand,
     SagaControl,
-    SagaResponse,
     SagaResponseStatus,
     control_topic,
     decode_json,
     encode_json,
+    reply_message,
 )
-from saga.participant_dedup import KeyLock, LruReplyStore, ReplyStore, key_lock
+from saga.participant_dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
 from saga.participant_types import CommandContext, CommandHandler, DecisionHandler, ParticipantStats
 from saga.pipeline import KeyedPipeline
 from storage import SagaStorage, StorageError
@@ -70,6 +68,10 @@ H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+_SUCCESS = int(SagaResponseStatus.SUCCESS)
+_ERROR = int(SagaResponseStatus.ERROR)
+_SYSTEM_ERROR = int(SagaResponseStatus.SYSTEM_ERROR)
+
 
 def _lane(message: BrokerMessage) -> tuple[str, int | None, bytes | None]:
     """Records of one key (the saga execution id) are handled in offset order, other keys concurrently.
@@ -80,6 +82,23 @@ def _lane(message: BrokerMessage) -> tuple[str, int | None, bytes | None]:
     a key keep partition order.
     """
     return message.topic, message.partition, message.key
+
+
+def _stored_reply(status: int, value: bytes) -> bytes:
+    """A reply as the dedup store keeps it: ``{"status": ..., "content": ...}``.
+
+    Spliced around the reply's already encoded content: the same bytes `encode_json` makes of that dict,
+    without encoding the content a second time.
+    """
+    return b'{"status":%d,"content":%b}' % (status, value)
+
+
+def _stored_outcome(key: str, stored: bytes) -> tuple[int, bytes]:
+    """The status and encoded content of a reply `_stored_reply` kept under ``key``."""
+    data = decode_json(stored, field_name="stored reply")
+    if not isinstance(data, dict) or not isinstance(data.get("status"), int):
+        raise _DeadLetter("bad_stored_reply", f"stored reply of {key!r} is unreadable")
+    return data["status"], encode_json(data.get("content"))
 
 
 class _DeadLetter(Exception):
@@ -319,19 +338,32 @@ class SagaParticipant:
         handler = self._handlers.get(command.target)
         if handler is None:
             raise _DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
-        async with key_lock(self._locks, command.idempotency_key):
-            stored = await self._call(self._replies.get_command_reply, command.idempotency_key)
+        key = command.idempotency_key
+        async with KeyLocked(self._locks, key):
+            stored = await self._call(self._replies.get_command_reply, key)
             if stored is not None:
                 self.stats.duplicates += 1
-                _log.debug("command %s already handled; re-sending its reply", command.idempotency_key)
+                _log.debug("command %s already handled; re-sending its reply", key)
+                status, value = _stored_outcome(key, stored)
             else:
-                stored = await self._run_handler(handler, command)
-                await self._call(self._replies.put_command_reply, command.idempotency_key, stored)
-            reply = self._reply_message(command, stored)
+                status, value = await self._run_handler(handler, command)
+                await self._call(self._replies.put_command_reply, key, _stored_reply(status, value))
+            reply = reply_message(
+                command.reply_topic,
+                value=value,
+                status=status,
+                # Addressed from the command just received (reply topic, request id), not from the one
+                # first handled, so a replay under the same key that carries a new request id still gets
+                # an applicable reply.
+                execution_id=command.execution_id,
+                request_id=command.request_id,
+                service_name=self.service_name,
+                traceparent=command.traceparent,
+            )
             await self._call(self.broker_pool.publisher().send, reply)
 
-    async def _run_handler(self, handler: CommandHandler, command: SagaCommand) -> bytes:
-        """Run ``handler`` and return its reply encoded for the dedup store."""
+    async def _run_handler(self, handler: CommandHandler, command: SagaCommand) -> tuple[int, bytes]:
+        """Run ``handler``; the reply's status and its content, encoded."""
         request = CommandContext(
             content=command.content,
             user=command.user,
@@ -348,42 +380,17 @@ class SagaParticipant:
             result = handler(request)
             if inspect.isawaitable(result):
                 result = await result
-            encoded = encode_json({"status": int(SagaResponseStatus.SUCCESS), "content": result})
+            encoded = encode_json(result)
         except SagaBusinessError as exc:
             self.stats.business_errors += 1
             _log.info("%s refused command %s: %s", self.service_name, command.idempotency_key, exc)
-            return encode_json({"status": int(SagaResponseStatus.ERROR), "content": {"error": str(exc)}})
+            return _ERROR, encode_json({"error": str(exc)})
         except Exception as exc:
             self.stats.system_errors += 1
             _log.exception("%s handler of %r failed", self.service_name, command.target)
-            error = f"{type(exc).__name__}: {exc}"
-            return encode_json({"status": int(SagaResponseStatus.SYSTEM_ERROR), "content": {"error": error}})
+            return _SYSTEM_ERROR, encode_json({"error": f"{type(exc).__name__}: {exc}"})
         self.stats.succeeded += 1
-        return encoded
-
-    def _reply_message(self, command: SagaCommand, stored: bytes) -> BrokerMessage:
-        """The reply to ``command`` built from its stored outcome.
-
-        Addressed from the command just received (reply topic, request id), not from the one first
-        handled, so a replay under the same key that carries a new request id still gets an applicable
-        reply.
-        """
-        data = decode_json(stored, field_name="stored reply")
-        if not isinstance(data, dict) or not isinstance(data.get("status"), int):
-            raise _DeadLetter(
-                "bad_stored_reply", f"stored reply of {command.idempotency_key!r} is unreadable"
-            )
-        response = SagaResponse(
-            content=data.get("content"),
-            status=data["status"],
-            execution_id=command.execution_id,
-            request_id=command.request_id,
-            service_name=self.service_name,
-        )
-        message = response.to_message(command.reply_topic)
-        if command.traceparent is not None:
-            message = replace(message, headers={**message.headers, H_TRACEPARENT: command.traceparent})
-        return message
+        return _SUCCESS, encoded
 
     async def _handle_control(self, message: BrokerMessage) -> None:
         control = SagaControl.from_message(message)
@@ -393,7 +400,7 @@ class SagaParticipant:
             )
         # Several services may share one store; the decision's own key is per execution and action only.
         key = control.idempotency_key
-        async with key_lock(self._locks, key):
+        async with KeyLocked(self._locks, key):
             if await self._call(self._replies.get_command_reply, key) is not None:
                 self.stats.duplicate_decisions += 1
                 return

@@ -26,6 +26,7 @@ from saga.messages import (
     control_topic,
 )
 from saga.participant import H_DEAD_LETTER_REASON, H_DEAD_LETTER_TOPIC, CommandContext, SagaParticipant
+from saga.participant_dedup import KeyLock, KeyLocked
 from storage import MemorySagaStorage, StorageError, StorageUnavailableError
 
 REPLY = "orderReply"
@@ -201,6 +202,47 @@ async def test_redelivered_command_runs_once_and_gets_the_same_reply(
     assert [r.request_id for r in got] == [first.request_id, first.request_id, replay.request_id]
     assert participant.stats.duplicates == 2
     assert await storage.get_command_reply(first.idempotency_key) is not None
+
+
+async def test_the_stored_reply_is_the_encoded_outcome_and_a_duplicate_gets_the_same_bytes(
+    pool: InMemoryBrokerPool, storage: MemorySagaStorage
+) -> None:
+    participant = SagaParticipant("svc", pool, storage=storage)
+    result = {1: "non-string key", "nested": [1.5, None, {"x": True}], "text": "\u00e9\n"}
+
+    @participant.command("Do")
+    def do(request: CommandContext) -> Any:
+        return result
+
+    cmd = command("Do")
+    async with participant:
+        await pool.publisher().send_batch([cmd.to_message(), cmd.to_message()])
+        await wait_for(lambda: len(pool.topic_messages(REPLY)) == 2)
+    stored = await storage.get_command_reply(cmd.idempotency_key)
+    assert stored == orjson.dumps({"status": 200, "content": result}, option=orjson.OPT_NON_STR_KEYS)
+    first, duplicate = pool.topic_messages(REPLY)
+    assert first.value == duplicate.value == orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
+    assert first.headers == duplicate.headers and participant.stats.duplicates == 1
+
+
+async def test_a_key_lock_is_dropped_when_its_last_user_leaves_even_a_cancelled_one() -> None:
+    locks: dict[str, KeyLock] = {}
+    entered: list[str] = []
+
+    async def use(name: str) -> None:
+        async with KeyLocked(locks, "k"):
+            entered.append(name)
+
+    async with KeyLocked(locks, "k"):
+        waiting = asyncio.create_task(use("cancelled"))
+        queued = asyncio.create_task(use("next"))
+        await asyncio.sleep(0)
+        assert locks["k"].users == 3
+        waiting.cancel()
+        await asyncio.sleep(0)
+        assert locks["k"].users == 2
+    await queued
+    assert entered == ["next"] and locks == {}
 
 
 async def test_dedup_survives_a_restart_through_storage(
