@@ -65,7 +65,11 @@ async def serve(config: SagaConfig, manager: SagaManager, *, stop: asyncio.Event
             loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
     try:
-        await manager.setup()
+        try:
+            await manager.setup()
+        except BaseException:
+            await manager.destroy()  # setup may have started the storage before the broker failed
+            raise
         recovery = None
         if config.recovery.enabled:
             recovery = build_recovery_worker(manager, config)

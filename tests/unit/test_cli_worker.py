@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from broker import BrokerConnectionError
 from saga.cli.worker import serve
 from saga.config import build_manager, load_config
+from storage import SqlAlchemySagaStorage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,3 +107,21 @@ async def test_serve_without_recovery(data: dict[str, object], capsys: pytest.Ca
     stop.set()
     assert await serve(config, build_manager(config), stop=stop) == 0
     assert "; recovery off" in capsys.readouterr().err
+
+
+async def test_serve_stops_the_storage_when_the_broker_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema migration leaves a connection in the engine's pool: a failed setup must not leak it."""
+    config = load_config({"storage": {"url": f"sqlite+aiosqlite:///{tmp_path / 'worker.sqlite3'}"}})
+    manager = build_manager(config)
+
+    async def refuse() -> None:
+        raise BrokerConnectionError("Kafka at 127.0.0.1:1 did not answer")
+
+    monkeypatch.setattr(manager.broker_pool, "start", refuse)
+    with pytest.raises(BrokerConnectionError):
+        await serve(config, manager, stop=asyncio.Event())
+    assert isinstance(manager.storage, SqlAlchemySagaStorage)
+    pool = manager.storage.engine.pool
+    assert pool.checkedin() == pool.checkedout() == 0
