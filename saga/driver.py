@@ -64,8 +64,9 @@ def _probe(storage: object, capability: str) -> bool:
         return isinstance(storage, SupportsClaimMany)
     if capability == "load_many":
         return isinstance(storage, SupportsLoadMany)
+    method = storage.create if capability == "create_outbox_claim" else storage.save  # type: ignore[attr-defined]
     try:
-        parameters = inspect.signature(storage.save).parameters.values()  # type: ignore[attr-defined]
+        parameters = inspect.signature(method).parameters.values()
     except (TypeError, ValueError, AttributeError):
         return False
     return any(p.name == "outbox_claim" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
@@ -277,6 +278,22 @@ class ExecutionDriver:
                 transition = None
         finally:
             driving.pop(execution_id, None)
+        return await self._settle(
+            execution, last, saved=last is not stored, written=written, wait=wait, release=release
+        )
+
+    async def _settle(
+        self,
+        execution: SagaExecution,
+        last: ExecutionRecord,
+        *,
+        saved: bool,
+        written: Sequence[tuple[Sequence[OutboxMessage], OutboxClaim | None]],
+        wait: bool,
+        release: bool,
+    ) -> SagaExecution:
+        """After a drive stopped: give the claim back if still held, publish, and tell who waits."""
+        execution_id = execution.id
         # A save that paused or ended the run released the claim already (``last.owner`` is None); the
         # releases below only matter when the loop stopped without saving (nothing to persist).
         if execution.status is SagaStatus.PAUSED:
@@ -284,7 +301,7 @@ class ExecutionDriver:
                 self._early_waiters[execution_id] = self._waiter(execution_id)
             if last.owner is not None:
                 await self._release(execution_id)
-            elif last is not stored:
+            elif saved:
                 self._remember_paused(last)  # before the publish: its reply may come back at once
             self._active.discard(execution_id)
         elif release and last.owner is not None:
@@ -294,6 +311,49 @@ class ExecutionDriver:
         if execution.terminal:
             self._resolve_waiters(execution)
         return execution
+
+    async def _create_and_drive(self, execution: SagaExecution, *, wait: bool) -> SagaExecution:
+        """Store a new execution and drive it; when its first move only sends a command, in one statement.
+
+        The row is created claimed by this manager (nobody else can see it before, so nobody else can be
+        advancing it). A first step that is a remote step is built before the row exists and created
+        already PAUSED with its command in the outbox: one ``create`` where a create and a save were two,
+        with the same outcome. Any other first move (a local step, a condition) runs after the create,
+        so that each step is durable before the next one starts.
+        """
+        now = self.clock()
+        record = execution.to_record(
+            owner=self.owner, lease_until=now + timedelta(seconds=self.lease_seconds)
+        )
+
+        async def create(
+            record: ExecutionRecord, outbox: Sequence[OutboxMessage] = (), claim: OutboxClaim | None = None
+        ) -> ExecutionRecord:
+            if claim is None:  # a storage written before ``outbox_claim`` may not take it
+                stored = await self.storage.create(record)
+            else:
+                stored = await self.storage.create(record, outbox=outbox, outbox_claim=claim)
+            execution.mark_stored(stored)
+            return stored
+
+        if execution.next_move_runs_effects(now) or not self._storage_supports("create_outbox_claim"):
+            return await self._drive(execution, await create(record), wait=wait, release=False)
+        try:
+            transition = await execution.advance(now)
+            paused = None
+            if transition.status is _PAUSED and transition.outbox and transition.retry_after is None:
+                paused = execution.to_record(step=transition.step)  # no owner: created released
+        except Exception as exc:
+            await self._fail(execution, await create(record), exc)
+            raise
+        if paused is None:  # the command could not be built: compensating (or ended); persist that
+            stored = await create(record)
+            return await self._drive(execution, stored, transition=transition, wait=wait, release=False)
+        claim = OutboxClaim(self.owner, self.lease_seconds)
+        stored = await create(paused, transition.outbox, claim)
+        return await self._settle(
+            execution, stored, saved=True, written=[(transition.outbox, claim)], wait=wait, release=False
+        )
 
     async def _guard(
         self, execution: SagaExecution, last: ExecutionRecord, move: Awaitable[Transition]
@@ -491,6 +551,7 @@ class ExecutionDriver:
         ``isinstance`` or a signature inspection costs microseconds, and this is asked on every step):
 
         * ``outbox_claim``: ``save`` takes ``outbox_claim`` (a storage written before it may not);
+        * ``create_outbox_claim``: ``create`` takes it;
         * ``claim_many``: `SupportsClaimMany`;
         * ``load_many``: `SupportsLoadMany`.
         """

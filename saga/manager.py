@@ -393,6 +393,8 @@ class SagaManager(ExecutionDriver):
             hooks=self.hooks,
             clock=self.clock,
         )
+        if idempotency_key is None:
+            return await self._create_and_drive(execution, wait=not pause_on_disk)
         record = execution.to_record(owner=self.owner, lease_until=now + self._lease)
         try:
             stored = await self.storage.create(record)

@@ -23,7 +23,7 @@ from saga import (
     SagaStatus,
 )
 from saga.consumer import H_DEAD_LETTER_REASON
-from saga.messages import SagaControl
+from saga.messages import SagaCommand, SagaControl
 from storage.memory import MemorySagaStorage
 from tests.unit.conftest import CountingStorage, FakeParticipant, add, eventually
 
@@ -91,11 +91,11 @@ async def test_remote_steps_neither_fetch_the_outbox_nor_release(
             storage.calls.clear()
             execution = await manager.run(saga, {"order": 1})
         assert execution.status is SagaStatus.FINISHED
-        # create; per remote step: the save that pauses (and releases) and the save that applies its
-        # reply, with no claim in between (this manager paused it and holds its record); the commit
-        # decision rides on the last save. Every outbox write is published and marked sent by the ids its
-        # save reported: no fetch_outbox, no release_claim.
-        assert dict(storage.calls) == {"create": 1, "save": 3}
+        # The create holds the first command (created PAUSED); then one save per reply, which applies it
+        # and writes the next command (or the commit decision), with no claim before it (this manager
+        # paused the run and holds its record). Every outbox write is published and marked sent by the
+        # ids its create/save reported: no fetch_outbox, no release_claim.
+        assert dict(storage.calls) == {"create": 1, "save": 2}
         stored = await storage.inner.load(execution.id)
         assert stored.owner is None and stored.lease_until is None
         assert controls(pool, "stock") == [("commit", execution.id)]
@@ -419,6 +419,58 @@ async def test_unstorable_context_marks_failed_and_names_key_and_step(
         await manager.run(saga, {"bad": object()})
 
 
+async def test_a_first_remote_step_is_created_paused_with_its_command(pool: InMemoryBrokerPool) -> None:
+    storage = CountingStorage(MemorySagaStorage())
+    manager = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)  # type: ignore[arg-type]
+    await manager.setup()
+    try:
+        saga = Saga("first").remote_step(send("reserve")).commit()
+        storage.calls.clear()
+        execution = await manager.run(saga, {"order": 1}, pause_on_disk=True)
+        assert isinstance(execution, SagaExecution) and execution.awaiting is not None
+        assert dict(storage.calls) == {"create": 1}  # no save: the create holds the command
+        stored = await storage.inner.load(execution.id)
+        assert stored.status is SagaStatus.PAUSED and stored.version == 1 and stored.owner is None
+        assert [(s.name, s.status) for s in stored.steps] == [("send_reserve", "waiting")]
+        [command] = pool.topic_messages("reserve")
+        assert SagaCommand.from_message(command).request_id == execution.awaiting.request_id
+    finally:
+        await manager.destroy()
+
+
+async def test_a_first_command_that_cannot_be_built_is_stored_compensated(
+    manager: SagaManager, storage: MemorySagaStorage, pool: InMemoryBrokerPool
+) -> None:
+    def reserve(ctx: SagaContext) -> SagaRequest:
+        raise ValueError("no stock service configured")
+
+    saga = Saga("broken").remote_step(reserve).commit()
+    execution = await manager.run(saga, raise_on_error=False)
+    assert isinstance(execution, SagaExecution) and execution.status is SagaStatus.ERRORED
+    stored = await storage.load(execution.id)
+    assert stored.status is SagaStatus.ERRORED and stored.error is not None
+    assert stored.error["step"] == "reserve" and "no stock service" in stored.error["error"]
+    assert [(s.name, s.status) for s in stored.steps] == [("reserve", "failed")]
+    assert pool.topic_messages("reserve") == []
+
+
+async def test_a_first_command_leaving_an_unstorable_context_is_stored_failed(
+    manager: SagaManager, storage: MemorySagaStorage, pool: InMemoryBrokerPool
+) -> None:
+    def reserve(ctx: SagaContext) -> SagaRequest:
+        ctx.things = [{1, 2}]
+        return SagaRequest("reserve", {})
+
+    saga = Saga("unstorable").remote_step(reserve).commit()
+    with pytest.raises(SagaContextError) as info:
+        await manager.run(saga)
+    assert info.value.key == "things" and info.value.step == "reserve"
+    assert info.value.execution_id is not None
+    stored = await storage.load(info.value.execution_id)
+    assert stored.status is SagaStatus.FAILED and stored.steps == ()  # the last good state: the start
+    assert pool.topic_messages("reserve") == []
+
+
 async def test_idempotency_key_returns_the_first_execution(
     manager: SagaManager, storage: MemorySagaStorage
 ) -> None:
@@ -476,9 +528,9 @@ async def test_a_reply_costs_one_save_with_the_step_that_follows(pool: InMemoryB
             storage.calls.clear()
             execution = await manager.run(saga)
         assert execution.status is SagaStatus.FINISHED
-        # create, save PAUSED(a); then one save per reply: applied a + PAUSED(b), b + PAUSED(c), c + end;
-        # no claims: this manager paused the run each time (test_saga_manager_unclaimed.py).
-        assert storage.calls["create"] == 1 and storage.calls["save"] == 4 and storage.calls["claim"] == 0
+        # create PAUSED(a) with its command; then one save per reply: applied a + PAUSED(b), b + PAUSED(c),
+        # c + end; no claims: this manager paused the run each time (test_saga_manager_unclaimed.py).
+        assert storage.calls["create"] == 1 and storage.calls["save"] == 3 and storage.calls["claim"] == 0
         replies = await storage.inner.list_replies(execution.id)
         assert [r.outcome for r in replies] == ["applied"] * 3
     finally:
