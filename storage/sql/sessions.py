@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.selectable import ReturnsRows
+from sqlalchemy.types import ARRAY, TypeEngine
 
 __all__ = ["AiosqliteSession", "AsyncpgSession", "Plan", "Plans", "Session", "SqlAlchemySession"]
 
@@ -152,7 +153,7 @@ class Plans:
             bind = compiled.binds[name]
             if bind.expanding or bind.literal_execute:
                 return None  # rendered per call from the values: leave it to SQLAlchemy
-            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            process = _bind_processor(bind.type, dialect)
             if name.startswith("p_"):
                 binds.append((name, None, process))
             else:  # a literal in the statement, e.g. the 1 of ``version + 1``
@@ -166,6 +167,22 @@ class Plans:
             if any(p is not None for p in processors):
                 results = processors
         return Plan(sql=compiled.string, binds=tuple(binds), results=results)
+
+
+def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """SQLAlchemy's bind processor for ``type_``, or ``None`` where it would only copy the value.
+
+    An ``ARRAY`` whose items need no processing gets a processor all the same, which rebuilds the list
+    item by item on every call; the driver takes the caller's list as it is.
+    """
+    impl = type_.dialect_impl(dialect)
+    if (
+        isinstance(impl, ARRAY)
+        and impl.dimensions in (None, 1)
+        and impl.item_type.dialect_impl(dialect).bind_processor(dialect) is None
+    ):
+        return None
+    return impl.bind_processor(dialect)
 
 
 class AsyncpgSession(Session):
