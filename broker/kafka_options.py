@@ -13,6 +13,7 @@ from typing import Any
 from aiokafka.helpers import create_ssl_context
 
 from broker.errors import BrokerConfigError
+from broker.partitioner import KeyHashPartitioner
 from broker.settings import KafkaSettings, config_error
 
 __all__ = ["client_options", "consumer_options", "producer_options", "ssl_context"]
@@ -67,6 +68,7 @@ def producer_options(settings: KafkaSettings) -> dict[str, Any]:
         "compression_type": settings.compression_type,
         "linger_ms": settings.linger_ms,
         "max_batch_size": settings.max_batch_size,
+        "partitioner": KeyHashPartitioner(),  # Kafka's default partitioning, cheaper (broker.partitioner)
     }
 
 
