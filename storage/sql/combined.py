@@ -91,7 +91,7 @@ def _outbox_rows(outbox: Table, execution_id: ColumnElement[Any], source: CTE) -
             _p("outbox_topics", ARRAY(String())),
             _p("outbox_keys", ARRAY(LargeBinary())),
             _p("outbox_values", ARRAY(LargeBinary())),
-            _p("outbox_headers", ARRAY(JsonDocument())),
+            _p("outbox_headers", ARRAY(JsonDocument(), dimensions=1)),
         )
         .table_valued("topic", "key", "value", "headers", with_ordinality="n")
         .render_derived(name="m")

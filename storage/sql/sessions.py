@@ -172,16 +172,17 @@ class Plans:
 def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
     """SQLAlchemy's bind processor for ``type_``, or ``None`` where it would only copy the value.
 
-    An ``ARRAY`` whose items need no processing gets a processor all the same, which rebuilds the list
-    item by item on every call; the driver takes the caller's list as it is.
+    A one-dimensional ``ARRAY`` gets SQLAlchemy's generic processor, which inspects the value's nesting on
+    every call; here its items are processed in one comprehension, and an array whose items need no
+    processing goes to the driver as the caller gave it.
     """
     impl = type_.dialect_impl(dialect)
-    if (
-        isinstance(impl, ARRAY)
-        and impl.dimensions in (None, 1)
-        and impl.item_type.dialect_impl(dialect).bind_processor(dialect) is None
-    ):
-        return None
+    if isinstance(impl, ARRAY) and impl.dimensions in (None, 1):
+        item = impl.item_type.dialect_impl(dialect).bind_processor(dialect)
+        if item is None:
+            return None
+        if impl.dimensions == 1:  # flat for sure (without dimensions, SQLAlchemy looks for nesting)
+            return lambda values: [None if v is None else item(v) for v in values]
     return impl.bind_processor(dialect)
 
 

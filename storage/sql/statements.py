@@ -62,6 +62,9 @@ class Clock:
 
     def __init__(self, *, server: bool) -> None:
         self.server = server
+        #: Server-clock parameters by shift names and seconds: every write asks for the same few (a lease,
+        #: an outbox lease), and building the dict and its timedeltas each time showed in profiles.
+        self._fixed: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
 
     def now(self) -> ColumnElement[datetime]:
         """The current time inside a statement."""
@@ -78,7 +81,13 @@ class Clock:
     def params(self, **shifts: float) -> dict[str, Any]:
         """Parameters for `now` and every `shifted` name used by a statement."""
         if self.server:
-            return {f"p_{k}": timedelta(seconds=v) for k, v in shifts.items()}
+            key = tuple(shifts.items())
+            fixed = self._fixed.get(key)
+            if fixed is None:
+                if len(self._fixed) > 64:  # shifts are configuration, not data; stay bounded all the same
+                    self._fixed.clear()
+                fixed = self._fixed[key] = {f"p_{k}": timedelta(seconds=v) for k, v in shifts.items()}
+            return dict(fixed)  # callers add their own parameters to it
         now = datetime.now(UTC)
         out: dict[str, Any] = {f"p_{k}": now + timedelta(seconds=v) for k, v in shifts.items()}
         out["p_now"] = now
