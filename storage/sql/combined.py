@@ -44,17 +44,20 @@ from sqlalchemy import (
     String,
     Table,
     Update,
+    and_,
     bindparam,
+    case,
     func,
     select,
     true,
+    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 
 from storage.sql.schema import SagaTables
 from storage.sql.types import JsonDocument, UtcDateTime
 
-__all__ = ["OUTBOX_IDS", "combined_create", "combined_save"]
+__all__ = ["OUTBOX_IDS", "combined_create", "combined_save", "combined_save_many"]
 
 #: Position of the outbox ids (an array, or NULL when no row was written) in a combined statement's row.
 OUTBOX_IDS = -1
@@ -140,3 +143,130 @@ def combined_create(tables: SagaTables, insert: Insert) -> Select[Any]:
     """``insert`` (the new execution's ``INSERT ... RETURNING``) with its outbox rows."""
     e = insert.cte("e")
     return _with_ids(e, _outbox_rows(tables.outbox, _p("id", tables.executions.c.id.type), e))
+
+
+def combined_save_many(tables: SagaTables) -> Select[Any]:
+    """Several executions' saves, each with its applied reply and outbox rows, as one statement.
+
+    The per-execution statement of `combined_save`, with every value an array: the executions' columns
+    zipped by ``unnest`` into ``v`` and updated ``FROM v`` where id and version match; the replies and the
+    outbox rows (each carrying its execution's id) inserted for the executions the ``UPDATE`` returned.
+    Returns one row per execution saved: id, version, updated_at, owner, lease_until, created_at and its
+    outbox ids in order. An execution that is not returned was not found or stale, and nothing of it was
+    written; a duplicate applied reply aborts the whole statement, as in `combined_save`.
+    """
+    t, now = tables.executions, func.now(type_=UtcDateTime())
+    v = (
+        func.unnest(
+            _p("ids", ARRAY(t.c.id.type)),
+            _p("versions", ARRAY(Integer())),
+            _p("statuses", ARRAY(String())),
+            _p("states", ARRAY(LargeBinary())),
+            _p("steps", ARRAY(JsonDocument(), dimensions=1)),
+            _p("attempts", ARRAY(Integer())),
+            _p("users", ARRAY(String())),
+            _p("reply_deadlines", ARRAY(UtcDateTime(), dimensions=1)),
+            _p("errors", ARRAY(JsonDocument(), dimensions=1)),
+            _p("owners", ARRAY(String())),
+            _p("leases", ARRAY(UtcDateTime(), dimensions=1)),
+        )
+        .table_valued(
+            "id",
+            "version",
+            "status",
+            "state",
+            "steps",
+            "attempts",
+            "user",
+            "deadline",
+            "error",
+            "owner",
+            "lease",
+        )
+        .render_derived(name="v")
+    )
+    e = (
+        update(t)
+        .where(t.c.id == v.c.id, t.c.version == v.c.version)
+        .values(
+            status=v.c.status,
+            state=v.c.state,
+            steps=v.c.steps,
+            recovery_attempts=v.c.attempts,
+            user=v.c.user,
+            reply_deadline=v.c.deadline,
+            error=v.c.error,
+            owner=v.c.owner,
+            # As in the single save: the holder's own lease is never shortened.
+            lease_until=case(
+                (and_(t.c.owner == v.c.owner, t.c.lease_until > v.c.lease), t.c.lease_until), else_=v.c.lease
+            ),
+            version=t.c.version + 1,
+            updated_at=now,
+        )
+        .returning(t.c.id, t.c.version, t.c.updated_at, t.c.owner, t.c.lease_until, t.c.created_at)
+        .cte("e")
+    )
+    replies = tables.replies
+    rr = (
+        func.unnest(
+            _p("reply_execution_ids", ARRAY(replies.c.execution_id.type)),
+            _p("reply_request_ids", ARRAY(replies.c.request_id.type)),
+            _p("reply_statuses", ARRAY(Integer())),
+            _p("reply_outcomes", ARRAY(String())),
+            _p("reply_reasons", ARRAY(String())),
+            _p("reply_received", ARRAY(UtcDateTime(), dimensions=1)),
+        )
+        .table_valued("execution_id", "request_id", "status", "outcome", "reason", "received_at")
+        .render_derived(name="rr")
+    )
+    r = (
+        replies.insert()
+        .from_select(
+            ["execution_id", "request_id", "status", "outcome", "reason", "received_at"],
+            select(
+                rr.c.execution_id,
+                rr.c.request_id,
+                rr.c.status,
+                rr.c.outcome,
+                rr.c.reason,
+                func.coalesce(rr.c.received_at, now),
+            ).select_from(e.join(rr, e.c.id == rr.c.execution_id)),
+        )
+        .cte("r")
+    )
+    outbox = tables.outbox
+    m = (
+        func.unnest(
+            _p("outbox_execution_ids", ARRAY(outbox.c.execution_id.type)),
+            _p("outbox_topics", ARRAY(String())),
+            _p("outbox_keys", ARRAY(LargeBinary())),
+            _p("outbox_values", ARRAY(LargeBinary())),
+            _p("outbox_headers", ARRAY(JsonDocument(), dimensions=1)),
+            _p("outbox_owners", ARRAY(String())),
+            _p("outbox_leases", ARRAY(Interval())),
+        )
+        .table_valued(
+            "execution_id", "topic", "key", "value", "headers", "owner", "lease", with_ordinality="n"
+        )
+        .render_derived(name="m")
+    )
+    o = (
+        outbox.insert()
+        .from_select(
+            ["execution_id", "topic", "key", "value", "headers", "created_at", "claimed_by", "claimed_until"],
+            select(
+                m.c.execution_id, m.c.topic, m.c.key, m.c.value, m.c.headers, now, m.c.owner, now + m.c.lease
+            )
+            .select_from(e.join(m, e.c.id == m.c.execution_id))
+            .order_by(m.c.n),
+        )
+        .returning(outbox.c.id, outbox.c.execution_id)
+        .cte("o")
+    )
+    ids = (
+        select(func.array_agg(aggregate_order_by(o.c.id, o.c.id)))
+        .where(o.c.execution_id == e.c.id)
+        .scalar_subquery()
+    )
+    return select(*e.c, ids).add_cte(r)

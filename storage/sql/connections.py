@@ -158,6 +158,10 @@ class ConnectionHolder:
             return AiosqliteSession(conn, self._begin_sql, raw, self._plans)
         return SqlAlchemySession(conn, self._begin_sql)
 
+    def saturated(self) -> bool:
+        """Whether every connection is in use (a `connect` now would wait)."""
+        return self._slots.locked()
+
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Session]:
         """A session in autocommit mode, exclusively the caller's until the block ends."""

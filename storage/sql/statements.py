@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.sql.combined import combined_create, combined_save
+from storage.sql.combined import combined_create, combined_save, combined_save_many
 from storage.sql.schema import RECOVERY_CANDIDATES, SagaTables
 from storage.sql.types import UtcDateTime
 from storage.status import SagaStatus
@@ -136,6 +136,7 @@ class Statements:
     _recovery_claims: dict[RecoveryFilter, Update] = field(init=False, default_factory=dict)
     _combined_saves: dict[tuple[bool, bool], Select[Any]] = field(init=False, default_factory=dict)
     _combined_create: Select[Any] | None = field(init=False, default=None)
+    _save_many: Select[Any] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         t = self.tables.executions
@@ -375,6 +376,12 @@ class Statements:
                 self.tables, self.save, reply=reply, outbox=outbox
             )
         return stmt
+
+    def save_many(self) -> Select[Any]:
+        """Several executions' saves with their reply and outbox rows, as one statement."""
+        if self._save_many is None:
+            self._save_many = combined_save_many(self.tables)
+        return self._save_many
 
     def create_combined(self) -> Select[Any]:
         """``insert_execution`` with outbox rows, as one statement."""

@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 
 import orjson
-from sqlalchemy import URL, ColumnElement, event, func, make_url, select
+from sqlalchemy import URL, ColumnElement, Executable, event, func, make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from storage.errors import (
@@ -51,6 +51,7 @@ from storage.records import (
 from storage.sql import codec
 from storage.sql.combined import OUTBOX_IDS
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
+from storage.sql.grouped import GroupedSaves, SaveRequest, stored_record
 from storage.sql.schema import SagaTables, tables
 from storage.sql.sessions import Session
 from storage.sql.statements import Clock, Statements, recovery_params
@@ -125,6 +126,13 @@ class SqlAlchemySagaStorage:
         self._s = Statements(tables, self._clock, self._dialect)
         self._db = ConnectionHolder(
             engine, 1 if self._sqlite else pool_size, begin_sql="BEGIN IMMEDIATE" if self._sqlite else "BEGIN"
+        )
+        self._grouped = GroupedSaves(
+            self._db,
+            self._s,
+            guard=lambda: self._guard("save"),
+            save_one=self._save_on,
+            conflict=self._raise_save_conflict,
         )
 
     @property
@@ -289,53 +297,54 @@ class SqlAlchemySagaStorage:
         reply: ReplyRecord | None = None,
         outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
-        """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`."""
+        """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`.
+
+        On PostgreSQL a save that would wait for a connection (all of them busy) waits in a group instead,
+        and the group goes out as one statement when a connection frees up (`storage.sql.grouped`).
+        """
+        if self._s.combines:
+            if self._db.saturated():
+                return await self._grouped.save(SaveRequest(record, outbox, reply, outbox_claim))
+            with self._guard("save"):
+                async with self._db.connect() as session:
+                    return await self._save_on(session, SaveRequest(record, outbox, reply, outbox_claim))
         params = codec.save_params(record)
         params.update(self._clock.params())
         ids: list[int] = []
         with self._guard("save"):
-            if not outbox and reply is None:
-                async with self._db.connect() as session:
-                    row = await session.first(self._s.save, params)
-                    if row is None:
-                        await self._raise_save_conflict(session, record)
-            elif self._s.combines:
+            async with self._db.transaction() as session:
+                row = await session.first(self._s.save, params)
+                if row is None:
+                    await self._raise_save_conflict(session, record)
                 if reply is not None:
-                    params.update(codec.reply_params(reply, prefix="p_reply_"))
+                    await self._insert_reply(session, reply)
                 if outbox:
-                    params.update(self._outbox_params(outbox, outbox_claim))
-                statement = self._s.save_combined(reply=reply is not None, outbox=bool(outbox))
-                async with self._db.connect() as session:
-                    try:
-                        row = await session.first(statement, params)
-                    except INTEGRITY_ERRORS as error:
-                        _raise_duplicate_reply(reply, error)
-                    if row is None:
-                        await self._raise_save_conflict(session, record)
-                assert row is not None
-                if outbox:
-                    ids = list(row[OUTBOX_IDS])
-            else:
-                async with self._db.transaction() as session:
-                    row = await session.first(self._s.save, params)
-                    if row is None:
-                        await self._raise_save_conflict(session, record)
-                    if reply is not None:
-                        await self._insert_reply(session, reply)
-                    if outbox:
-                        ids = await self._insert_outbox(session, record.id, outbox, outbox_claim)
+                    ids = await self._insert_outbox(session, record.id, outbox, outbox_claim)
         assert row is not None
-        if outbox_claim is not None:
-            outbox_claim.ids.extend(ids)  # committed
-        version, updated_at, owner, lease_until, created_at = row[0], row[1], row[2], row[3], row[4]
-        return dataclasses.replace(
-            record,
-            version=version,
-            updated_at=updated_at,
-            owner=owner,
-            lease_until=lease_until,
-            created_at=created_at,
-        )
+        return stored_record(record, row, ids, outbox_claim)
+
+    async def _save_on(self, session: Session, request: SaveRequest) -> ExecutionRecord:
+        """One save as one statement on ``session`` (PostgreSQL): execution, reply row and outbox rows."""
+        record, outbox, reply = request.record, request.outbox, request.reply
+        params = codec.save_params(record)
+        params.update(self._clock.params())
+        statement: Executable
+        if not outbox and reply is None:
+            statement = self._s.save
+        else:
+            if reply is not None:
+                params.update(codec.reply_params(reply, prefix="p_reply_"))
+            if outbox:
+                params.update(self._outbox_params(outbox, request.outbox_claim))
+            statement = self._s.save_combined(reply=reply is not None, outbox=bool(outbox))
+        try:
+            row = await session.first(statement, params)
+        except INTEGRITY_ERRORS as error:
+            _raise_duplicate_reply(reply, error)
+        if row is None:
+            await self._raise_save_conflict(session, record)
+        assert row is not None
+        return stored_record(record, row, list(row[OUTBOX_IDS]) if outbox else [], request.outbox_claim)
 
     async def _raise_save_conflict(self, session: Session, record: ExecutionRecord) -> None:
         if await session.first(self._s.version_of, {"p_id": record.id}) is None:

@@ -1,0 +1,234 @@
+"""Saves that would wait for a connection go out together, as one statement (PostgreSQL).
+
+Why: with many executions in flight, saves outnumber connections, and each one that gets a connection
+pays a statement of its own: the client's bind-encode-send-parse round trip, and the server's parse,
+execute and commit. Saves that would queue for a connection anyway lose nothing by being written together:
+while every connection is busy, a save joins a group, and the group's task, once it has a connection,
+takes every save gathered by then and writes them with `storage.sql.combined.combined_save_many`. A save
+that finds a connection free goes out alone at once, so nothing waits that did not wait before.
+
+Each save keeps its own outcome:
+
+* its stored record (version, timestamps, claim) and its outbox ids, as a save of its own reports them;
+* `ConcurrencyError` or `ExecutionNotFoundError` when it matched no row (told apart by the same follow-up
+  ``SELECT`` as a single save), while the others in the group are written;
+* a duplicate applied reply aborts the group's statement: every save of that group is then written on its
+  own on the same connection, so only the one with the duplicate fails (`DuplicateReplyError`);
+* a failure of the statement or the connection fails every save of the group with the same error.
+
+The group's statement is one transaction: its saves become durable together, with one WAL flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from storage.records import ExecutionRecord, OutboxClaim, OutboxMessage, ReplyRecord
+from storage.sql import codec
+from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
+from storage.sql.sessions import Session
+from storage.sql.statements import Statements
+from storage.status import SagaStatus
+
+__all__ = ["GroupedSaves", "SaveRequest", "stored_record"]
+
+#: Most saves written by one statement; more wait for the next group.
+MAX_GROUP = 100
+
+
+@dataclass(slots=True)
+class SaveRequest:
+    """One ``save`` call's arguments."""
+
+    record: ExecutionRecord
+    outbox: Sequence[OutboxMessage] = ()
+    reply: ReplyRecord | None = None
+    outbox_claim: OutboxClaim | None = None
+
+
+def stored_record(
+    record: ExecutionRecord, row: Sequence[Any], ids: list[int], claim: OutboxClaim | None
+) -> ExecutionRecord:
+    """``record`` as stored: the storage-owned fields from ``row`` (version, updated_at, owner, lease_until,
+    created_at, in that order); the outbox ids, committed now, handed to ``claim``."""
+    if claim is not None:
+        claim.ids.extend(ids)
+    return dataclasses.replace(
+        record, version=row[0], updated_at=row[1], owner=row[2], lease_until=row[3], created_at=row[4]
+    )
+
+
+class GroupedSaves:
+    """Gathers the saves that find every connection busy and writes each gathering as one statement.
+
+    Args:
+        db: The storage's connections.
+        statements: The storage's statements (``save_many``, ``version_of``).
+        guard: A fresh error translator for a save (driver errors become `StorageError`s).
+        save_one: Writes one save on a session, as the storage does without grouping.
+        conflict: Raises the right error for a save that matched no row.
+    """
+
+    def __init__(
+        self,
+        db: ConnectionHolder,
+        statements: Statements,
+        *,
+        guard: Callable[[], ErrorTranslator],
+        save_one: Callable[[Session, SaveRequest], Awaitable[ExecutionRecord]],
+        conflict: Callable[[Session, ExecutionRecord], Awaitable[None]],
+    ) -> None:
+        self._db = db
+        self._statements = statements
+        self._guard = guard
+        self._save_one = save_one
+        self._conflict = conflict
+        self._queue: list[tuple[SaveRequest, asyncio.Future[ExecutionRecord]]] = []
+        #: Whether a group's task is waiting for a connection (the next saves join its group).
+        self._gathering = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def save(self, request: SaveRequest) -> ExecutionRecord:
+        """Join the group being gathered (starting one if none is) and wait for its outcome."""
+        future: asyncio.Future[ExecutionRecord] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        if not self._gathering:
+            self._start_group()
+        return await future
+
+    def _start_group(self) -> None:
+        self._gathering = True
+        task = asyncio.get_running_loop().create_task(self._write_group())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_group(self) -> None:
+        group: list[tuple[SaveRequest, asyncio.Future[ExecutionRecord]]] = []
+        try:
+            with self._guard():
+                async with self._db.connect() as session:
+                    self._gathering = False
+                    group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+                    if self._queue:  # more than one statement's worth: the rest start the next group
+                        self._start_group()
+                    await self._write(session, group)
+        except BaseException as exc:
+            if not group:  # no connection: whatever waits now fails with it (later saves start anew)
+                self._gathering = False
+                group, self._queue = self._queue, []
+            for _, future in group:
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:
+                    future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _write(
+        self, session: Session, group: list[tuple[SaveRequest, asyncio.Future[ExecutionRecord]]]
+    ) -> None:
+        ids = [request.record.id for request, _ in group]
+        if len(group) == 1 or len(set(ids)) != len(ids):
+            await self._one_by_one(session, group)
+            return
+        try:
+            rows = await session.all(self._statements.save_many(), _params(group))
+        except INTEGRITY_ERRORS:  # a duplicate applied reply: find it by writing each on its own
+            await self._one_by_one(session, group)
+            return
+        written = {codec.as_uuid(row[0]): row for row in rows}
+        for request, future in group:
+            row = written.get(request.record.id)
+            if row is not None:
+                outbox_ids = list(row[-1]) if request.outbox else []
+                _settle(future, stored_record(request.record, row[1:], outbox_ids, request.outbox_claim))
+                continue
+            try:
+                with self._guard():
+                    await self._conflict(session, request.record)
+            except Exception as exc:
+                _settle(future, exc)
+
+    async def _one_by_one(
+        self, session: Session, group: list[tuple[SaveRequest, asyncio.Future[ExecutionRecord]]]
+    ) -> None:
+        for request, future in group:
+            try:
+                with self._guard():
+                    stored = await self._save_one(session, request)
+            except Exception as exc:
+                _settle(future, exc)
+            else:
+                _settle(future, stored)
+
+
+def _settle(future: asyncio.Future[ExecutionRecord], outcome: ExecutionRecord | BaseException) -> None:
+    if future.done():  # the caller gave up (cancelled); the write stands, as a single save's would
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _params(group: list[tuple[SaveRequest, asyncio.Future[ExecutionRecord]]]) -> dict[str, Any]:
+    """The group's values as one array per column (see `combined_save_many`)."""
+    records = [request.record for request, _ in group]
+    params: dict[str, Any] = {
+        "p_ids": [r.id for r in records],
+        "p_versions": [r.version for r in records],
+        "p_statuses": [SagaStatus(r.status).value for r in records],
+        "p_states": [r.state for r in records],
+        "p_steps": [r.steps for r in records],
+        "p_attempts": [r.recovery_attempts for r in records],
+        "p_users": [r.user for r in records],
+        "p_reply_deadlines": [r.reply_deadline for r in records],
+        "p_errors": [r.error for r in records],
+        # No owner means no lease either: a save that drops the claim clears both (as `save_params`).
+        "p_owners": [r.owner for r in records],
+        "p_leases": [None if r.owner is None else r.lease_until for r in records],
+    }
+    replies = [request.reply for request, _ in group if request.reply is not None]
+    params.update(
+        p_reply_execution_ids=[r.execution_id for r in replies],
+        p_reply_request_ids=[r.request_id for r in replies],
+        p_reply_statuses=[r.status for r in replies],
+        p_reply_outcomes=[r.outcome for r in replies],
+        p_reply_reasons=[r.reason for r in replies],
+        p_reply_received=[r.received_at for r in replies],
+    )
+    execution_ids: list[Any] = []
+    topics: list[str] = []
+    keys: list[bytes | None] = []
+    values: list[bytes] = []
+    headers: list[Any] = []
+    owners: list[str | None] = []
+    leases: list[Any] = []
+    for request, _ in group:
+        claim = request.outbox_claim
+        lease = None if claim is None else timedelta(seconds=claim.lease_seconds)
+        for message in request.outbox:
+            execution_ids.append(request.record.id)
+            topics.append(message.topic)
+            keys.append(message.key)
+            values.append(message.value)
+            headers.append(message.headers)
+            owners.append(None if claim is None else claim.owner)
+            leases.append(lease)
+    params.update(
+        p_outbox_execution_ids=execution_ids,
+        p_outbox_topics=topics,
+        p_outbox_keys=keys,
+        p_outbox_values=values,
+        p_outbox_headers=headers,
+        p_outbox_owners=owners,
+        p_outbox_leases=leases,
+    )
+    return params
