@@ -9,10 +9,10 @@ statement that opens a transaction.
 
 Round trips, because they are the cost (DESIGN §7): ``create`` and ``save`` are one autocommit statement
 each, outbox rows and the applied reply included on PostgreSQL (data-modifying CTEs, see
-`storage.sql.combined`); SQLite writes those in one explicit transaction instead. On PostgreSQL, saves that
-find every connection busy go out together, one statement for the lot (`storage.sql.grouped`). A ``save`` that matched
-no row spends one more ``SELECT`` to tell "not found" from "stale version". Claims are a single
-conditional ``UPDATE ... RETURNING``; so is each heartbeat.
+`storage.sql.combined`); SQLite writes those in one explicit transaction instead. On PostgreSQL, saves
+that find every connection busy go out together, one statement for the lot (`storage.sql.grouped`). A
+``save`` that matched no row spends one more ``SELECT`` to tell "not found" from "stale version". Claims
+are a single conditional ``UPDATE ... RETURNING``; so is each heartbeat.
 
 Fsyncs, the other cost: on PostgreSQL claims, heartbeats, releases and sent-marks commit without waiting for
 the WAL flush (``synchronous_commit`` off for their own transaction, set by the statement itself), because
