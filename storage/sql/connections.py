@@ -146,10 +146,12 @@ class _Connected:
     async def __aenter__(self) -> Session:
         holder = self._holder
         await holder._slots.acquire()
+        holder._busy += 1
         try:
             holder._closed = False
             session = self._session = holder._idle.pop() if holder._idle else await holder._open()
         except BaseException:
+            holder._busy -= 1
             holder._slots.release()
             raise
         return session
@@ -169,6 +171,7 @@ class _Connected:
             else:
                 await holder._discard(session)
         finally:
+            holder._busy -= 1
             holder._slots.release()
 
 
@@ -184,6 +187,8 @@ class ConnectionHolder:
     def __init__(self, engine: AsyncEngine, size: int, *, begin_sql: str) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._slots = asyncio.Semaphore(size)
+        self._size = size
+        self._busy = 0
         self._idle: list[Session] = []
         self._begin_sql = begin_sql
         self._driver = engine.dialect.driver
@@ -200,9 +205,9 @@ class ConnectionHolder:
             return AiosqliteSession(conn, self._begin_sql, raw, self._plans)
         return SqlAlchemySession(conn, self._begin_sql)
 
-    def saturated(self) -> bool:
-        """Whether every connection is in use (a `connect` now would wait)."""
-        return self._slots.locked()
+    def busy(self) -> bool:
+        """Whether the database is busy for this storage: two statements running (or every connection)."""
+        return self._busy >= min(2, self._size)
 
     def connect(self) -> _Connected:
         """A session in autocommit mode, exclusively the caller's until the ``async with`` block ends."""

@@ -10,7 +10,8 @@ statement that opens a transaction.
 Round trips, because they are the cost (DESIGN §7): ``create`` and ``save`` are one autocommit statement
 each, outbox rows and the applied reply included on PostgreSQL (data-modifying CTEs, see
 `storage.sql.combined`); SQLite writes those in one explicit transaction instead. On PostgreSQL, saves
-that find every connection busy go out together, one statement for the lot (`storage.sql.grouped`). A
+made while the database is busy with others go out together, one statement for the lot
+(`storage.sql.grouped`). A
 ``save`` that matched no row spends one more ``SELECT`` to tell "not found" from "stale version". Claims
 are a single conditional ``UPDATE ... RETURNING``; so is each heartbeat.
 
@@ -300,11 +301,11 @@ class SqlAlchemySagaStorage:
     ) -> ExecutionRecord:
         """Optimistic write of state, outbox and applied reply, all or nothing; see `SagaStorage.save`.
 
-        On PostgreSQL a save that would wait for a connection (all of them busy) waits in a group instead,
-        and the group goes out as one statement when a connection frees up (`storage.sql.grouped`).
+        On PostgreSQL a save made while other statements run joins a group, and the group goes out as one
+        statement (`storage.sql.grouped`).
         """
         if self._s.combines:
-            if self._db.saturated():
+            if self._db.busy():
                 return await self._grouped.save(SaveRequest(record, outbox, reply, outbox_claim))
             with self._guard("save"):
                 async with self._db.connect() as session:

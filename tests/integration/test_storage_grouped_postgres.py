@@ -1,4 +1,4 @@
-"""Saves that find every connection busy are written together, one statement per group (real PostgreSQL).
+"""Saves made while the database is busy are written together, one statement per group (real PostgreSQL).
 
 Each save keeps its own outcome inside a group: its record and outbox ids, a stale version or an unknown id
 failing alone, a duplicate applied reply failing alone (the group is then written save by save).
