@@ -9,8 +9,8 @@ its own: the group's task starts on the next turn of the event loop, takes a con
 like any statement when all are busy), takes every save gathered by then and writes them with
 `storage.sql.combined.combined_save_many`. A save made while the database is idle or nearly so (one saga
 at a time) goes out alone at once, so a run one at a time waits for nothing new; under load a save waits
-at most the rest of a loop turn more than before, and measured at 50 sagas in flight the statements per
-saga fell from 3.7 to 1.6 and the throughput rose by a quarter.
+at most the rest of a loop turn more than before. In the remote benchmark at 50 sagas in flight the
+statements per saga fell from 3.7 (grouping only when every connection was busy) to 1.6.
 
 Each save keeps its own outcome:
 
