@@ -86,6 +86,8 @@ class ExecutionDriver:
     wait_poll_interval: float
     owner: str
     lease_seconds: float
+    #: ``lease_seconds`` as a timedelta.
+    _lease: timedelta
     reply_topic: str
     hooks: SagaHooks | None
     clock: Callable[[], datetime]
@@ -312,19 +314,23 @@ class ExecutionDriver:
             self._resolve_waiters(execution)
         return execution
 
-    async def _create_and_drive(self, execution: SagaExecution, *, wait: bool) -> SagaExecution:
+    async def _create_and_drive(
+        self, execution: SagaExecution, *, wait: bool, with_first_command: bool = True
+    ) -> SagaExecution:
         """Store a new execution and drive it; when its first move only sends a command, in one statement.
 
         The row is created claimed by this manager (nobody else can see it before, so nobody else can be
         advancing it). A first step that is a remote step is built before the row exists and created
         already PAUSED with its command in the outbox: one ``create`` where a create and a save were two,
         with the same outcome. Any other first move (a local step, a condition) runs after the create,
-        so that each step is durable before the next one starts.
+        so that each step is durable before the next one starts; so does every first move without
+        ``with_first_command``.
+
+        Raises:
+            DuplicateIdempotencyKeyError: From the create (nothing was run).
         """
         now = self.clock()
-        record = execution.to_record(
-            owner=self.owner, lease_until=now + timedelta(seconds=self.lease_seconds)
-        )
+        record = execution.to_record(owner=self.owner, lease_until=now + self._lease)
 
         async def create(
             record: ExecutionRecord, outbox: Sequence[OutboxMessage] = (), claim: OutboxClaim | None = None
@@ -336,7 +342,11 @@ class ExecutionDriver:
             execution.mark_stored(stored)
             return stored
 
-        if execution.next_move_runs_effects(now) or not self._storage_supports("create_outbox_claim"):
+        if (
+            not with_first_command
+            or execution.next_move_runs_effects(now)
+            or not self._storage_supports("create_outbox_claim")
+        ):
             return await self._drive(execution, await create(record), wait=wait, release=False)
         try:
             transition = await execution.advance(now)

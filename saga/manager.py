@@ -393,15 +393,14 @@ class SagaManager(ExecutionDriver):
             hooks=self.hooks,
             clock=self.clock,
         )
-        if idempotency_key is None:
-            return await self._create_and_drive(execution, wait=not pause_on_disk)
-        record = execution.to_record(owner=self.owner, lease_until=now + self._lease)
         try:
-            stored = await self.storage.create(record)
+            # With an idempotency key the first move runs only once the row exists: a duplicate key must
+            # find nothing started (no hook fired, no command built) for an execution that never will be.
+            return await self._create_and_drive(
+                execution, wait=not pause_on_disk, with_first_command=idempotency_key is None
+            )
         except DuplicateIdempotencyKeyError as exc:
             return self._execution(await self.storage.load(exc.existing_id))
-        execution.mark_stored(stored)
-        return await self._drive(execution, stored, wait=not pause_on_disk, release=False)
 
     # -- replies ---------------------------------------------------------------------------------------
 
