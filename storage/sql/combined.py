@@ -148,9 +148,10 @@ def combined_create(tables: SagaTables, insert: Insert) -> Select[Any]:
 def combined_save_many(tables: SagaTables) -> Select[Any]:
     """Several executions' saves, each with its applied reply and outbox rows, as one statement.
 
-    The per-execution statement of `combined_save`, with every value an array: the executions' columns
-    zipped by ``unnest`` into ``v`` and updated ``FROM v`` where id and version match; the replies and the
-    outbox rows (each carrying its execution's id) inserted for the executions the ``UPDATE`` returned.
+    The per-execution statement of `combined_save`, with every value an array under the name the single
+    statement gives it (`storage.sql.codec.save_params`, `reply_params`, `outbox_arrays`): the executions'
+    columns zipped by ``unnest`` into ``v`` and updated ``FROM v`` where id and version match; the replies and
+    the outbox rows (each carrying its execution's id) inserted for the executions the ``UPDATE`` returned.
     Returns one row per execution saved: id, version, updated_at, owner, lease_until, created_at and its
     outbox ids in order. An execution that is not returned was not found or stale, and nothing of it was
     written; a duplicate applied reply aborts the whole statement, as in `combined_save`.
@@ -158,17 +159,17 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
     t, now = tables.executions, func.now(type_=UtcDateTime())
     v = (
         func.unnest(
-            _p("ids", ARRAY(t.c.id.type)),
-            _p("versions", ARRAY(Integer())),
-            _p("statuses", ARRAY(String())),
-            _p("states", ARRAY(LargeBinary())),
+            _p("id", ARRAY(t.c.id.type)),
+            _p("version", ARRAY(Integer())),
+            _p("status", ARRAY(String())),
+            _p("state", ARRAY(LargeBinary())),
             _p("steps", ARRAY(JsonDocument(), dimensions=1)),
-            _p("attempts", ARRAY(Integer())),
-            _p("users", ARRAY(String())),
-            _p("reply_deadlines", ARRAY(UtcDateTime(), dimensions=1)),
-            _p("errors", ARRAY(JsonDocument(), dimensions=1)),
-            _p("owners", ARRAY(String())),
-            _p("leases", ARRAY(UtcDateTime(), dimensions=1)),
+            _p("recovery_attempts", ARRAY(Integer())),
+            _p("user", ARRAY(String())),
+            _p("reply_deadline", ARRAY(UtcDateTime(), dimensions=1)),
+            _p("error", ARRAY(JsonDocument(), dimensions=1)),
+            _p("owner", ARRAY(String())),
+            _p("lease_until", ARRAY(UtcDateTime(), dimensions=1)),
         )
         .table_valued(
             "id",
@@ -210,12 +211,12 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
     replies = tables.replies
     rr = (
         func.unnest(
-            _p("reply_execution_ids", ARRAY(replies.c.execution_id.type)),
-            _p("reply_request_ids", ARRAY(replies.c.request_id.type)),
-            _p("reply_statuses", ARRAY(Integer())),
-            _p("reply_outcomes", ARRAY(String())),
-            _p("reply_reasons", ARRAY(String())),
-            _p("reply_received", ARRAY(UtcDateTime(), dimensions=1)),
+            _p("reply_execution_id", ARRAY(replies.c.execution_id.type)),
+            _p("reply_request_id", ARRAY(replies.c.request_id.type)),
+            _p("reply_status", ARRAY(Integer())),
+            _p("reply_outcome", ARRAY(String())),
+            _p("reply_reason", ARRAY(String())),
+            _p("reply_received_at", ARRAY(UtcDateTime(), dimensions=1)),
         )
         .table_valued("execution_id", "request_id", "status", "outcome", "reason", "received_at")
         .render_derived(name="rr")

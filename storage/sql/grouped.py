@@ -38,7 +38,6 @@ from storage.sql import codec
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
 from storage.sql.sessions import Session
 from storage.sql.statements import Statements
-from storage.status import SagaStatus
 
 __all__ = ["GroupedSaves", "SaveRequest", "stored_record"]
 
@@ -184,56 +183,38 @@ def _settle(future: asyncio.Future[ExecutionRecord], outcome: ExecutionRecord | 
 
 
 def _params(group: list[tuple[SaveRequest, asyncio.Future[ExecutionRecord]]]) -> dict[str, Any]:
-    """The group's values as one array per column (see `combined_save_many`)."""
-    records = [request.record for request, _ in group]
-    params: dict[str, Any] = {
-        "p_ids": [r.id for r in records],
-        "p_versions": [r.version for r in records],
-        "p_statuses": [SagaStatus(r.status).value for r in records],
-        "p_states": [r.state for r in records],
-        "p_steps": [r.steps for r in records],
-        "p_attempts": [r.recovery_attempts for r in records],
-        "p_users": [r.user for r in records],
-        "p_reply_deadlines": [r.reply_deadline for r in records],
-        "p_errors": [r.error for r in records],
-        # No owner means no lease either: a save that drops the claim clears both (as `save_params`).
-        "p_owners": [r.owner for r in records],
-        "p_leases": [None if r.owner is None else r.lease_until for r in records],
-    }
-    replies = [request.reply for request, _ in group if request.reply is not None]
-    params.update(
-        p_reply_execution_ids=[r.execution_id for r in replies],
-        p_reply_request_ids=[r.request_id for r in replies],
-        p_reply_statuses=[r.status for r in replies],
-        p_reply_outcomes=[r.outcome for r in replies],
-        p_reply_reasons=[r.reason for r in replies],
-        p_reply_received=[r.received_at for r in replies],
-    )
+    """The group's values as one array per column (see `combined_save_many`), built by the same codec as
+    a single save's, so both write the same values (a save that drops the claim clears the lease too)."""
+    requests = [request for request, _ in group]
+    executions = [codec.save_params(r.record) for r in requests]
+    params = _columns(executions, list(executions[0]))  # a group has two saves or more
+    replies = [codec.reply_params(r.reply, prefix="p_reply_") for r in requests if r.reply is not None]
+    params.update(_columns(replies, _REPLY_PARAMS))
+    outbox = [m for r in requests for m in r.outbox]
+    params.update(codec.outbox_arrays(outbox))
     execution_ids: list[Any] = []
-    topics: list[str] = []
-    keys: list[bytes | None] = []
-    values: list[bytes] = []
-    headers: list[Any] = []
     owners: list[str | None] = []
-    leases: list[Any] = []
-    for request, _ in group:
-        claim = request.outbox_claim
-        lease = None if claim is None else timedelta(seconds=claim.lease_seconds)
-        for message in request.outbox:
-            execution_ids.append(request.record.id)
-            topics.append(message.topic)
-            keys.append(message.key)
-            values.append(message.value)
-            headers.append(message.headers)
-            owners.append(None if claim is None else claim.owner)
-            leases.append(lease)
-    params.update(
-        p_outbox_execution_ids=execution_ids,
-        p_outbox_topics=topics,
-        p_outbox_keys=keys,
-        p_outbox_values=values,
-        p_outbox_headers=headers,
-        p_outbox_owners=owners,
-        p_outbox_leases=leases,
-    )
+    leases: list[timedelta | None] = []
+    for request in requests:
+        claim, count = request.outbox_claim, len(request.outbox)
+        execution_ids += [request.record.id] * count
+        owners += [None if claim is None else claim.owner] * count
+        leases += [None if claim is None else timedelta(seconds=claim.lease_seconds)] * count
+    params.update(p_outbox_execution_ids=execution_ids, p_outbox_owners=owners, p_outbox_leases=leases)
     return params
+
+
+def _columns(rows: list[dict[str, Any]], names: Sequence[str]) -> dict[str, list[Any]]:
+    """Rows of named parameters turned into one list per name."""
+    return {name: [row[name] for row in rows] for name in names}
+
+
+#: The parameter names of an applied reply (the arrays take the same names; a group may have none).
+_REPLY_PARAMS = (
+    "p_reply_execution_id",
+    "p_reply_request_id",
+    "p_reply_status",
+    "p_reply_outcome",
+    "p_reply_reason",
+    "p_reply_received_at",
+)
