@@ -31,33 +31,39 @@ SQLite has no data-modifying CTEs, so it keeps the explicit transaction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
     CTE,
+    Column,
     ColumnElement,
     Insert,
     Integer,
     Interval,
     LargeBinary,
+    ScalarSelect,
     Select,
     String,
     Table,
+    TableValuedAlias,
     Update,
     and_,
     bindparam,
     case,
     func,
+    literal,
     select,
     true,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 
 from storage.sql.schema import SagaTables
 from storage.sql.types import JsonDocument, UtcDateTime
 
-__all__ = ["OUTBOX_IDS", "combined_create", "combined_save", "combined_save_many"]
+__all__ = ["OUTBOX_IDS", "combined_create", "combined_create_many", "combined_save", "combined_save_many"]
 
 #: Position of the outbox ids (an array, or NULL when no row was written) in a combined statement's row.
 OUTBOX_IDS = -1
@@ -145,6 +151,25 @@ def combined_create(tables: SagaTables, insert: Insert) -> Select[Any]:
     return _with_ids(e, _outbox_rows(tables.outbox, _p("id", tables.executions.c.id.type), e))
 
 
+#: Columns only a create writes: a save leaves them as created.
+_CREATE_ONLY = ("name", "definition_version", "idempotency_key")
+
+
+def _execution_arrays(executions: Table, *, without: Sequence[str]) -> TableValuedAlias:
+    """``unnest($p_id, $p_status, ...) AS v(id, status, ...)``: several executions' values, one array per
+    column under the name the single statements give its value, zipped into one row per execution; every
+    column of the table but those ``without``, each named by its key.
+
+    A string column's array is cast to ``VARCHAR[]``, not to the column's ``VARCHAR(n)[]``: a cast cuts a
+    longer value short silently, where the insert or update of a single statement fails on it.
+    """
+    columns = [c for c in executions.c if c.key not in without]
+    arrays = [
+        _p(c.key, ARRAY(String() if isinstance(c.type, String) else c.type, dimensions=1)) for c in columns
+    ]
+    return func.unnest(*arrays).table_valued(*(c.key for c in columns)).render_derived(name="v")
+
+
 def combined_save_many(tables: SagaTables) -> Select[Any]:
     """Several executions' saves, each with its applied reply and outbox rows, as one statement.
 
@@ -157,35 +182,7 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
     written; a duplicate applied reply aborts the whole statement, as in `combined_save`.
     """
     t, now = tables.executions, func.now(type_=UtcDateTime())
-    v = (
-        func.unnest(
-            _p("id", ARRAY(t.c.id.type)),
-            _p("version", ARRAY(Integer())),
-            _p("status", ARRAY(String())),
-            _p("state", ARRAY(LargeBinary())),
-            _p("steps", ARRAY(JsonDocument(), dimensions=1)),
-            _p("recovery_attempts", ARRAY(Integer())),
-            _p("user", ARRAY(String())),
-            _p("reply_deadline", ARRAY(UtcDateTime(), dimensions=1)),
-            _p("error", ARRAY(JsonDocument(), dimensions=1)),
-            _p("owner", ARRAY(String())),
-            _p("lease_until", ARRAY(UtcDateTime(), dimensions=1)),
-        )
-        .table_valued(
-            "id",
-            "version",
-            "status",
-            "state",
-            "steps",
-            "attempts",
-            "user",
-            "deadline",
-            "error",
-            "owner",
-            "lease",
-        )
-        .render_derived(name="v")
-    )
+    v = _execution_arrays(t, without=(*_CREATE_ONLY, "created_at", "updated_at"))
     e = (
         update(t)
         .where(t.c.id == v.c.id, t.c.version == v.c.version)
@@ -193,14 +190,15 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
             status=v.c.status,
             state=v.c.state,
             steps=v.c.steps,
-            recovery_attempts=v.c.attempts,
+            recovery_attempts=v.c.recovery_attempts,
             user=v.c.user,
-            reply_deadline=v.c.deadline,
+            reply_deadline=v.c.reply_deadline,
             error=v.c.error,
             owner=v.c.owner,
             # As in the single save: the holder's own lease is never shortened.
             lease_until=case(
-                (and_(t.c.owner == v.c.owner, t.c.lease_until > v.c.lease), t.c.lease_until), else_=v.c.lease
+                (and_(t.c.owner == v.c.owner, t.c.lease_until > v.c.lease_until), t.c.lease_until),
+                else_=v.c.lease_until,
             ),
             version=t.c.version + 1,
             updated_at=now,
@@ -236,7 +234,43 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
         )
         .cte("r")
     )
-    outbox = tables.outbox
+    return select(*e.c, _outbox_ids_many(tables.outbox, e)).add_cte(r)
+
+
+def combined_create_many(tables: SagaTables) -> Select[Any]:
+    """Several new executions, each with its outbox rows, as one statement.
+
+    The per-execution statement of `combined_create`, with every value an array under the name the single
+    statement gives it (`storage.sql.codec.insert_params`, `outbox_arrays`): the executions' columns zipped
+    by ``unnest`` into ``v`` and inserted ``ON CONFLICT DO NOTHING``, so an execution whose id or
+    idempotency key is taken is skipped instead of aborting the others; the outbox rows (each carrying its
+    execution's id) inserted for the executions the ``INSERT`` returned. Returns one row per execution
+    created: id, created_at, updated_at and its outbox ids in order. An execution that is not returned
+    conflicted, and nothing of it was written.
+    """
+    t, now = tables.executions, func.now(type_=UtcDateTime())
+    v = _execution_arrays(t, without=("version", "created_at", "updated_at"))
+    values: dict[Column[Any], Any] = {t.c[name]: column for name, column in v.c.items()}
+    values.update({t.c.version: literal(1, Integer()), t.c.created_at: now, t.c.updated_at: now})
+    e = (
+        postgresql.insert(t)
+        .from_select(list(values), select(*values.values()).select_from(v))
+        .on_conflict_do_nothing()
+        .returning(t.c.id, t.c.created_at, t.c.updated_at)
+        .cte("e")
+    )
+    return select(*e.c, _outbox_ids_many(tables.outbox, e))
+
+
+def _outbox_ids_many(outbox: Table, e: CTE) -> ScalarSelect[Any]:
+    """The outbox rows of several executions inserted for those ``e`` returned (a CTE ``o``), and per row of
+    ``e`` its rows' ids in order: ``(SELECT array_agg(id ORDER BY id) FROM o WHERE execution_id = e.id)``.
+
+    Each row carries its execution's id, claim owner and lease (NULL, NULL without a claim), so claimed and
+    unclaimed rows of different executions are one statement; they are inserted in ordinality order, so
+    each execution's ids ascend in the order of its ``outbox`` argument.
+    """
+    now = func.now(type_=UtcDateTime())
     m = (
         func.unnest(
             _p("outbox_execution_ids", ARRAY(outbox.c.execution_id.type)),
@@ -265,9 +299,8 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
         .returning(outbox.c.id, outbox.c.execution_id)
         .cte("o")
     )
-    ids = (
+    return (
         select(func.array_agg(aggregate_order_by(o.c.id, o.c.id)))
         .where(o.c.execution_id == e.c.id)
         .scalar_subquery()
     )
-    return select(*e.c, ids).add_cte(r)

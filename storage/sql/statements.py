@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.sql.combined import combined_create, combined_save, combined_save_many
+from storage.sql.combined import combined_create, combined_create_many, combined_save, combined_save_many
 from storage.sql.schema import RECOVERY_CANDIDATES, SagaTables
 from storage.sql.types import UtcDateTime
 from storage.status import SagaStatus
@@ -137,6 +137,7 @@ class Statements:
     _combined_saves: dict[tuple[bool, bool], Select[Any]] = field(init=False, default_factory=dict)
     _combined_create: Select[Any] | None = field(init=False, default=None)
     _save_many: Select[Any] | None = field(init=False, default=None)
+    _create_many: Select[Any] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         t = self.tables.executions
@@ -388,6 +389,12 @@ class Statements:
         if self._combined_create is None:
             self._combined_create = combined_create(self.tables, self.insert_execution)
         return self._combined_create
+
+    def create_many(self) -> Select[Any]:
+        """Several new executions with their outbox rows, as one statement."""
+        if self._create_many is None:
+            self._create_many = combined_create_many(self.tables)
+        return self._create_many
 
     # -- recovery --------------------------------------------------------------------------------------
 

@@ -10,10 +10,10 @@ statement that opens a transaction.
 Round trips, because they are the cost (DESIGN §7): ``create`` and ``save`` are one autocommit statement
 each, outbox rows and the applied reply included on PostgreSQL (data-modifying CTEs, see
 `storage.sql.combined`); SQLite writes those in one explicit transaction instead. On PostgreSQL, saves
-made while the database is busy with others go out together, one statement for the lot
-(`storage.sql.grouped`). A
-``save`` that matched no row spends one more ``SELECT`` to tell "not found" from "stale version". Claims
-are a single conditional ``UPDATE ... RETURNING``; so is each heartbeat.
+made while the database is busy with others go out together, one statement for the lot, and so do
+creates (`storage.sql.grouped`). A ``save`` that matched no row spends one more ``SELECT`` to tell "not
+found" from "stale version". Claims are a single conditional ``UPDATE ... RETURNING``; so is each
+heartbeat.
 
 Fsyncs, the other cost: on PostgreSQL claims, heartbeats, releases and sent-marks commit without waiting for
 the WAL flush (``synchronous_commit`` off for their own transaction, set by the statement itself), because
@@ -23,7 +23,6 @@ a server crash that loses one of them loses nothing: the reasons are on
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
@@ -53,7 +52,14 @@ from storage.records import (
 from storage.sql import codec
 from storage.sql.combined import OUTBOX_IDS
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
-from storage.sql.grouped import GroupedSaves, SaveRequest, stored_record
+from storage.sql.grouped import (
+    CreateRequest,
+    GroupedCreates,
+    GroupedSaves,
+    SaveRequest,
+    created_record,
+    stored_record,
+)
 from storage.sql.schema import SagaTables, tables
 from storage.sql.sessions import Session
 from storage.sql.statements import Clock, Statements, recovery_params
@@ -133,8 +139,16 @@ class SqlAlchemySagaStorage:
             self._db,
             self._s,
             guard=lambda: self._guard("save"),
-            save_one=self._save_on,
-            conflict=self._raise_save_conflict,
+            write_one=self._save_on,
+            missing=lambda session, request: self._raise_save_conflict(session, request.record),
+        )
+        # A create the group's statement skipped is written on its own: that raises its conflict's error.
+        self._grouped_creates = GroupedCreates(
+            self._db,
+            self._s,
+            guard=lambda: self._guard("create"),
+            write_one=self._create_on,
+            missing=self._create_on,
         )
 
     @property
@@ -192,7 +206,17 @@ class SqlAlchemySagaStorage:
         outbox: Sequence[OutboxMessage] = (),
         outbox_claim: OutboxClaim | None = None,
     ) -> ExecutionRecord:
-        """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
+        """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`.
+
+        On PostgreSQL a create made while other statements run joins a group, and the group goes out as one
+        statement (`storage.sql.grouped`).
+        """
+        if self._s.combines:
+            if self._db.busy():
+                return await self._grouped_creates.join(CreateRequest(record, outbox, outbox_claim))
+            with self._guard("create"):
+                async with self._db.connect() as session:
+                    return await self._create_on(session, CreateRequest(record, outbox, outbox_claim))
         params = codec.insert_params(record)
         params.update(self._clock.params())
         ids: list[int] = []
@@ -201,27 +225,37 @@ class SqlAlchemySagaStorage:
                 if not outbox:
                     async with self._db.connect() as session:
                         row = await session.first(self._s.insert_execution, params)
-                elif self._s.combines:
-                    params.update(self._outbox_params(outbox, outbox_claim))
-                    async with self._db.connect() as session:
-                        row = await session.first(self._s.create_combined(), params)
-                    assert row is not None
-                    ids = list(row[OUTBOX_IDS])
                 else:
                     async with self._db.transaction() as session:
                         row = await session.first(self._s.insert_execution, params)
                         ids = await self._insert_outbox(session, record.id, outbox, outbox_claim)
             except INTEGRITY_ERRORS as error:
-                await self._raise_create_conflict(record, error)
+                async with self._db.connect() as session:
+                    await self._raise_create_conflict(session, record, error)
         assert row is not None
-        if outbox_claim is not None:
-            outbox_claim.ids.extend(ids)  # committed
-        return dataclasses.replace(record, version=1, created_at=row[0], updated_at=row[1])
+        return created_record(record, row, ids, outbox_claim)
 
-    async def _raise_create_conflict(self, record: ExecutionRecord, error: BaseException) -> None:
+    async def _create_on(self, session: Session, request: CreateRequest) -> ExecutionRecord:
+        """One create as one statement on ``session`` (PostgreSQL): the execution and its outbox rows."""
+        record, outbox = request.record, request.outbox
+        params = codec.insert_params(record)
+        params.update(self._clock.params())
+        statement: Executable = self._s.insert_execution
+        if outbox:
+            params.update(self._outbox_params(outbox, request.outbox_claim))
+            statement = self._s.create_combined()
+        try:
+            row = await session.first(statement, params)
+        except INTEGRITY_ERRORS as error:
+            await self._raise_create_conflict(session, record, error)
+        assert row is not None
+        return created_record(record, row, list(row[OUTBOX_IDS]) if outbox else [], request.outbox_claim)
+
+    async def _raise_create_conflict(
+        self, session: Session, record: ExecutionRecord, error: BaseException
+    ) -> NoReturn:
         if record.idempotency_key is not None:
-            async with self._db.connect() as session:
-                found = await session.first(self._s.id_by_idempotency_key, {"p_key": record.idempotency_key})
+            found = await session.first(self._s.id_by_idempotency_key, {"p_key": record.idempotency_key})
             if found is not None:
                 existing = found[0]
                 raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
@@ -306,7 +340,7 @@ class SqlAlchemySagaStorage:
         """
         if self._s.combines:
             if self._db.busy():
-                return await self._grouped.save(SaveRequest(record, outbox, reply, outbox_claim))
+                return await self._grouped.join(SaveRequest(record, outbox, reply, outbox_claim))
             with self._guard("save"):
                 async with self._db.connect() as session:
                     return await self._save_on(session, SaveRequest(record, outbox, reply, outbox_claim))
@@ -348,7 +382,7 @@ class SqlAlchemySagaStorage:
         assert row is not None
         return stored_record(record, row, list(row[OUTBOX_IDS]) if outbox else [], request.outbox_claim)
 
-    async def _raise_save_conflict(self, session: Session, record: ExecutionRecord) -> None:
+    async def _raise_save_conflict(self, session: Session, record: ExecutionRecord) -> NoReturn:
         if await session.first(self._s.version_of, {"p_id": record.id}) is None:
             raise ExecutionNotFoundError(record.id)
         raise ConcurrencyError(record.id, record.version)
