@@ -28,9 +28,19 @@ from saga.pipeline import KeyedPipeline
 from storage import ConcurrencyError, ExecutionNotFoundError, StorageError
 from storage.records import ReplyOutcome
 
-__all__ = ["H_DEAD_LETTER_REASON", "ReplyConsumer", "ReplyHandler", "dead_letter_message"]
+__all__ = [
+    "DEFAULT_REPLY_CONCURRENCY",
+    "H_DEAD_LETTER_REASON",
+    "ReplyConsumer",
+    "ReplyHandler",
+    "dead_letter_message",
+]
 
 _log = logging.getLogger(__name__)
+
+#: Replies in progress at once by default. In the remote benchmark at 500 sagas in flight, 256 gave about
+#: a sixth more remote steps per second than 64 (larger save groups, no idle wait for a free slot).
+DEFAULT_REPLY_CONCURRENCY = 256
 
 #: Header added to records copied to the dead-letter topic: why they were set aside.
 H_DEAD_LETTER_REASON = "saga-dead-letter-reason"
@@ -78,7 +88,10 @@ class ReplyConsumer:
         stop_timeout: How long ``stop()`` lets the records in progress finish before cancelling them.
         concurrency: Most replies in progress (fetched, not yet handled) at once; when reached, fetching
             waits. Replies of different executions are handled concurrently, those of one execution one
-            after the other.
+            after the other. The default (`DEFAULT_REPLY_CONCURRENCY`) is sized for many sagas in flight:
+            most of a reply's time in progress is spent waiting for its save and its next command's
+            acknowledgement, and replies in progress together are saved together (one statement on
+            PostgreSQL), so a low bound leaves both the process and the database waiting.
         commit_interval: Least seconds between two offset commits (they run in the background and carry
             every reply handled meanwhile; a crash redelivers at most that much more, as duplicates).
     """
@@ -96,7 +109,7 @@ class ReplyConsumer:
         retry_initial: float = 0.05,
         retry_max: float = 5.0,
         stop_timeout: float = 10.0,
-        concurrency: int = 64,
+        concurrency: int = DEFAULT_REPLY_CONCURRENCY,
         commit_interval: float = 0.1,
     ) -> None:
         self.handler = handler

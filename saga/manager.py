@@ -31,7 +31,7 @@ from typing import Any, Literal, overload
 from dependency_injector.wiring import Provide
 
 from broker import BrokerClientPool, BrokerMessage
-from saga.consumer import ReplyConsumer
+from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
 from saga.driver import AlreadyAppliedError, ExecutionDriver
@@ -95,6 +95,7 @@ class SagaManager(ExecutionDriver):
         relay_outbox: Whether ``setup()`` starts the `OutboxRelay`.
         relay_interval: Seconds between relay passes.
         consumer_group: Reply consumer group (default ``"{service_name}-orchestrator"``).
+        reply_concurrency: Most replies the reply consumer has in progress at once (see `ReplyConsumer`).
         wait_poll_interval: While ``run(pause_on_disk=False)`` waits, how often the manager re-reads the
             waiting executions (all in one query) to notice progress made by another process (and to act
             on an overdue reply).
@@ -123,6 +124,7 @@ class SagaManager(ExecutionDriver):
         relay_outbox: bool = True,
         relay_interval: float = 1.0,
         consumer_group: str | None = None,
+        reply_concurrency: int = DEFAULT_REPLY_CONCURRENCY,
         wait_poll_interval: float = 1.0,
         clock: Callable[[], datetime] | None = None,
         paused_cache_size: int = 4096,
@@ -138,6 +140,8 @@ class SagaManager(ExecutionDriver):
         ):
             if not value > 0:
                 raise SagaConfigError(key, f"must be > 0, got {value!r}")
+        if reply_concurrency < 1:
+            raise SagaConfigError("reply_concurrency", f"must be >= 1, got {reply_concurrency!r}")
         if paused_cache_size < 0:
             raise SagaConfigError("paused_cache_size", f"must be >= 0, got {paused_cache_size!r}")
         self.storage = storage
@@ -153,6 +157,7 @@ class SagaManager(ExecutionDriver):
         self.relay_outbox = relay_outbox
         self.relay_interval = relay_interval
         self.consumer_group = consumer_group or f"{service_name}-orchestrator"
+        self.reply_concurrency = reply_concurrency
         self.wait_poll_interval = wait_poll_interval
         self.clock: Callable[[], datetime] = clock or _utc_now
         self.consumer: ReplyConsumer | None = None
@@ -196,6 +201,7 @@ class SagaManager(ExecutionDriver):
                 topic=self.reply_topic,
                 group_id=self.consumer_group,
                 dead_letter_topic=self.dead_letter_topic,
+                concurrency=self.reply_concurrency,
             )
             await self.consumer.start()
         if self.relay_outbox:

@@ -113,6 +113,7 @@ def manager_options(config: SagaConfig) -> dict[str, Any]:
         "reply_topic": config.topics.reply,
         "dead_letter_topic": config.topics.dead_letter,
         "consumer_group": config.consumer.group,
+        "reply_concurrency": config.consumer.concurrency,
         "lease_seconds": config.recovery.lease_seconds,
         "relay_interval": config.outbox.relay_interval,
     }

@@ -43,6 +43,7 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Lower bounds of numeric keys: (minimum, inclusive).
 _MINIMUMS: dict[str, tuple[float, bool]] = {
     "broker.memory.partitions": (1, True),
+    "consumer.concurrency": (1, True),
     "outbox.relay_interval": (0, False),
     "recovery.interval": (0, False),
     "recovery.batch_size": (1, True),

@@ -134,9 +134,11 @@ class ConsumerConfig:
     Attributes:
         group: Consumer group of the reply consumer; orchestrators of one service share it so each
             reply is handled once. ``None`` means the manager's default.
+        concurrency: Most replies in progress at once (``SagaManager(reply_concurrency=...)``).
     """
 
     group: str | None = None
+    concurrency: int = 256  # saga.consumer.DEFAULT_REPLY_CONCURRENCY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

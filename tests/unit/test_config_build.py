@@ -20,6 +20,7 @@ from saga.config import (
     import_sagas,
     load_config,
 )
+from saga.consumer import DEFAULT_REPLY_CONCURRENCY
 from saga.definitions import Saga
 from saga.demo import ORDER_SAGA
 from saga.errors import SagaConfigError
@@ -66,7 +67,7 @@ def test_build_manager_wires_everything(sagas_module: str) -> None:
             "service": {"name": "orders"},
             "sagas": [f"{sagas_module}:PAYMENT", f"{sagas_module}:Holder.NESTED", "saga.demo:ORDER_SAGA"],
             "topics": {"reply": "ordersReplies", "dead_letter": "ordersDLQ"},
-            "consumer": {"group": "orders-group"},
+            "consumer": {"group": "orders-group", "concurrency": 32},
             "outbox": {"relay_interval": 0.25},
             "recovery": {"lease_seconds": 7},
         }
@@ -78,6 +79,7 @@ def test_build_manager_wires_everything(sagas_module: str) -> None:
     assert manager.reply_topic == "ordersReplies"
     assert manager.dead_letter_topic == "ordersDLQ"
     assert manager.consumer_group == "orders-group"
+    assert manager.reply_concurrency == 32
     assert manager.relay_interval == 0.25
     assert manager.lease_seconds == 7.0
     assert manager.registry.keys() == [("payment", 1), ("nested", 1), ("demo-order", 1)]
@@ -89,6 +91,7 @@ def test_build_manager_defaults_follow_the_service_name() -> None:
     assert manager.reply_topic == "billingReply"
     assert manager.dead_letter_topic == "billingDeadLetter"
     assert manager.consumer_group == "billing-orchestrator"
+    assert manager.reply_concurrency == DEFAULT_REPLY_CONCURRENCY
     assert len(manager.registry) == 0
 
 

@@ -257,6 +257,8 @@ def test_provide_marker_without_a_container_is_a_clear_error(storage: MemorySaga
         SagaManager(storage, InMemoryBrokerPool(), lease_seconds=0)
     with pytest.raises(SagaConfigError, match="service_name"):
         SagaManager(storage, InMemoryBrokerPool(), service_name="")
+    with pytest.raises(SagaConfigError, match="reply_concurrency: must be >= 1, got 0"):
+        SagaManager(storage, InMemoryBrokerPool(), reply_concurrency=0)
 
 
 def test_a_wired_container_provides_the_broker_pool(storage: MemorySagaStorage) -> None:
