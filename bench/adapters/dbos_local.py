@@ -119,6 +119,7 @@ def run_sync(cfg: dict[str, Any]) -> None:
 
     base = warm
     batch(0, warm)
+    _proto.freeze_heap()
     for r in range(runs):
         _proto.emit({"event": "ready", "run": r})
         _proto.wait_go()

@@ -126,6 +126,7 @@ async def main() -> None:
             latencies.append(time.perf_counter() - t0)
 
     await _proto.drive_async(min(inflight, 50), min(inflight, 50), one)  # warm-up (consumers assigned)
+    _proto.freeze_heap()
     for r in range(runs):
         latencies.clear()
         _proto.emit({"event": "ready", "run": r})

@@ -92,6 +92,7 @@ async def main() -> None:
 
     try:
         await _proto.drive_async(min(inflight, 50), min(inflight, 50), one)  # warm-up (groups joined)
+        _proto.freeze_heap()
         for r in range(runs):
             latencies.clear()
             _proto.emit({"event": "ready", "run": r})

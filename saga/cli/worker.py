@@ -19,6 +19,7 @@ import sys
 from saga.cli.app import configure_logging, resolve_config
 from saga.cli.demo import describe_setup
 from saga.config import SagaConfig, build_manager, build_recovery_worker
+from saga.heap import freeze_startup_heap
 from saga.manager import SagaManager
 
 __all__ = ["run_worker", "serve"]
@@ -81,6 +82,8 @@ async def serve(config: SagaConfig, manager: SagaManager, *, stop: asyncio.Event
         try:
             if recovery is not None:
                 await recovery.start()
+            frozen = freeze_startup_heap()  # set up for good: full collections skip all of it (saga.heap)
+            _log.debug("froze %d start-up objects out of garbage collection", frozen)
             if config.broker.type == "memory":
                 _log.warning("broker.type is memory: only participants in this process can reach this worker")
             sagas = ", ".join(f"{s.name} v{s.version}" for s in manager.registry) or "none"

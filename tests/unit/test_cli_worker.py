@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,14 @@ from saga.config import build_manager, load_config
 from storage import SqlAlchemySagaStorage
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def unfrozen() -> Iterator[None]:
+    """``serve`` freezes the heap it set up (saga.heap); the rest of the test run collects as usual."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
 
 
 def start_worker(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
@@ -86,11 +96,13 @@ async def test_serve_drains_and_returns_0() -> None:
     manager = build_manager(config)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, manager, stop=stop))
-    for _ in range(100):
-        if manager.consumer is not None:
+    for _ in range(200):
+        if gc.get_freeze_count() > 0:  # ready: the start-up heap is out of the collector's way
             break
         await asyncio.sleep(0.01)
+    assert gc.get_freeze_count() > 0
     assert manager.consumer is not None
+    assert manager.consumer.concurrency == manager.reply_concurrency
     stop.set()
     assert await asyncio.wait_for(task, 10) == 0
     assert manager.consumer is None
