@@ -296,7 +296,7 @@ class Statements:
         )
         self.fetch_outbox = (
             update(o)
-            .where(o.c.id.in_(self._lock(pick)))
+            .where(self._picked(o.c.id, pick))
             .values(claimed_by=_p("owner"), claimed_until=self.clock.shifted("lease"))
             .returning(o.c.id, o.c.execution_id, o.c.topic, o.c.key, o.c.value, o.c.headers, o.c.created_at)
         )
@@ -355,12 +355,22 @@ class Statements:
         setting = func.set_config(literal_column("'synchronous_commit'"), literal_column("'off'"), true())
         return [select(setting).scalar_subquery().is_not(None)]
 
-    def _lock(self, pick: Select[Any]) -> Select[Any]:
-        # PostgreSQL: concurrent claimers skip each other's rows instead of queueing behind them. SQLite
-        # serialises writers, and one UPDATE ... WHERE id IN (subquery) is atomic there.
+    def _picked(self, column: ColumnElement[Any], pick: Select[Any]) -> ColumnElement[bool]:
+        """``column`` is one of the ids ``pick`` selects, with ``pick`` run exactly once per statement.
+
+        PostgreSQL: ``= ANY(ARRAY(pick FOR UPDATE SKIP LOCKED))``. The uncorrelated ``ARRAY(...)`` is an
+        InitPlan, evaluated once before any row is updated, so ``pick``'s ``LIMIT`` bounds the claim. The
+        obvious ``id IN (pick)`` is a semi-join, and the planner may put ``pick`` on the inner side of a
+        nested loop and rescan it for every outer row: each rescan skips the rows this statement already
+        updated (locked by itself) and locks the next ``limit`` ones, so one claim can take every
+        claimable row. ``SKIP LOCKED`` makes concurrent claimers skip each other's rows instead of queueing.
+
+        SQLite serialises writers, and one ``UPDATE ... WHERE id IN (pick)`` is atomic there; it runs a
+        plain ``IN`` subquery once.
+        """
         if self.dialect == "postgresql":
-            return pick.with_for_update(skip_locked=True)
-        return pick
+            return column == any_(func.array(pick.with_for_update(skip_locked=True).scalar_subquery()))
+        return column.in_(pick)
 
     # -- one-statement writes (PostgreSQL) --------------------------------------------------------------
 
@@ -436,7 +446,7 @@ class Statements:
         return stmt
 
     def recovery_claim(self, flt: RecoveryFilter) -> Update:
-        """One ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING *`` claim."""
+        """One ``UPDATE ... RETURNING *`` claim of the rows `_picked` by the recovery filter, oldest first."""
         stmt = self._recovery_claims.get(flt)
         if stmt is None:
             t = self.tables.executions
@@ -452,7 +462,7 @@ class Statements:
             )
             stmt = (
                 update(t)
-                .where(t.c.id.in_(self._lock(pick)))
+                .where(self._picked(t.c.id, pick))
                 .values(
                     owner=_p("owner"),
                     lease_until=self.clock.shifted("lease"),
