@@ -23,7 +23,7 @@ from typing import Protocol, Self
 
 from broker import BrokerClientPool, BrokerError, BrokerMessage, BrokerSubscriber
 from saga.errors import MalformedMessageError, SagaBusyError, SagaError, UnknownSagaDefinitionError
-from saga.messages import SagaResponse
+from saga.messages import H_EXECUTION_ID, SagaResponse
 from saga.pipeline import KeyedPipeline
 from storage import ConcurrencyError, ExecutionNotFoundError, StorageError
 from storage.records import ReplyOutcome
@@ -61,9 +61,16 @@ def dead_letter_message(message: BrokerMessage, topic: str, reason: str) -> Brok
     return BrokerMessage(topic=topic, key=message.key, value=message.value, headers=headers)
 
 
-def _execution_key(message: BrokerMessage) -> bytes | None:
-    """Replies are keyed by execution id: one execution's replies are handled in order."""
-    return message.key
+def _execution_key(message: BrokerMessage) -> str | bytes | None:
+    """One execution's replies share a lane, so they are handled in order, one at a time.
+
+    The lane is the execution id header, not the record key: a reply published under another key (a
+    participant that keys by something else, a re-keyed copy) would otherwise run beside the execution's
+    other replies, find the execution being advanced by this process, and back off for up to
+    ``retry_max`` per attempt while the others went first. Records without the header keep their key.
+    """
+    execution = message.headers.get(H_EXECUTION_ID)
+    return message.key if execution is None else execution
 
 
 def _retriable(exc: BaseException) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from broker import BrokerConnectionError, BrokerMessage, InMemoryBrokerPool
+from broker.memory import partition_for_key
 from saga import Saga, SagaBusyError, SagaContext, SagaManager, SagaRequest, SagaResponse, SagaStatus
 from saga.consumer import H_DEAD_LETTER_REASON, ReplyConsumer
 from saga.messages import H_EXECUTION_ID, H_KIND, H_REQUEST_ID, H_STATUS, SagaCommand
@@ -366,3 +368,48 @@ async def test_stop_lets_the_reply_in_progress_finish_and_commits_it() -> None:
     handler.release.set()
     await asyncio.wait_for(stopping, 5)
     assert handler.applied == [(slow, 0)] and pool.committed("g", "r", 0) == 1
+
+
+class OverlapHandler:
+    """Records the replies it applies and the most it ever had in progress at once."""
+
+    def __init__(self) -> None:
+        self.in_progress = 0
+        self.most = 0
+        self.applied: list[Any] = []
+
+    async def handle_reply(
+        self, response: SagaResponse, *, message: BrokerMessage | None = None
+    ) -> ReplyOutcome:
+        self.in_progress += 1
+        self.most = max(self.most, self.in_progress)
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0)
+            self.applied.append(response.content)
+        finally:
+            self.in_progress -= 1
+        return "applied"
+
+
+async def test_replies_of_one_execution_under_other_keys_are_handled_one_at_a_time_in_order() -> None:
+    # A re-keyed copy, or a participant keying its replies by something else, lands in another partition:
+    # the execution id header still puts it in the execution's lane, behind the replies fetched before it.
+    pool = InMemoryBrokerPool(partitions=4)
+    execution = uuid.uuid4()
+    records = [dataclasses.replace(reply(execution, n), key=f"key-{n}".encode()) for n in range(12)]
+    partition = {n: partition_for_key(r.key or b"", 4) for n, r in enumerate(records)}
+    assert len(set(partition.values())) > 1
+    handler = OverlapHandler()
+    consumer = ReplyConsumer(handler, pool, topic="r", group_id="g", dead_letter_topic="dlq")
+    for record in records:
+        await pool.publisher().send(record)
+    await consumer.start()
+    try:
+        await eventually(lambda: len(handler.applied) == len(records))
+    finally:
+        await consumer.stop()
+    assert handler.most == 1
+    for p in set(partition.values()):  # fetch order is kept within each partition
+        mine = [n for n in range(len(records)) if partition[n] == p]
+        assert [n for n in handler.applied if n in mine] == mine
