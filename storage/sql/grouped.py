@@ -155,6 +155,15 @@ class _Grouped(ABC, Generic[RequestT]):
         self._gathering = False
         self._tasks: set[asyncio.Task[None]] = set()
 
+    async def write(self, request: RequestT) -> ExecutionRecord:
+        """Write ``request``: at once on a connection of its own while the database is idle or nearly so,
+        else in the group being gathered."""
+        if self._db.busy():
+            return await self.join(request)
+        with self._guard():
+            async with self._db.connect() as session:
+                return await self._write_one(session, request)
+
     async def join(self, request: RequestT) -> ExecutionRecord:
         """Join the group being gathered (starting one if none is) and wait for its outcome."""
         future: asyncio.Future[ExecutionRecord] = asyncio.get_running_loop().create_future()

@@ -212,11 +212,7 @@ class SqlAlchemySagaStorage:
         statement (`storage.sql.grouped`).
         """
         if self._s.combines:
-            if self._db.busy():
-                return await self._grouped_creates.join(CreateRequest(record, outbox, outbox_claim))
-            with self._guard("create"):
-                async with self._db.connect() as session:
-                    return await self._create_on(session, CreateRequest(record, outbox, outbox_claim))
+            return await self._grouped_creates.write(CreateRequest(record, outbox, outbox_claim))
         params = codec.insert_params(record)
         params.update(self._clock.params())
         ids: list[int] = []
@@ -339,11 +335,7 @@ class SqlAlchemySagaStorage:
         statement (`storage.sql.grouped`).
         """
         if self._s.combines:
-            if self._db.busy():
-                return await self._grouped.join(SaveRequest(record, outbox, reply, outbox_claim))
-            with self._guard("save"):
-                async with self._db.connect() as session:
-                    return await self._save_on(session, SaveRequest(record, outbox, reply, outbox_claim))
+            return await self._grouped.write(SaveRequest(record, outbox, reply, outbox_claim))
         params = codec.save_params(record)
         params.update(self._clock.params())
         ids: list[int] = []
