@@ -23,6 +23,7 @@ __all__ = [
     "H_EXECUTION_ID",
     "H_IDEMPOTENCY_KEY",
     "H_KIND",
+    "H_PROTOCOL_VERSION",
     "H_REPLY_TOPIC",
     "H_REQUEST_ID",
     "H_SAGA",
@@ -30,7 +31,9 @@ __all__ = [
     "H_STATUS",
     "H_STEP",
     "H_TRACEPARENT",
+    "H_TRACESTATE",
     "H_USER",
+    "PROTOCOL_VERSION",
     "ControlAction",
     "SagaCommand",
     "SagaControl",
@@ -54,6 +57,12 @@ H_SERVICE = "saga-service"
 H_SAGA = "saga-name"
 H_STEP = "saga-step"
 H_TRACEPARENT = "traceparent"
+H_TRACESTATE = "tracestate"
+#: Every message kafka-saga writes carries its wire-format version; a message without one is version 1.
+#: A receiver that meets a newer major version dead-letters it (reason ``unsupported_protocol``)
+#: instead of guessing at its meaning.
+H_PROTOCOL_VERSION = "saga-protocol-version"
+PROTOCOL_VERSION = 1
 
 ControlAction = Literal["commit", "reject"]
 
