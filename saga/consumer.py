@@ -22,8 +22,14 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from broker import BrokerClientPool, BrokerError, BrokerMessage, BrokerSubscriber
-from saga.errors import MalformedMessageError, SagaBusyError, SagaError, UnknownSagaDefinitionError
-from saga.messages import H_EXECUTION_ID, SagaResponse
+from saga.errors import (
+    MalformedMessageError,
+    SagaBusyError,
+    SagaError,
+    UnknownSagaDefinitionError,
+    UnsupportedProtocolError,
+)
+from saga.messages import H_DEAD_LETTER_CODE, H_EXECUTION_ID, SagaResponse
 from saga.pipeline import KeyedPipeline
 from storage import ConcurrencyError, ExecutionNotFoundError, StorageError
 from storage.records import ReplyOutcome
@@ -31,6 +37,7 @@ from storage.records import ReplyOutcome
 __all__ = [
     "DEFAULT_REPLY_CONCURRENCY",
     "H_DEAD_LETTER_REASON",
+    "H_DEAD_LETTER_TOPIC",
     "ReplyConsumer",
     "ReplyHandler",
     "dead_letter_message",
@@ -44,6 +51,8 @@ DEFAULT_REPLY_CONCURRENCY = 256
 
 #: Header added to records copied to the dead-letter topic: why they were set aside.
 H_DEAD_LETTER_REASON = "saga-dead-letter-reason"
+#: Header added to dead letters naming the topic the record was consumed from.
+H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 
 
 class ReplyHandler(Protocol):
@@ -54,10 +63,18 @@ class ReplyHandler(Protocol):
     ) -> ReplyOutcome: ...
 
 
-def dead_letter_message(message: BrokerMessage, topic: str, reason: str) -> BrokerMessage:
-    """A copy of ``message`` (original bytes and headers) for the dead-letter ``topic``, with the reason."""
+def dead_letter_message(
+    message: BrokerMessage, topic: str, reason: str, *, code: str = "error"
+) -> BrokerMessage:
+    """A copy of ``message`` (original bytes and headers) for the dead-letter ``topic``.
+
+    It adds why (``reason``, for people; ``code``, one of the codes docs/protocol.md lists, for programs)
+    and the topic the record came from.
+    """
     headers = dict(message.headers)
     headers[H_DEAD_LETTER_REASON] = reason
+    headers[H_DEAD_LETTER_CODE] = code
+    headers[H_DEAD_LETTER_TOPIC] = message.topic
     return BrokerMessage(topic=topic, key=message.key, value=message.value, headers=headers)
 
 
@@ -134,7 +151,8 @@ class ReplyConsumer:
         self.concurrency = concurrency
         self.commit_interval = commit_interval
         #: Counters by outcome (``applied``, ``duplicate``, ``stale``, ``unknown_status``) and trouble
-        #: (``malformed``, ``unknown_execution``, ``unknown_definition``, ``failed``, ``dead_lettered``,
+        #: (``malformed``, ``unknown_execution``, ``unknown_definition``, ``unsupported_protocol``,
+        #: ``failed``, ``dead_lettered``,
         #: ``retries``, ``errors``); ``received`` counts every record handled.
         self.stats: dict[str, int] = dict.fromkeys(
             (
@@ -146,6 +164,7 @@ class ReplyConsumer:
                 "malformed",
                 "unknown_execution",
                 "unknown_definition",
+                "unsupported_protocol",
                 "failed",
                 "dead_lettered",
                 "retries",
@@ -257,6 +276,9 @@ class ReplyConsumer:
         """
         try:
             response = SagaResponse.from_message(message)
+        except UnsupportedProtocolError as exc:
+            await self._set_aside(message, "unsupported_protocol", f"unsupported_protocol: {exc.reason}")
+            return
         except MalformedMessageError as exc:
             await self._set_aside(message, "malformed", f"malformed: {exc.field}: {exc.reason}")
             return
@@ -293,6 +315,7 @@ class ReplyConsumer:
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
 
     async def _set_aside(self, message: BrokerMessage, counter: str | None, reason: str) -> None:
+        """Dead-letter ``message``; ``counter`` is its stats counter and dead-letter code (else ``error``)."""
         if counter is not None:
             self.stats[counter] += 1
         _log.warning(
@@ -303,7 +326,8 @@ class ReplyConsumer:
             self.dead_letter_topic,
             reason,
         )
-        await self.broker_pool.publisher().send(dead_letter_message(message, self.dead_letter_topic, reason))
+        letter = dead_letter_message(message, self.dead_letter_topic, reason, code=counter or "error")
+        await self.broker_pool.publisher().send(letter)
         self.stats["dead_lettered"] += 1
 
     def _backoff(self, attempt: int) -> float:

@@ -686,7 +686,7 @@ class ExecutionDriver:
             await self._release(execution.id)
         if outcome == "unknown_status":
             original = message if message is not None else response.to_message(self.reply_topic)
-            copy = dead_letter_message(original, self.dead_letter_topic, reason)
+            copy = dead_letter_message(original, self.dead_letter_topic, reason, code=outcome)
             await self.broker_pool.publisher().send(copy)
 
     async def _wait(self, execution_id: uuid.UUID) -> SagaExecution:

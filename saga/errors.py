@@ -14,6 +14,7 @@ messages. Transport and storage failures keep their own roots (``broker.BrokerEr
     ├── SagaBusyError                 another worker holds the execution's claim (retriable)
     ├── SagaStateError                the operation does not fit the execution's status
     ├── MalformedMessageError         a message cannot be decoded (names the field and why)
+    │   └── UnsupportedProtocolError  a message speaks a newer wire-format version than this receiver
     └── SagaConfigError               a configuration value is wrong (names the key and why)
 
     broker.BrokerError  (retriable)      storage.StorageError  (retriable)
@@ -35,6 +36,7 @@ __all__ = [
     "SagaStateError",
     "SagaStepError",
     "UnknownSagaDefinitionError",
+    "UnsupportedProtocolError",
 ]
 
 
@@ -136,6 +138,23 @@ class MalformedMessageError(SagaError, ValueError):
         super().__init__(f"malformed message: {field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class UnsupportedProtocolError(MalformedMessageError):
+    """A message carries a ``saga-protocol-version`` newer than the one this receiver speaks.
+
+    Receivers dead-letter such a message (reason ``unsupported_protocol``) instead of guessing what a newer
+    format means.
+
+    Attributes:
+        version: The version the message declares.
+        supported: The newest version this receiver speaks.
+    """
+
+    def __init__(self, field: str, version: int, supported: int) -> None:
+        super().__init__(field, f"version {version} is newer than the supported version {supported}")
+        self.version = version
+        self.supported = supported
 
 
 class SagaConfigError(SagaError, ValueError):

@@ -104,6 +104,8 @@ class SagaExecution:
         decision_sent: Whether commit/reject was already written to the outbox.
         record_version: Storage version of the last stored record (for the optimistic save).
         recovery_attempts: As stored.
+        traceparent: W3C trace context every command and decision of the run carries.
+        tracestate: W3C vendor trace state sent with ``traceparent``, when there is one.
     """
 
     __slots__ = (
@@ -135,6 +137,8 @@ class SagaExecution:
         "saga_name",
         "status",
         "steps",
+        "traceparent",
+        "tracestate",
         "updated_at",
         "user",
     )
@@ -153,6 +157,8 @@ class SagaExecution:
         deadline: datetime | None = None,
         hooks: SagaHooks | None = None,
         clock: Callable[[], datetime] | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> None:
         name = definition.name
         if not definition.committed or name is None:
@@ -169,6 +175,8 @@ class SagaExecution:
         self.idempotency_key = idempotency_key
         self.deadline = deadline
         self.hooks = hooks
+        self.traceparent = traceparent
+        self.tracestate = tracestate
         self._clock = clock or _utc_now
         self.error: dict[str, Any] | None = None
         self.steps: list[StepRecord] = []
@@ -206,6 +214,8 @@ class SagaExecution:
         execution_id: uuid.UUID | None = None,
         hooks: SagaHooks | None = None,
         clock: Callable[[], datetime] | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> SagaExecution:
         """A new run in ``RUNNING`` status, cursor on the first step (nothing has run yet)."""
         ctx = SagaContext(context) if context is not None else SagaContext()
@@ -221,6 +231,8 @@ class SagaExecution:
             deadline=deadline,
             hooks=hooks,
             clock=clock,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
 
     @classmethod
@@ -256,6 +268,8 @@ class SagaExecution:
             deadline=None if deadline is None else datetime.fromisoformat(deadline),
             hooks=hooks,
             clock=clock,
+            traceparent=state.get("tp"),
+            tracestate=state.get("ts"),
         )
         execution._ctx_snapshot = state["ctx"]
         execution.phase = state["phase"]
@@ -331,7 +345,8 @@ class SagaExecution:
         """The storage row for the current state.
 
         The ``state`` document holds the tagged context, the cursor, the executed paths, the awaited
-        request and the participants, as orjson bytes.
+        request, the participants and the trace context, as orjson bytes. The trace context rides in the
+        document the row already stores, so carrying it costs no column and no statement.
 
         Args:
             owner: Claim owner to write (storage decides whether ``save`` honours it).
@@ -359,6 +374,10 @@ class SagaExecution:
             "dec": self.decision_sent,
             "dl": None if deadline is None else deadline.isoformat(),
         }
+        if self.traceparent is not None:
+            state["tp"] = self.traceparent
+            if self.tracestate is not None:
+                state["ts"] = self.tracestate
         # Context keys are always strings (SagaContext refuses others, nested dicts are checked by
         # encode_context); only the awaited request's content may need OPT_NON_STR_KEYS, which costs
         # about 0.2 µs per encode when it is set. The copy is `compact`, inlined: stored state must not
@@ -534,7 +553,13 @@ class SagaExecution:
         _support.update_record(self, awaiting.record, "waiting", attempts=awaiting.attempt)
         await _support.set_status(self, SagaStatus.PAUSED)
         command = awaiting.command(
-            execution_id=self.id, reply_topic=self.reply_topic, user=self.user, saga=self.name, step=step.name
+            execution_id=self.id,
+            reply_topic=self.reply_topic,
+            user=self.user,
+            saga=self.name,
+            step=step.name,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
         )
         return Transition(SagaStatus.PAUSED, (outbox_message(command),), step=step.name)
 
@@ -584,7 +609,13 @@ class SagaExecution:
             return ()
         messages = []
         for service in self.participants:
-            message = SagaControl(action=action, execution_id=self.id, service=service).to_message()
+            message = SagaControl(
+                action=action,
+                execution_id=self.id,
+                service=service,
+                traceparent=self.traceparent,
+                tracestate=self.tracestate,
+            ).to_message()
             messages.append(
                 OutboxMessage(
                     topic=message.topic,

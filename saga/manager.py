@@ -41,6 +41,7 @@ from saga.hooks import SagaHooks
 from saga.messages import SagaResponse
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
+from saga.trace_context import resolve_trace_context
 from storage import (
     ConcurrencyError,
     DuplicateIdempotencyKeyError,
@@ -283,6 +284,8 @@ class SagaManager(ExecutionDriver):
         raise_on_error: bool = True,
         return_execution: Literal[True] = True,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> SagaExecution: ...
 
     @overload
@@ -298,6 +301,8 @@ class SagaManager(ExecutionDriver):
         raise_on_error: bool = True,
         return_execution: Literal[False],
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> uuid.UUID: ...
 
     @overload
@@ -313,6 +318,8 @@ class SagaManager(ExecutionDriver):
         raise_on_error: bool = True,
         return_execution: bool = True,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> SagaExecution | uuid.UUID: ...
 
     async def run(
@@ -327,6 +334,8 @@ class SagaManager(ExecutionDriver):
         raise_on_error: bool = True,
         return_execution: bool = True,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> SagaExecution | uuid.UUID:
         """Start a saga, or resume one with a reply (Minos semantics).
 
@@ -342,18 +351,24 @@ class SagaManager(ExecutionDriver):
             raise_on_error: Raise `SagaExecutionError` when it ends ERRORED or DEAD_LETTER.
             return_execution: Return the `SagaExecution` (else its id).
             idempotency_key: A second start with the same key returns the first execution.
+            traceparent: W3C trace context every command of the new execution carries (with
+                ``tracestate``); by default the current OpenTelemetry context when ``opentelemetry-api``
+                is installed and a span is current, else a new trace.
+            tracestate: W3C vendor trace state sent with ``traceparent``.
 
         Raises:
             SagaExecutionError: It ended ERRORED/DEAD_LETTER and ``raise_on_error`` is set.
             SagaContextError: A context value cannot be stored (the execution, if created, is FAILED).
             SagaBusyError: (resume) Another worker holds the execution's claim; try again later.
+            ValueError: ``traceparent`` or ``tracestate`` is malformed (names which and why).
             UnknownSagaDefinitionError: (resume) The execution's definition is not registered.
         """
         if response is not None:
             execution, _ = await self._process_reply(response, None, wait=not pause_on_disk)
         elif definition is not None:
+            trace = resolve_trace_context(traceparent, tracestate)
             execution = await self._start(
-                definition, context, user, autocommit, idempotency_key, pause_on_disk
+                definition, context, user, autocommit, idempotency_key, pause_on_disk, trace
             )
         else:
             raise SagaStateError("run() needs a definition to start or a response to resume")
@@ -381,6 +396,7 @@ class SagaManager(ExecutionDriver):
         autocommit: bool,
         idempotency_key: str | None,
         pause_on_disk: bool,
+        trace: tuple[str, str | None],
     ) -> SagaExecution:
         saga = self._definition_for(definition)
         if idempotency_key is not None:
@@ -398,7 +414,11 @@ class SagaManager(ExecutionDriver):
             idempotency_key=idempotency_key,
             hooks=self.hooks,
             clock=self.clock,
+            traceparent=trace[0],
+            tracestate=trace[1],
         )
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("execution %s of saga %r starts, traceparent %s", execution.id, saga.name, trace[0])
         try:
             # With an idempotency key the first move runs only once the row exists: a duplicate key must
             # find nothing started (no hook fired, no command built) for an execution that never will be.

@@ -17,12 +17,14 @@ from typing import Any, Literal
 import orjson
 
 from broker import BrokerMessage
-from saga.errors import MalformedMessageError
+from saga.errors import MalformedMessageError, UnsupportedProtocolError
 
 __all__ = [
+    "H_DEAD_LETTER_CODE",
     "H_EXECUTION_ID",
     "H_IDEMPOTENCY_KEY",
     "H_KIND",
+    "H_PHASE",
     "H_PROTOCOL_VERSION",
     "H_REPLY_TOPIC",
     "H_REQUEST_ID",
@@ -33,7 +35,10 @@ __all__ = [
     "H_TRACEPARENT",
     "H_TRACESTATE",
     "H_USER",
+    "PHASE_COMPENSATION",
+    "PHASE_FORWARD",
     "PROTOCOL_VERSION",
+    "CommandPhase",
     "ControlAction",
     "SagaCommand",
     "SagaControl",
@@ -43,6 +48,7 @@ __all__ = [
     "control_topic",
     "decode_json",
     "encode_json",
+    "protocol_version",
     "reply_message",
 ]
 
@@ -56,6 +62,9 @@ H_STATUS = "saga-status"
 H_SERVICE = "saga-service"
 H_SAGA = "saga-name"
 H_STEP = "saga-step"
+#: ``forward`` for a step's command, ``compensation`` for the command that undoes it. With the execution id
+#: and the step name it pairs a compensation with the forward command it undoes.
+H_PHASE = "saga-phase"
 H_TRACEPARENT = "traceparent"
 H_TRACESTATE = "tracestate"
 #: Every message kafka-saga writes carries its wire-format version; a message without one is version 1.
@@ -63,8 +72,15 @@ H_TRACESTATE = "tracestate"
 #: instead of guessing at its meaning.
 H_PROTOCOL_VERSION = "saga-protocol-version"
 PROTOCOL_VERSION = 1
+_VERSION_TEXT = str(PROTOCOL_VERSION)
+#: Machine-readable reason of a dead letter (``malformed``, ``unsupported_protocol``, ``no_handler``...),
+#: beside the human-readable ``saga-dead-letter-reason``; docs/protocol.md lists every code.
+H_DEAD_LETTER_CODE = "saga-dead-letter-code"
 
 ControlAction = Literal["commit", "reject"]
+CommandPhase = Literal["forward", "compensation"]
+PHASE_FORWARD: CommandPhase = "forward"
+PHASE_COMPENSATION: CommandPhase = "compensation"
 
 
 class SagaResponseStatus(IntEnum):
@@ -107,9 +123,37 @@ def _uuid_header(headers: Mapping[str, str], name: str) -> uuid.UUID:
         raise MalformedMessageError(name, f"not a UUID: {raw[:64]!r}") from None
 
 
-def _check_kind(message: BrokerMessage, expected: str) -> None:
+def protocol_version(message: BrokerMessage) -> int:
+    """The wire-format version a message declares: 1 when it declares none.
+
+    Raises:
+        UnsupportedProtocolError: The version is newer than `PROTOCOL_VERSION`.
+        MalformedMessageError: The header is not a positive decimal integer.
+    """
+    raw = message.headers.get(H_PROTOCOL_VERSION)
+    if raw is None or raw == "":
+        if H_PROTOCOL_VERSION in message.invalid_headers:
+            raise MalformedMessageError(H_PROTOCOL_VERSION, "header value is not valid UTF-8")
+        return 1
+    if raw == _VERSION_TEXT:
+        return PROTOCOL_VERSION
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise MalformedMessageError(H_PROTOCOL_VERSION, f"not a positive integer: {raw[:64]!r}")
+    version = int(raw)
+    if version > PROTOCOL_VERSION:
+        raise UnsupportedProtocolError(H_PROTOCOL_VERSION, version, PROTOCOL_VERSION)
+    return version
+
+
+def _check_envelope(message: BrokerMessage) -> None:
+    """The checks every received message passes first: a version this receiver speaks, UTF-8 headers."""
+    protocol_version(message)
     if message.invalid_headers:
         raise MalformedMessageError(message.invalid_headers[0], "header value is not valid UTF-8")
+
+
+def _check_kind(message: BrokerMessage, expected: str) -> None:
+    _check_envelope(message)
     kind = _require(message.headers, H_KIND)
     if kind != expected:
         raise MalformedMessageError(H_KIND, f"expected {expected!r}, got {kind[:64]!r}")
@@ -144,8 +188,11 @@ class SagaCommand:
         idempotency_key: Same for replays of one request, so participants can drop duplicates.
         user: The user the saga runs for.
         saga: Saga definition name (informational).
-        step: Step name (informational).
-        traceparent: W3C trace context, passed through.
+        step: Step name; with the execution id it pairs a compensation with its forward command.
+        traceparent: W3C trace context of the saga, passed through to the reply.
+        tracestate: W3C vendor trace state, passed through with ``traceparent``.
+        phase: ``forward`` (a step's command) or ``compensation`` (the command undoing it); ``None`` when
+            a received command did not say, which receivers take as ``forward``.
     """
 
     target: str
@@ -158,10 +205,13 @@ class SagaCommand:
     saga: str | None = None
     step: str | None = None
     traceparent: str | None = None
+    tracestate: str | None = None
+    phase: CommandPhase | None = None
 
     def to_message(self) -> BrokerMessage:
         """Encode for publishing, keyed by execution id so one partition orders a saga's traffic."""
         headers = {
+            H_PROTOCOL_VERSION: _VERSION_TEXT,
             H_KIND: "command",
             H_EXECUTION_ID: str(self.execution_id),
             H_REQUEST_ID: str(self.request_id),
@@ -174,8 +224,12 @@ class SagaCommand:
             headers[H_SAGA] = self.saga
         if self.step is not None:
             headers[H_STEP] = self.step
+        if self.phase is not None:
+            headers[H_PHASE] = self.phase
         if self.traceparent is not None:
             headers[H_TRACEPARENT] = self.traceparent
+        if self.tracestate is not None:
+            headers[H_TRACESTATE] = self.tracestate
         return BrokerMessage(
             topic=self.target,
             key=str(self.execution_id).encode(),
@@ -188,6 +242,9 @@ class SagaCommand:
         """Decode a received command. Raises `MalformedMessageError` naming the bad field."""
         _check_kind(message, "command")
         headers = message.headers
+        phase = headers.get(H_PHASE)
+        if phase is not None and phase != PHASE_FORWARD and phase != PHASE_COMPENSATION:
+            raise MalformedMessageError(H_PHASE, f"expected 'forward' or 'compensation', got {phase[:64]!r}")
         return cls(
             target=message.topic,
             content=decode_json(message.value),
@@ -199,6 +256,8 @@ class SagaCommand:
             saga=headers.get(H_SAGA),
             step=headers.get(H_STEP),
             traceparent=headers.get(H_TRACEPARENT),
+            tracestate=headers.get(H_TRACESTATE),
+            phase=phase,
         )
 
 
@@ -266,6 +325,7 @@ def reply_message(
     request_id: uuid.UUID,
     service_name: str | None,
     traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> BrokerMessage:
     """A reply whose content is already encoded (``value``), as `SagaResponse.to_message` publishes it.
 
@@ -274,6 +334,7 @@ def reply_message(
     """
     execution = str(execution_id)
     headers = {
+        H_PROTOCOL_VERSION: _VERSION_TEXT,
         H_KIND: "reply",
         H_EXECUTION_ID: execution,
         H_REQUEST_ID: str(request_id),
@@ -283,16 +344,23 @@ def reply_message(
         headers[H_SERVICE] = service_name
     if traceparent is not None:
         headers[H_TRACEPARENT] = traceparent
+    if tracestate is not None:
+        headers[H_TRACESTATE] = tracestate
     return BrokerMessage(topic=topic, key=execution.encode(), value=value, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
 class SagaControl:
-    """Autocommit's decision for one participant: ``commit`` after success, ``reject`` after failure."""
+    """Autocommit's decision for one participant: ``commit`` after success, ``reject`` after failure.
+
+    ``traceparent`` and ``tracestate`` carry the saga's trace context, as its commands do.
+    """
 
     action: ControlAction
     execution_id: uuid.UUID
     service: str
+    traceparent: str | None = None
+    tracestate: str | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -305,23 +373,28 @@ class SagaControl:
 
     def to_message(self) -> BrokerMessage:
         """Encode for the participant's control topic."""
+        headers = {
+            H_PROTOCOL_VERSION: _VERSION_TEXT,
+            H_KIND: self.action,
+            H_EXECUTION_ID: str(self.execution_id),
+            H_IDEMPOTENCY_KEY: self.idempotency_key,
+            H_SERVICE: self.service,
+        }
+        if self.traceparent is not None:
+            headers[H_TRACEPARENT] = self.traceparent
+        if self.tracestate is not None:
+            headers[H_TRACESTATE] = self.tracestate
         return BrokerMessage(
             topic=control_topic(self.service),
             key=str(self.execution_id).encode(),
             value=encode_json({"action": self.action}),
-            headers={
-                H_KIND: self.action,
-                H_EXECUTION_ID: str(self.execution_id),
-                H_IDEMPOTENCY_KEY: self.idempotency_key,
-                H_SERVICE: self.service,
-            },
+            headers=headers,
         )
 
     @classmethod
     def from_message(cls, message: BrokerMessage) -> SagaControl:
         """Decode a received decision. Raises `MalformedMessageError` naming the bad field."""
-        if message.invalid_headers:
-            raise MalformedMessageError(message.invalid_headers[0], "header value is not valid UTF-8")
+        _check_envelope(message)
         kind = _require(message.headers, H_KIND)
         if kind not in ("commit", "reject"):
             raise MalformedMessageError(H_KIND, f"expected 'commit' or 'reject', got {kind[:64]!r}")
@@ -330,4 +403,6 @@ class SagaControl:
             action=action,
             execution_id=_uuid_header(message.headers, H_EXECUTION_ID),
             service=_require(message.headers, H_SERVICE),
+            traceparent=message.headers.get(H_TRACEPARENT),
+            tracestate=message.headers.get(H_TRACESTATE),
         )

@@ -33,10 +33,11 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from broker import BrokerClientPool, BrokerClosedError, BrokerError, BrokerMessage, BrokerSubscriber
-from saga.consumer import H_DEAD_LETTER_REASON
-from saga.errors import MalformedMessageError, SagaBusinessError, SagaStateError
+from saga.consumer import H_DEAD_LETTER_REASON, H_DEAD_LETTER_TOPIC, dead_letter_message
+from saga.errors import MalformedMessageError, SagaBusinessError, SagaStateError, UnsupportedProtocolError
 from saga.messages import (
     H_SERVICE,
+    PHASE_COMPENSATION,
     SagaCommand,
     SagaControl,
     SagaResponseStatus,
@@ -61,10 +62,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-#: Header added to dead letters naming the topic the record was consumed from (the reason header,
-#: ``H_DEAD_LETTER_REASON``, is the reply consumer's, so both sides dead-letter alike).
-H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -330,6 +327,8 @@ class SagaParticipant:
                 await self._handle_command(message)
         except _DeadLetter as dead:
             await self._dead_letter(message, dead.category, dead.reason)
+        except UnsupportedProtocolError as exc:
+            await self._dead_letter(message, "unsupported_protocol", f"unsupported_protocol: {exc.reason}")
         except MalformedMessageError as exc:
             await self._dead_letter(message, "malformed", str(exc))
 
@@ -346,7 +345,7 @@ class SagaParticipant:
                 _log.debug("command %s already handled; re-sending its reply", key)
                 status, value = _stored_outcome(key, stored)
             else:
-                status, value = await self._run_handler(handler, command)
+                status, value = await self._first_delivery(handler, command)
                 await self._call(self._replies.put_command_reply, key, _stored_reply(status, value))
             reply = reply_message(
                 command.reply_topic,
@@ -359,8 +358,31 @@ class SagaParticipant:
                 request_id=command.request_id,
                 service_name=self.service_name,
                 traceparent=command.traceparent,
+                tracestate=command.tracestate,
             )
             await self._call(self.broker_pool.publisher().send, reply)
+
+    async def _first_delivery(self, handler: CommandHandler, command: SagaCommand) -> tuple[int, bytes]:
+        """Run a command seen for the first time, minding the forward/compensation pairing of its step.
+
+        A compensation whose forward command (same execution and step) was never handled has nothing to
+        undo: it leaves a tombstone and succeeds without running its handler, and the forward command,
+        should it arrive later, is refused (400 ``cancelled``) instead of doing what nobody will undo.
+        """
+        if command.step is None:
+            return await self._run_handler(handler, command)
+        pair = f"{self.service_name}:{command.execution_id}:{command.step}"
+        if command.phase == PHASE_COMPENSATION:
+            if await self._call(self._replies.get_command_reply, f"{pair}:forward") is None:
+                await self._call(self._replies.put_command_reply, f"{pair}:tombstone", b"{}")
+                _log.info("%s: compensation %s before its forward command", self.service_name, pair)
+                return _SUCCESS, b"{}"
+            return await self._run_handler(handler, command)
+        if await self._call(self._replies.get_command_reply, f"{pair}:tombstone") is not None:
+            _log.info("%s: forward command %s arrived after its compensation", self.service_name, pair)
+            return _ERROR, encode_json({"error": "cancelled"})
+        await self._call(self._replies.put_command_reply, f"{pair}:forward", b"{}")
+        return await self._run_handler(handler, command)
 
     async def _run_handler(self, handler: CommandHandler, command: SagaCommand) -> tuple[int, bytes]:
         """Run ``handler``; the reply's status and its content, encoded."""
@@ -376,6 +398,14 @@ class SagaParticipant:
             traceparent=command.traceparent,
         )
         self.stats.handled += 1
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "%s handling %s (%s), traceparent %s",
+                self.service_name,
+                command.idempotency_key,
+                command.target,
+                command.traceparent,
+            )
         try:
             result = handler(request)
             if inspect.isawaitable(result):
@@ -430,12 +460,7 @@ class SagaParticipant:
             message.offset,
             reason,
         )
-        letter = BrokerMessage(
-            topic=self.dead_letter_topic,
-            key=message.key,
-            value=message.value,
-            headers={**message.headers, H_DEAD_LETTER_REASON: reason, H_DEAD_LETTER_TOPIC: message.topic},
-        )
+        letter = dead_letter_message(message, self.dead_letter_topic, reason, code=category)
         await self._retry(self.broker_pool.publisher().send, letter)
         self.stats.dead_lettered += 1
         self.stats.dead_letter_reasons[category] = self.stats.dead_letter_reasons.get(category, 0) + 1

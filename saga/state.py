@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from saga.messages import SagaCommand
+from saga.messages import PHASE_COMPENSATION, PHASE_FORWARD, SagaCommand
 from storage import OutboxMessage, SagaStatus
 from storage.records import ReplyOutcome, StepPhase
 from storage.status import TERMINAL_STATUSES
@@ -143,8 +143,10 @@ class AwaitedRequest:
         user: str | None,
         saga: str,
         step: str,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> SagaCommand:
-        """The command to (re)send for this request."""
+        """The command to (re)send for this request, carrying the saga's trace context."""
         return SagaCommand(
             target=self.target,
             content=self.content,
@@ -155,6 +157,9 @@ class AwaitedRequest:
             user=user,
             saga=saga,
             step=step,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            phase=PHASE_COMPENSATION if self.phase == "compensate" else PHASE_FORWARD,
         )
 
 

@@ -187,7 +187,13 @@ def new_request(
         record=record,
     )
     command = awaiting.command(
-        execution_id=ex.id, reply_topic=ex.reply_topic, user=ex.user, saga=ex.name, step=step.name
+        execution_id=ex.id,
+        reply_topic=ex.reply_topic,
+        user=ex.user,
+        saga=ex.name,
+        step=step.name,
+        traceparent=ex.traceparent,
+        tracestate=ex.tracestate,
     )
     return awaiting, outbox_message(command)
 

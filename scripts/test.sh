@@ -30,6 +30,9 @@ python3 -m mypy
 log "import-linter (saga -> broker | storage)"
 python3 -c 'import sys; from importlinter.cli import lint_imports_command; sys.argv[0] = "lint-imports"; sys.exit(lint_imports_command())' --no-cache
 
+log "AsyncAPI document (docs/asyncapi.yaml, @asyncapi/parser)"
+bash scripts/tools/asyncapi.sh docs/asyncapi.yaml
+
 log "pytest"
 python3 -m pytest -p no:cacheprovider --cov --cov-report=term:skip-covered "$@"
 log "test command finished in $(( $(date +%s) - start )) s"
