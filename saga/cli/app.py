@@ -90,7 +90,7 @@ def _status(text: str) -> list[SagaStatus]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kafka-saga`` and all its subcommands."""
-    from saga.cli import admin, demo, worker
+    from saga.cli import admin, conformance, demo, worker
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--revision", default="head", help="target revision (default head)")
     p.set_defaults(handler=admin.cmd_db_upgrade)
+    conformance.add_command(commands, common, as_json)
     return parser
 
 
