@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,40 +22,9 @@ from saga import CommandContext, SagaBusinessError, SagaParticipant
 from saga.conformance import ParticipantKit
 from saga.messages import H_REQUEST_ID, H_SERVICE, SagaCommand, reply_message
 from storage import SqlAlchemySagaStorage
+from tests.integration.conformance_run import kit_config, run_kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
-
-ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def kit_config(tmp_path: Path, bootstrap: str, name: str) -> Path:
-    path = tmp_path / "conformance.yml"
-    path.write_text(
-        f"service:\n  name: {name}\n"
-        f"broker:\n  type: kafka\n  kafka:\n    bootstrap_servers: {bootstrap}\n    topic_partitions: 2\n"
-        "logging:\n  level: WARNING\n"
-    )
-    return path
-
-
-async def run_kit(config: Path, *args: str) -> tuple[int, str, str]:
-    """``kafka-saga conformance participant ...`` as its own process: exit code, stdout, stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "saga.cli",
-        "conformance",
-        "participant",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=300)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture
