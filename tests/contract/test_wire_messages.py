@@ -1,4 +1,5 @@
-"""Every kind of message the code produces validates against docs/asyncapi.yaml.
+"""Every kind of message the code produces validates against docs/asyncapi.yaml; decoding follows the
+protocol's version and phase rules.
 
 A saga manager and a participant run on the in-memory broker through successes, refusals, crashes and
 compensations, so commands (forward and compensation), replies of each status and both decisions are the
@@ -31,19 +32,22 @@ from saga import (
     SagaStatus,
 )
 from saga.consumer import ReplyConsumer
-from saga.errors import UnknownSagaDefinitionError
+from saga.errors import MalformedMessageError, UnknownSagaDefinitionError, UnsupportedProtocolError
 from saga.messages import (
     H_DEAD_LETTER_CODE,
     H_EXECUTION_ID,
     H_IDEMPOTENCY_KEY,
     H_KIND,
+    H_PHASE,
     H_PROTOCOL_VERSION,
     H_REPLY_TOPIC,
     H_REQUEST_ID,
     H_SERVICE,
     H_STATUS,
+    SagaCommand,
     SagaControl,
     SagaResponseStatus,
+    protocol_version,
 )
 from saga.participant_dedup import LruReplyStore
 from storage import ExecutionNotFoundError, MemorySagaStorage, StorageError
@@ -263,3 +267,66 @@ async def test_every_produced_message_validates_against_the_asyncapi_document(wo
         _check("deadLetter", message, json_value=False)
     codes = [m.headers[H_DEAD_LETTER_CODE] for m in letters]
     assert set(codes) == wire.dead_letter_codes(), sorted(codes)
+
+
+@pytest.mark.parametrize(
+    ("value", "version"),
+    [(None, 1), ("", 1), ("1", 1)],
+)
+def test_a_message_without_a_version_is_version_1(value: str | None, version: int) -> None:
+    headers = {} if value is None else {H_PROTOCOL_VERSION: value}
+    assert protocol_version(BrokerMessage(topic="t", key=None, value=b"{}", headers=headers)) == version
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.0", "one", " 1", "\u0661"])
+def test_a_version_that_is_not_a_positive_integer_is_malformed(value: str) -> None:
+    message = BrokerMessage(topic="t", key=None, value=b"{}", headers={H_PROTOCOL_VERSION: value})
+    with pytest.raises(
+        MalformedMessageError, match="saga-protocol-version: not a positive integer"
+    ) as caught:
+        protocol_version(message)
+    assert not isinstance(caught.value, UnsupportedProtocolError)
+
+
+@pytest.mark.parametrize(
+    "decode", [SagaCommand.from_message, SagaResponse.from_message, SagaControl.from_message]
+)
+def test_every_decoder_refuses_a_newer_version_before_anything_else(decode: Any) -> None:
+    # Nothing else in the record is valid: the version decides first.
+    message = BrokerMessage(topic="t", key=None, value=b"", headers={H_PROTOCOL_VERSION: "2"})
+    with pytest.raises(UnsupportedProtocolError) as caught:
+        decode(message)
+    assert (caught.value.field, caught.value.version, caught.value.supported) == (H_PROTOCOL_VERSION, 2, 1)
+
+
+def test_a_command_phase_other_than_forward_or_compensation_is_malformed() -> None:
+    with pytest.raises(MalformedMessageError, match="saga-phase: expected 'forward' or 'compensation'"):
+        SagaCommand.from_message(_command(**{H_PHASE: "undo"}))
+    assert SagaCommand.from_message(_command()).phase is None  # missing: a forward command
+    assert SagaCommand.from_message(_command(**{H_PHASE: "compensation"})).phase == "compensation"
+
+
+async def test_a_decision_of_a_newer_version_is_dead_lettered_by_the_participant(world: World) -> None:
+    decision = SagaControl("commit", uuid.uuid4(), PARTICIPANT).to_message()
+    newer = BrokerMessage(
+        topic=decision.topic,
+        key=decision.key,
+        value=decision.value,
+        headers={**decision.headers, H_PROTOCOL_VERSION: "7"},
+    )
+    await world.participant.handle(newer)
+    (letter,) = world.pool.topic_messages(f"{PARTICIPANT}DeadLetter")
+    assert letter.headers[H_DEAD_LETTER_CODE] == "unsupported_protocol"
+    assert letter.headers["saga-dead-letter-reason"].startswith("unsupported_protocol: version 7")
+    assert world.participant.stats.commits == 0
+
+
+def test_the_conformance_package_exports_are_pinned_and_sorted() -> None:
+    import saga.conformance
+
+    assert saga.conformance.__all__ == [
+        "CaseResult",
+        "ConformanceFailure",
+        "ConformanceReport",
+        "ParticipantKit",
+    ]
