@@ -32,6 +32,7 @@ from saga.hooks import SagaHooks
 from saga.messages import ControlAction, SagaControl, SagaResponse
 from saga.state import STATE_FORMAT, AwaitedRequest, Transition, compact, outbox_message, random_uuid
 from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep
+from saga.trace_context import new_traceparent
 from storage import ExecutionRecord, OutboxMessage, SagaStatus, StepRecord
 from storage.records import ReplyOutcome, StepPhase, new_execution_record
 
@@ -268,7 +269,8 @@ class SagaExecution:
             deadline=None if deadline is None else datetime.fromisoformat(deadline),
             hooks=hooks,
             clock=clock,
-            traceparent=state.get("tp"),
+            # A row written without a trace context starts one, so its commands carry one too.
+            traceparent=state.get("tp") or new_traceparent(),
             tracestate=state.get("ts"),
         )
         execution._ctx_snapshot = state["ctx"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from broker import BrokerClientPool, BrokerMessage
 from saga.conformance.wire import Collector
+from saga.consumer import H_DEAD_LETTER_REASON
 from saga.errors import MalformedMessageError
 from saga.messages import (
     H_DEAD_LETTER_CODE,
@@ -39,8 +40,6 @@ from saga.trace_context import new_traceparent
 
 __all__ = ["CaseResult", "ConformanceFailure", "ConformanceReport", "ParticipantKit"]
 
-#: The dead-letter reason header; the same name as `saga.consumer.H_DEAD_LETTER_REASON`.
-H_DEAD_LETTER_REASON = "saga-dead-letter-reason"
 _TRACESTATE = "kafka-saga-conformance=1"
 
 

@@ -7,10 +7,12 @@ is a new trace; it is stored with the execution, so a replay sent from the store
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -21,6 +23,7 @@ from saga import (
     CommandContext,
     Saga,
     SagaContext,
+    SagaExecution,
     SagaManager,
     SagaParticipant,
     SagaRequest,
@@ -155,3 +158,16 @@ async def test_the_participant_logs_the_trace_context_of_each_command(
 
 def test_handlers_see_the_trace_context() -> None:
     assert "traceparent" in CommandContext.__dataclass_fields__
+
+
+async def test_a_stored_execution_without_a_trace_context_gets_one(world: Any) -> None:
+    _, manager, storage = world
+    waiting = await manager.run(WAITING, SagaContext(), pause_on_disk=True, traceparent=TRACEPARENT)
+    record = await storage.load(waiting.id)
+    state = orjson.loads(record.state)
+    assert state["tp"] == TRACEPARENT
+    del state["tp"]
+    bare = dataclasses.replace(record, state=orjson.dumps(state))
+    loaded = SagaExecution.from_record(bare, WAITING, reply_topic="shopReply")
+    assert loaded.traceparent is not None and validate_traceparent(loaded.traceparent)
+    assert loaded.traceparent != TRACEPARENT
