@@ -116,3 +116,17 @@ async def test_a_reply_without_a_required_header_fails_naming_it(
     assert not result.passed
     assert leave_out in result.detail
     assert not report.passed
+
+
+def test_the_kit_refuses_a_configuration_without_kafka(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saga.cli import main
+
+    config = tmp_path / "memory.yml"
+    config.write_text("service:\n  name: kit\nbroker:\n  type: memory\n")
+    assert main(["conformance", "participant", "--config", str(config), "--topic", "T"]) == 2
+    assert (
+        "conformance needs a Kafka broker; the configuration's broker.type is 'memory'"
+        in capsys.readouterr().err
+    )

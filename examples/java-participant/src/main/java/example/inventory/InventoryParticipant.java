@@ -10,6 +10,7 @@ import java.util.Map;
 import java.util.Properties;
 import java.util.Set;
 import java.util.concurrent.ExecutionException;
+import java.util.concurrent.Future;
 
 import com.fasterxml.jackson.databind.JsonNode;
 import org.apache.kafka.clients.admin.Admin;
@@ -21,6 +22,7 @@ import org.apache.kafka.clients.consumer.ConsumerRecord;
 import org.apache.kafka.clients.consumer.KafkaConsumer;
 import org.apache.kafka.clients.producer.KafkaProducer;
 import org.apache.kafka.clients.producer.ProducerConfig;
+import org.apache.kafka.clients.producer.RecordMetadata;
 import org.apache.kafka.common.TopicPartition;
 import org.apache.kafka.common.errors.TopicExistsException;
 import org.apache.kafka.common.errors.WakeupException;
@@ -54,6 +56,8 @@ public final class InventoryParticipant {
     private final Map<String, Map.Entry<String, Integer>> reservations = new HashMap<>();
     /** Decisions acted on, by idempotency key. */
     private final Set<String> decisions = new HashSet<>();
+    /** Replies and dead letters of the batch in hand: all must be acknowledged before its offsets commit. */
+    private final List<Future<RecordMetadata>> sent = new ArrayList<>();
 
     InventoryParticipant(Options options) {
         this.options = options;
@@ -93,7 +97,7 @@ public final class InventoryParticipant {
         participant.run();
     }
 
-    /** Consume until interrupted: each batch's replies and dead letters are flushed before its offsets commit. */
+    /** Consume until stopped: a batch's offsets commit once its replies and dead letters are acknowledged. */
     void run() throws Exception {
         createTopics();
         List<String> topics = List.of(options.reserveTopic, options.releaseTopic, controlTopic);
@@ -117,6 +121,10 @@ public final class InventoryParticipant {
                     handle(record);
                 }
                 producer.flush();
+                for (Future<RecordMetadata> future : sent) {
+                    future.get(); // a reply that was not written stops the service before the commit
+                }
+                sent.clear();
                 consumer.commitSync();
             }
         } catch (WakeupException e) {
@@ -138,7 +146,7 @@ public final class InventoryParticipant {
         } catch (Wire.Refused refused) {
             log("dead-lettering " + record.topic() + "[" + record.partition() + "]@" + record.offset() + ": "
                     + refused.getMessage());
-            producer.send(Wire.deadLetter(record, deadLetterTopic, refused));
+            sent.add(producer.send(Wire.deadLetter(record, deadLetterTopic, refused)));
         }
     }
 
@@ -155,7 +163,7 @@ public final class InventoryParticipant {
         log((command.compensation ? "compensation " : "command ") + command.topic + " execution "
                 + command.executionId + " step " + command.step + ": " + outcome.status
                 + (duplicate ? " (duplicate, stored reply)" : "") + " traceparent " + command.traceparent);
-        producer.send(Wire.reply(command, outcome.status, outcome.value, options.service));
+        sent.add(producer.send(Wire.reply(command, outcome.status, outcome.value, options.service)));
     }
 
     /** Section 8: pair forward and compensation by (execution, step); a compensation first leaves a tombstone. */
