@@ -10,6 +10,9 @@ guarantees the orchestrator relies on:
   the same reply. A per-key lock keeps concurrent duplicates in one process from racing. Exactly-once needs
   the handler's own effects and the stored reply in one transaction, which a separate store cannot give:
   a crash after the handler's effect but before the reply is stored runs the handler again on redelivery.
+* **Compensations pair with their forward command** by execution id and step (docs/protocol.md section
+  8): a compensation whose forward command was never handled leaves a tombstone and succeeds without
+  running its handler, and the forward command, arriving later, is refused (400 ``cancelled``).
 * **At-least-once replies.** An offset is committed only once its reply (or dead letter) was published.
 * **No stalls.** Records flow through a `KeyedPipeline`: polling goes on while earlier records are
   handled, each key's records (one saga execution's) in offset order and keys concurrently, and offsets
