@@ -22,6 +22,7 @@ from saga.errors import MalformedMessageError
 from saga.messages import (
     H_DEAD_LETTER_CODE,
     H_EXECUTION_ID,
+    H_IDEMPOTENCY_KEY,
     H_KIND,
     H_PROTOCOL_VERSION,
     H_REQUEST_ID,
@@ -180,7 +181,7 @@ class ParticipantKit:
     # -- the cases -------------------------------------------------------------------------------------
 
     async def case_command_reply(self) -> str:
-        """A command is answered once, on its reply topic, with every header the protocol requires."""
+        """A command is answered on its reply topic with every header the protocol requires."""
         sent = await self._send(self._command())
         reply = await self._reply_to(sent)
         response = self._check_reply(reply, sent, status=200)
@@ -196,7 +197,7 @@ class ParticipantKit:
         first = self._check_reply(await self._reply_to(sent), sent, status=200)
         again = await self._send(sent.message)
         replay = self._command(
-            execution=sent.execution, key=sent.headers["saga-idempotency-key"], content=self.content
+            execution=sent.execution, key=sent.headers[H_IDEMPOTENCY_KEY], content=self.content
         )
         replay_sent = await self._send(replay)
         replies = await self._replies.wait(sent.execution, 3, self.timeout, where=_is_reply)
@@ -261,8 +262,16 @@ class ParticipantKit:
         # also say the valid ones were handled.
         stranger = f"not-{service}"
         strays = [
-            _with(decision.to_message(), {**decision.to_message().headers, H_SERVICE: stranger})
+            _with(
+                message,
+                {
+                    **message.headers,
+                    H_SERVICE: stranger,
+                    H_IDEMPOTENCY_KEY: f"{stranger}:{decision.execution_id}:{decision.action}",
+                },
+            )
             for decision in (decisions[0], decisions[2])
+            for message in (decision.to_message(),)
         ]
         for message in [*(decision.to_message() for decision in decisions), *strays]:
             await self.pool.publisher().send(message)
