@@ -269,8 +269,7 @@ class SagaExecution:
             deadline=None if deadline is None else datetime.fromisoformat(deadline),
             hooks=hooks,
             clock=clock,
-            # A row written without a trace context starts one, so its commands carry one too.
-            traceparent=state.get("tp") or new_traceparent(),
+            traceparent=state.get("tp"),
             tracestate=state.get("ts"),
         )
         execution._ctx_snapshot = state["ctx"]
@@ -549,6 +548,8 @@ class SagaExecution:
             raise SagaStateError(f"execution {self.id} awaits no reply to replay", execution_id=self.id)
         step = self.step_at(awaiting.path)
         assert isinstance(step, RemoteSagaStep)
+        if self.traceparent is None:  # a run stored without a trace context starts one with this command
+            self.traceparent = new_traceparent()
         awaiting.attempt += 1
         timeout = step.timeout
         awaiting.deadline = None if timeout is None else now + timedelta(seconds=timeout)

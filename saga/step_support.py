@@ -18,6 +18,7 @@ from saga.messages import SagaRequest, SagaResponse
 from saga.retry import RetryPolicy
 from saga.state import AwaitedRequest, Transition, moved, outbox_message, random_uuid
 from saga.steps import ConditionalSagaStep, LocalSagaStep, RemoteSagaStep, SagaStep
+from saga.trace_context import new_traceparent
 from storage import OutboxMessage, SagaStatus
 from storage.records import StepPhase, StepState, new_step_record
 
@@ -172,7 +173,13 @@ def new_request(
     record: int,
     path: tuple[int, ...],
 ) -> tuple[AwaitedRequest, OutboxMessage]:
-    """A fresh request (new id and idempotency key) and its outbox row."""
+    """A fresh request (new id and idempotency key) and its outbox row.
+
+    A run without a trace context (started without the manager, or stored without one) starts a trace
+    here; it is saved with the request, so the run's later commands carry the same one.
+    """
+    if ex.traceparent is None:
+        ex.traceparent = new_traceparent()
     request_id = random_uuid()
     timeout = step.timeout
     awaiting = AwaitedRequest(

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -160,7 +161,9 @@ def test_handlers_see_the_trace_context() -> None:
     assert "traceparent" in CommandContext.__dataclass_fields__
 
 
-async def test_a_stored_execution_without_a_trace_context_gets_one(world: Any) -> None:
+async def test_a_stored_execution_without_a_trace_context_starts_one_with_its_next_command(
+    world: Any,
+) -> None:
     _, manager, storage = world
     waiting = await manager.run(WAITING, SagaContext(), pause_on_disk=True, traceparent=TRACEPARENT)
     record = await storage.load(waiting.id)
@@ -169,5 +172,9 @@ async def test_a_stored_execution_without_a_trace_context_gets_one(world: Any) -
     del state["tp"]
     bare = dataclasses.replace(record, state=orjson.dumps(state))
     loaded = SagaExecution.from_record(bare, WAITING, reply_topic="shopReply")
+    assert loaded.traceparent is None
+    transition = await loaded.replay(datetime.now(UTC))
+    (command,) = transition.outbox
     assert loaded.traceparent is not None and validate_traceparent(loaded.traceparent)
-    assert loaded.traceparent != TRACEPARENT
+    assert command.headers["traceparent"] == loaded.traceparent != TRACEPARENT
+    assert orjson.loads(loaded.to_record().state)["tp"] == loaded.traceparent

@@ -27,7 +27,7 @@ NOW = datetime(2025, 1, 1, tzinfo=UTC)
 def reference_state(ex: SagaExecution) -> dict[str, Any]:
     """The state document as the format defines it, built the slow, obvious way."""
     awaiting = ex.awaiting
-    return {
+    state: dict[str, Any] = {
         "v": STATE_FORMAT,
         "ctx": encode_context(dict(ex.context)),
         "phase": ex.phase,
@@ -42,6 +42,11 @@ def reference_state(ex: SagaExecution) -> dict[str, Any]:
         "dec": ex.decision_sent,
         "dl": None if ex.deadline is None else ex.deadline.isoformat(),
     }
+    if ex.traceparent is not None:
+        state["tp"] = ex.traceparent
+        if ex.tracestate is not None:
+            state["ts"] = ex.tracestate
+    return state
 
 
 def check_record(ex: SagaExecution, definition: Saga, **kwargs: Any) -> ExecutionRecord:
@@ -56,7 +61,18 @@ def check_record(ex: SagaExecution, definition: Saga, **kwargs: Any) -> Executio
     assert (record.owner, record.lease_until) == (kwargs.get("owner"), kwargs.get("lease_until"))
     again = SagaExecution.from_record(record, definition, reply_topic="svcReply")
     assert again.to_record(**kwargs) == record
-    for name in ("context", "status", "phase", "cursor", "attempt", "executed", "compensated", "answered"):
+    for name in (
+        "context",
+        "status",
+        "phase",
+        "cursor",
+        "attempt",
+        "executed",
+        "compensated",
+        "answered",
+        "traceparent",
+        "tracestate",
+    ):
         assert getattr(again, name) == getattr(ex, name), name
     assert (again.awaiting, again.participants, again.decision_sent) == (
         ex.awaiting,
