@@ -267,6 +267,38 @@ async def test_every_produced_message_validates_against_the_asyncapi_document(wo
         _check("deadLetter", message, json_value=False)
     codes = [m.headers[H_DEAD_LETTER_CODE] for m in letters]
     assert set(codes) == wire.dead_letter_codes(), sorted(codes)
+    orchestrator = [m.headers[H_DEAD_LETTER_CODE] for m in pool.topic_messages(f"{SERVICE}DeadLetter")]
+    assert sorted(orchestrator) == sorted(
+        [
+            "malformed",
+            "unsupported_protocol",
+            "unknown_execution",
+            "unknown_definition",
+            "error",
+            "unknown_status",
+        ]
+    )
+    participant = [
+        m.headers[H_DEAD_LETTER_CODE]
+        for m in pool.topic_messages(f"{PARTICIPANT}DeadLetter") + pool.topic_messages("failingDeadLetter")
+    ]
+    assert sorted(participant) == sorted(
+        [
+            "malformed",
+            "unsupported_protocol",
+            "no_handler",
+            "bad_stored_reply",
+            "infrastructure",
+            "decision_failed",
+        ]
+    )
+    for letter in letters:
+        assert letter.headers["saga-dead-letter-topic"] in {
+            f"{SERVICE}Reply",
+            "Reserve",
+            "Unknown",
+            "failingSagaControl",
+        }
 
 
 @pytest.mark.parametrize(
