@@ -262,7 +262,7 @@ class SagaManager(ExecutionDriver):
         return self.registry.register(saga, name=name)
 
     def _definition_for(self, definition: Saga) -> Saga:
-        if definition.name is not None and definition.committed:
+        if isinstance(definition, Saga) and definition.name is not None and definition.committed:
             known = self.registry._definitions.get((definition.name, definition.version))
             if known is definition:
                 return definition
