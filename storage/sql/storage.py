@@ -36,6 +36,7 @@ from storage.errors import (
     ConcurrencyError,
     DuplicateIdempotencyKeyError,
     DuplicateReplyError,
+    ExecutionAlreadyExistsError,
     ExecutionNotFoundError,
 )
 from storage.migrate import connect_args, upgrade_async
@@ -256,7 +257,7 @@ class SqlAlchemySagaStorage:
                 existing = found[0]
                 raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
         # Otherwise the primary key: the caller expected no execution with this id (version 0).
-        raise ConcurrencyError(record.id, 0) from error
+        raise ExecutionAlreadyExistsError(record.id) from error
 
     def _outbox_params(self, outbox: Sequence[OutboxMessage], claim: OutboxClaim | None) -> dict[str, Any]:
         """The outbox rows' parameters for a one-statement write; the claim columns NULL without a claim."""
