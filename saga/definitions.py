@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from saga.errors import (
     AlreadyCommittedException,
@@ -32,7 +32,7 @@ from saga.steps import (
 
 _Step = TypeVar("_Step", bound=SagaStep)
 
-__all__ = ["Saga"]
+__all__ = ["Saga", "callback_key"]
 
 
 class Saga:
@@ -56,6 +56,10 @@ class Saga:
         ...     .commit()
         ... )
     """
+
+    #: Step classes `local_step` / `remote_step` make (``saga.compat.minos`` gives its own).
+    local_step_type: ClassVar[type[LocalSagaStep]] = LocalSagaStep
+    remote_step_type: ClassVar[type[RemoteSagaStep]] = RemoteSagaStep
 
     def __init__(
         self,
@@ -178,7 +182,12 @@ class Saga:
         return self._add(
             LocalSagaStep,
             fn,
-            lambda: LocalSagaStep(fn, name=name, retry=retry, compensation_retry=compensation_retry),  # type: ignore[arg-type]
+            lambda: self.local_step_type(
+                fn,  # type: ignore[arg-type]
+                name=name,
+                retry=retry,
+                compensation_retry=compensation_retry,
+            ),
         )
 
     def remote_step(
@@ -203,7 +212,7 @@ class Saga:
         return self._add(
             RemoteSagaStep,
             fn,
-            lambda: RemoteSagaStep(
+            lambda: self.remote_step_type(
                 fn,  # type: ignore[arg-type]
                 name=name,
                 timeout=timeout,
@@ -304,13 +313,13 @@ class Saga:
         for step in self._steps:
             entry: list[Any] = [type(step), step.name]
             if isinstance(step, ConditionalSagaStep):
-                entry.extend((_same_fn(c), sub._shape()) for c, sub in step.branches)
+                entry.extend((callback_key(c), sub._shape()) for c, sub in step.branches)
                 entry.append(None if step.else_saga is None else step.else_saga._shape())
             elif isinstance(step, LocalSagaStep | RemoteSagaStep):
                 entry.extend((step.retry, step.compensation_retry))
                 for attribute in ("execute_fn", "failure_fn", "success_fn", "error_fn", "timeout"):
                     value = getattr(step, attribute, None)
-                    entry.append(_same_fn(value) if callable(value) else value)
+                    entry.append(callback_key(value) if callable(value) else value)
             shape.append(entry)
         return shape
 
@@ -332,9 +341,9 @@ class Saga:
         return f"<Saga {self._name or '<unnamed>'!r} v{self.version} {len(self._steps)} steps, {state}>"
 
 
-def _same_fn(fn: Callable[..., Any]) -> object:
-    """What makes two callbacks the same: the object itself, or, for closure-free functions (lambdas a
-    factory makes afresh on every call), their code and defaults."""
+def callback_key(fn: Callable[..., Any]) -> object:
+    """What makes two callbacks the same: the object itself (and its ``==``), or, for closure-free
+    functions (lambdas a factory makes afresh on every call), their code and defaults."""
     code = getattr(fn, "__code__", None)
     if code is None or getattr(fn, "__closure__", None):
         return fn

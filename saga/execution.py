@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from saga import compensation as _comp
+from saga import execution_minos as _minos
 from saga import execution_steps as _steps
 from saga import step_support as _support
 from saga.context import SagaContext, decode_context, encode_context
@@ -127,6 +128,7 @@ class SagaExecution:
         "hooks",
         "id",
         "idempotency_key",
+        "outbox",
         "participants",
         "phase",
         "record_version",
@@ -189,6 +191,8 @@ class SagaExecution:
         self._attempt_started: datetime | None = None
         #: Set by the manager's heartbeat when another worker took the claim while this run was driven.
         self.claim_lost = False
+        #: What `execute` and `rollback` (the Minos driving API) produced, for their caller to publish.
+        self.outbox: list[OutboxMessage] = []
 
     # -- construction ----------------------------------------------------------------------------------
 
@@ -221,6 +225,28 @@ class SagaExecution:
             deadline=deadline,
             hooks=hooks,
             clock=clock,
+        )
+
+    @classmethod
+    def from_definition(
+        cls,
+        definition: Saga,
+        context: SagaContext | Mapping[str, Any] | None = None,
+        uuid: uuid.UUID | None = None,
+        *,
+        user: str | None = None,
+        reply_topic: str = "sagaReply",
+    ) -> SagaExecution:
+        """A new run to drive in this process with `execute` / `rollback` (Minos's constructor).
+
+        Raises:
+            SagaDefinitionError: The definition is invalid or not committed (Minos's ``validate``).
+        """
+        definition.validate()
+        if definition.name is None:
+            definition._set_name(definition.derived_name())
+        return cls.start(
+            definition, context, reply_topic=reply_topic, now=_utc_now(), user=user, execution_id=uuid
         )
 
     @classmethod
@@ -272,6 +298,34 @@ class SagaExecution:
         execution.error = None if record.error is None else dict(record.error)
         execution.mark_stored(record)
         return execution
+
+    # -- Minos's driving API -----------------------------------------------------------------------
+
+    async def execute(self, response: SagaResponse | None = None, *, autocommit: bool = True) -> SagaContext:
+        """Run in this process until a remote step pauses the run or it ends (Minos's ``execute``).
+
+        Commands and decisions go to `outbox`; ``execute(response=...)`` applies the reply (one built
+        without a request id answers the awaited request) and goes on.
+
+        Raises:
+            SagaPausedExecutionStepException: A remote step waits for its reply.
+            SagaExecutionError: The run ended ERRORED or DEAD_LETTER (Minos's
+                ``SagaFailedExecutionException``).
+            SagaExecutionAlreadyExecutedException: The run already ended, or the reply answers nothing.
+        """
+        return await _minos.execute(self, response, autocommit=autocommit)
+
+    async def rollback(self, *, autoreject: bool = True) -> None:
+        """Compensate the steps that ran, in reverse (Minos's ``rollback``); commands go to `outbox`.
+
+        Raises:
+            SagaRollbackExecutionException: Already rolled back, or a compensation failed for good.
+        """
+        await _minos.rollback(self, autoreject=autoreject)
+
+    def correlate(self, response: SagaResponse) -> SagaResponse:
+        """``response`` as the reply to the awaited request when it carries no request id of its own."""
+        return _minos.correlate(self, response)
 
     def mark_stored(self, record: ExecutionRecord) -> None:
         """Take the storage-owned fields (version, timestamps, attempts) from the record as stored."""
@@ -435,7 +489,7 @@ class SagaExecution:
         if len(cursor) != 1:
             return True
         top = self.definition._steps
-        return cursor[0] < len(top) and type(top[cursor[0]]) is not RemoteSagaStep
+        return cursor[0] < len(top) and not isinstance(top[cursor[0]], RemoteSagaStep)
 
     def classify_reply(self, response: SagaResponse) -> ReplyOutcome:
         """Whether ``response`` would be applied, and if not why (changes nothing).
