@@ -117,6 +117,7 @@ def manager_options(config: SagaConfig) -> dict[str, Any]:
         "dead_letter_topic": config.topics.dead_letter,
         "consumer_group": config.consumer.group,
         "reply_concurrency": config.consumer.concurrency,
+        "consume_replies": config.consumer.consume_replies,
         "lease_seconds": config.recovery.lease_seconds,
         "relay_interval": config.outbox.relay_interval,
     }

@@ -129,6 +129,7 @@ class SqlAlchemySagaStorage:
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         self._url = engine.url.render_as_string(hide_password=True)
         self._auto_migrate = auto_migrate
+        self._schema = schema
         self._started = False
         self._tables = tables
         self._clock = Clock(server=not self._sqlite)
@@ -176,7 +177,7 @@ class SqlAlchemySagaStorage:
             return
         if self._auto_migrate:
             with self._guard("migrate"):
-                await upgrade_async(engine=self._engine)
+                await upgrade_async(engine=self._engine, schema=self._schema)
         self._started = True
 
     async def stop(self) -> None:
