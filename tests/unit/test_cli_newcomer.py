@@ -76,6 +76,15 @@ def test_read_only_commands_create_nothing_and_name_the_store(
     assert list(fresh_dir.iterdir()) == []
 
 
+def test_the_readme_shows_that_message_as_printed(
+    fresh_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("kafka-saga: no saga database at")]
+    assert main(["stats"]) == 1
+    assert capsys.readouterr().err == line + "\n"
+
+
 def test_read_only_commands_do_not_migrate_and_point_to_db_upgrade(
     fresh_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
