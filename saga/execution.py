@@ -192,7 +192,7 @@ class SagaExecution:
         #: Set by the manager's heartbeat when another worker took the claim while this run was driven.
         self.claim_lost = False
         #: What `execute` and `rollback` (the Minos driving API) produced, for their caller to publish.
-        self.outbox: list[OutboxMessage] = []
+        self.outbox: tuple[OutboxMessage, ...] = ()
 
     # -- construction ----------------------------------------------------------------------------------
 

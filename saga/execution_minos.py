@@ -122,4 +122,5 @@ def _status(ex: SagaExecution) -> SagaStatus:
 
 
 def _collect(ex: SagaExecution, transition: Transition) -> None:
-    ex.outbox.extend(transition.outbox)
+    if transition.outbox:
+        ex.outbox = (*ex.outbox, *transition.outbox)
