@@ -28,11 +28,11 @@ from saga import execution_steps as _steps
 from saga import step_support as _support
 from saga.context import SagaContext, decode_context, encode_context
 from saga.definitions import Saga
-from saga.errors import SagaStateError
+from saga.errors import SagaDefinitionError, SagaStateError
 from saga.hooks import SagaHooks
 from saga.messages import ControlAction, SagaControl, SagaResponse
 from saga.state import STATE_FORMAT, AwaitedRequest, Transition, compact, outbox_message, random_uuid
-from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep
+from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep, not_a_saga
 from storage import ExecutionRecord, OutboxMessage, SagaStatus, StepRecord
 from storage.records import ReplyOutcome, StepPhase, new_execution_record
 
@@ -242,6 +242,8 @@ class SagaExecution:
         Raises:
             SagaDefinitionError: The definition is invalid or not committed (Minos's ``validate``).
         """
+        if not isinstance(definition, Saga):
+            raise SagaDefinitionError(f"from_definition needs a Saga, got {not_a_saga(definition)}")
         definition.validate()
         if definition.name is None:
             definition._set_name(definition.derived_name())

@@ -185,6 +185,8 @@ async def test_execute_raises_minos_failure_and_compensates() -> None:
     assert await execution.execute(response=SagaResponse()) == execution.context  # late reply: no change
     with pytest.raises(SagaNotCommittedException):
         SagaExecution.from_definition(Saga(steps=[LocalSagaStep(mark)], committed=False))
+    with pytest.raises(saga.SagaDefinitionError, match=r"a LocalSagaStep .* end the chain with \.commit"):
+        SagaExecution.from_definition(Saga().local_step(mark))  # type: ignore[arg-type]
 
 
 async def test_two_equal_nameless_definitions_share_one_registration(manager: SagaManager) -> None:
