@@ -28,11 +28,11 @@ from saga import execution_steps as _steps
 from saga import step_support as _support
 from saga.context import SagaContext, decode_context, encode_context
 from saga.definitions import Saga
-from saga.errors import SagaDefinitionError, SagaStateError
+from saga.errors import SagaStateError
 from saga.hooks import SagaHooks
 from saga.messages import ControlAction, SagaControl, SagaResponse
 from saga.state import STATE_FORMAT, AwaitedRequest, Transition, compact, outbox_message, random_uuid
-from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep, not_a_saga
+from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep
 from storage import ExecutionRecord, OutboxMessage, SagaStatus, StepRecord
 from storage.records import ReplyOutcome, StepPhase, new_execution_record
 
@@ -81,13 +81,14 @@ def _deadline_error() -> dict[str, Any]:
     return {"step": None, "error": "saga deadline passed", "type": "deadline"}
 
 
-class SagaExecution:
+class SagaExecution(_minos.MinosExecutionAPI):
     """One run of a saga definition.
 
     Build one with `start` (a new run) or `from_record` (a stored run); drive it with `advance`,
     `apply_reply`, `on_timeout` and `replay`; store it with `to_record`. Every driving method returns a
     `Transition`; when its ``persist`` is true the caller saves `to_record()` together with the
-    transition's ``outbox`` before publishing anything.
+    transition's ``outbox`` before publishing anything. Minos's driving API (``from_definition``,
+    ``execute``, ``rollback``) comes from `saga.execution_minos.MinosExecutionAPI`.
 
     Attributes:
         id: Execution id.
@@ -228,30 +229,6 @@ class SagaExecution:
         )
 
     @classmethod
-    def from_definition(
-        cls,
-        definition: Saga,
-        context: SagaContext | Mapping[str, Any] | None = None,
-        uuid: uuid.UUID | None = None,
-        *,
-        user: str | None = None,
-        reply_topic: str = "sagaReply",
-    ) -> SagaExecution:
-        """A new run to drive in this process with `execute` / `rollback` (Minos's constructor).
-
-        Raises:
-            SagaDefinitionError: The definition is invalid or not committed (Minos's ``validate``).
-        """
-        if not isinstance(definition, Saga):
-            raise SagaDefinitionError(f"from_definition needs a Saga, got {not_a_saga(definition)}")
-        definition.validate()
-        if definition.name is None:
-            definition._set_name(definition.derived_name())
-        return cls.start(
-            definition, context, reply_topic=reply_topic, now=_utc_now(), user=user, execution_id=uuid
-        )
-
-    @classmethod
     def from_record(
         cls,
         record: ExecutionRecord,
@@ -300,34 +277,6 @@ class SagaExecution:
         execution.error = None if record.error is None else dict(record.error)
         execution.mark_stored(record)
         return execution
-
-    # -- Minos's driving API -----------------------------------------------------------------------
-
-    async def execute(self, response: SagaResponse | None = None, *, autocommit: bool = True) -> SagaContext:
-        """Run in this process until a remote step pauses the run or it ends (Minos's ``execute``).
-
-        Commands and decisions go to `outbox`; ``execute(response=...)`` applies the reply (one built
-        without a request id answers the awaited request) and goes on.
-
-        Raises:
-            SagaPausedExecutionStepException: A remote step waits for its reply.
-            SagaExecutionError: The run ended ERRORED or DEAD_LETTER (Minos's
-                ``SagaFailedExecutionException``).
-            SagaExecutionAlreadyExecutedException: The run already ended, or the reply answers nothing.
-        """
-        return await _minos.execute(self, response, autocommit=autocommit)
-
-    async def rollback(self, *, autoreject: bool = True) -> None:
-        """Compensate the steps that ran, in reverse (Minos's ``rollback``); commands go to `outbox`.
-
-        Raises:
-            SagaRollbackExecutionException: Already rolled back, or a compensation failed for good.
-        """
-        await _minos.rollback(self, autoreject=autoreject)
-
-    def correlate(self, response: SagaResponse) -> SagaResponse:
-        """``response`` as the reply to the awaited request when it carries no request id of its own."""
-        return _minos.correlate(self, response)
 
     def mark_stored(self, record: ExecutionRecord) -> None:
         """Take the storage-owned fields (version, timestamps, attempts) from the record as stored."""

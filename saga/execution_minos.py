@@ -11,11 +11,16 @@ persists and publishes; this API is for tests and in-process use, as in Minos.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
 from saga import compensation as _comp
 from saga.context import SagaContext
+from saga.definitions import Saga
 from saga.errors import (
+    SagaDefinitionError,
     SagaExecutionAlreadyExecutedException,
     SagaExecutionError,
     SagaPausedExecutionStepException,
@@ -23,14 +28,72 @@ from saga.errors import (
 )
 from saga.messages import AWAITED_REQUEST_ID, SagaResponse
 from saga.state import Transition
+from saga.steps import not_a_saga
 from storage import SagaStatus
 
 if TYPE_CHECKING:
     from saga.execution import SagaExecution
 
-__all__: list[str] = []
+__all__ = ["MinosExecutionAPI"]
 
 _ROLLED_BACK: dict[str, Any] = {"step": None, "error": "rolled back", "type": "rollback"}
+
+
+class MinosExecutionAPI:
+    """`saga.SagaExecution`'s Minos methods: build a run with `from_definition`, drive it in this
+    process with `execute` and `rollback`."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_definition(
+        cls,
+        definition: Saga,
+        context: SagaContext | Mapping[str, Any] | None = None,
+        uuid: uuid.UUID | None = None,
+        *,
+        user: str | None = None,
+        reply_topic: str = "sagaReply",
+    ) -> SagaExecution:
+        """A new run to drive in this process with `execute` / `rollback` (Minos's constructor).
+
+        Raises:
+            SagaDefinitionError: Not a saga, or an invalid or uncommitted one (Minos's ``validate``).
+        """
+        if not isinstance(definition, Saga):
+            raise SagaDefinitionError(f"from_definition needs a Saga, got {not_a_saga(definition)}")
+        definition.validate()
+        if definition.name is None:
+            definition._set_name(definition.derived_name())
+        start = cast("type[SagaExecution]", cls).start
+        now = datetime.now(UTC)
+        return start(definition, context, reply_topic=reply_topic, now=now, user=user, execution_id=uuid)
+
+    async def execute(self, response: SagaResponse | None = None, *, autocommit: bool = True) -> SagaContext:
+        """Run in this process until a remote step pauses the run or it ends (Minos's ``execute``).
+
+        Commands and decisions go to ``outbox``; ``execute(response=...)`` applies the reply (one built
+        without a request id answers the awaited request) and goes on.
+
+        Raises:
+            SagaPausedExecutionStepException: A remote step waits for its reply.
+            SagaExecutionError: The run ended ERRORED or DEAD_LETTER (Minos's
+                ``SagaFailedExecutionException``).
+            SagaExecutionAlreadyExecutedException: The run already ended, or the reply answers nothing.
+        """
+        return await execute(cast("SagaExecution", self), response, autocommit=autocommit)
+
+    async def rollback(self, *, autoreject: bool = True) -> None:
+        """Compensate the steps that ran, in reverse (Minos's ``rollback``); commands go to ``outbox``.
+
+        Raises:
+            SagaRollbackExecutionException: Already rolled back, or a compensation failed for good.
+        """
+        await rollback(cast("SagaExecution", self), autoreject=autoreject)
+
+    def correlate(self, response: SagaResponse) -> SagaResponse:
+        """``response`` as the reply to the awaited request when it carries no request id of its own."""
+        return correlate(cast("SagaExecution", self), response)
 
 
 def correlate(ex: SagaExecution, response: SagaResponse) -> SagaResponse:
