@@ -35,6 +35,25 @@ _log = logging.getLogger(__name__)
 _MAX_CONNECT_BACKOFF = 2.0
 
 
+class _BootstrapRetryFilter(logging.Filter):
+    """Drops aiokafka's ``Unable connect to "host:port"`` error while `KafkaBrokerPool` retries a
+    connect: aiokafka logs one per attempt (a few a second for ``connect_timeout``), and the pool says
+    once that it retries and, at the end, whether it gave up. Outside those loops every record passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retrying = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            self.retrying and isinstance(record.msg, str) and record.msg.startswith('Unable connect to "')
+        )
+
+
+_bootstrap_filter = _BootstrapRetryFilter()
+logging.getLogger("aiokafka").addFilter(_bootstrap_filter)
+
+
 #: Producer-state errors that no retry of the same producer can clear.
 _PRODUCER_STATE_ERRORS: tuple[type[BaseException], ...] = (
     kafka_errors.OutOfOrderSequenceNumber,
@@ -465,9 +484,17 @@ class KafkaBrokerPool:
 
     async def _connect(self, factory: Any, deadline: float, what: str) -> Any:
         """Build a client with ``factory`` and start it, retrying until ``deadline``."""
+        _bootstrap_filter.retrying += 1
+        try:
+            return await self._connect_retrying(factory, deadline, what)
+        finally:
+            _bootstrap_filter.retrying -= 1
+
+    async def _connect_retrying(self, factory: Any, deadline: float, what: str) -> Any:
         loop = asyncio.get_running_loop()
         bootstrap = self.settings.bootstrap_servers
         backoff = 0.1
+        told = False
         while True:
             try:
                 client = factory()
@@ -490,7 +517,16 @@ class KafkaBrokerPool:
                         f"Kafka at {bootstrap} did not answer within "
                         f"{self.settings.connect_timeout:g}s (connect_timeout): {detail}",
                     ) from exc
-                _log.info("Kafka at %s not reachable yet (%s); retrying", bootstrap, exc)
+                if told:
+                    _log.debug("Kafka at %s not reachable yet (%s); retrying", bootstrap, exc)
+                else:
+                    told = True
+                    _log.warning(
+                        "Kafka at %s not reachable yet (%s); retrying for up to %gs (connect_timeout)",
+                        bootstrap,
+                        exc,
+                        self.settings.connect_timeout,
+                    )
                 await asyncio.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, _MAX_CONNECT_BACKOFF)
 

@@ -6,6 +6,16 @@ messages. Transport and storage failures keep their own roots (``broker.BrokerEr
 
     SagaError                         (execution_id, step)
     ├── SagaDefinitionError           a definition is invalid (names the step)
+    │   ├── EmptySagaException            the saga has no steps
+    │   ├── AlreadyCommittedException     the saga is committed: no more steps, hooks or commits
+    │   ├── SagaNotCommittedException     the saga is run or registered without ``.commit()``
+    │   └── SagaStepException             a step is invalid
+    │       ├── EmptySagaStepException        the step has no callback at all
+    │       ├── UndefinedOnExecuteException   the step has no ``on_execute``
+    │       ├── MultipleOnExecuteException    ``on_execute`` set twice (and On{Failure,Success,Error},
+    │       │                                 ElseThen: ``MultipleOnFailureException``, ...)
+    │       ├── AlreadyOnSagaException        the step object already belongs to a saga
+    │       └── SagaNotDefinedException       a free-standing step is chained before joining a saga
     ├── SagaContextError              a context value cannot be stored (names the key and the step)
     ├── SagaExecutionError            raised by run(raise_on_error=True) when a saga ends ERRORED/DEAD_LETTER
     ├── SagaStepError                 a step callback failed (wraps the callback's exception)
@@ -13,11 +23,17 @@ messages. Transport and storage failures keep their own roots (``broker.BrokerEr
     ├── UnknownSagaDefinitionError    (name, version) is not registered in the manager
     ├── SagaBusyError                 another worker holds the execution's claim (retriable)
     ├── SagaStateError                the operation does not fit the execution's status
+    │   ├── SagaExecutionAlreadyExecutedException   ``execute()`` on a finished execution
+    │   └── SagaRollbackExecutionException          ``rollback()`` twice, or a compensation failed
+    ├── SagaPausedExecutionStepException  ``SagaExecution.execute()`` stopped at a remote step
     ├── MalformedMessageError         a message cannot be decoded (names the field and why)
     │   └── UnsupportedProtocolError  a message speaks a newer wire-format version than this receiver
     └── SagaConfigError               a configuration value is wrong (names the key and why)
 
     broker.BrokerError  (retriable)      storage.StorageError  (retriable)
+
+The ``...Exception`` classes carry Minos's names, so code ported from ``minos.saga`` catches what it
+caught there; ``saga.compat.minos`` adds Minos's other names as aliases of the classes above.
 """
 
 from __future__ import annotations
@@ -25,16 +41,32 @@ from __future__ import annotations
 import uuid
 
 __all__ = [
+    "AlreadyCommittedException",
+    "AlreadyOnSagaException",
+    "EmptySagaException",
+    "EmptySagaStepException",
     "MalformedMessageError",
+    "MultipleElseThenException",
+    "MultipleOnErrorException",
+    "MultipleOnExecuteException",
+    "MultipleOnFailureException",
+    "MultipleOnSuccessException",
     "SagaBusinessError",
     "SagaBusyError",
     "SagaConfigError",
     "SagaContextError",
     "SagaDefinitionError",
     "SagaError",
+    "SagaExecutionAlreadyExecutedException",
     "SagaExecutionError",
+    "SagaNotCommittedException",
+    "SagaNotDefinedException",
+    "SagaPausedExecutionStepException",
+    "SagaRollbackExecutionException",
     "SagaStateError",
     "SagaStepError",
+    "SagaStepException",
+    "UndefinedOnExecuteException",
     "UnknownSagaDefinitionError",
     "UnsupportedProtocolError",
 ]
@@ -65,6 +97,58 @@ class SagaError(Exception):
 
 class SagaDefinitionError(SagaError):
     """A saga definition is invalid; raised by ``commit()`` or when registering."""
+
+
+class EmptySagaException(SagaDefinitionError):
+    """The saga has no steps (Minos's name)."""
+
+
+class AlreadyCommittedException(SagaDefinitionError):
+    """The saga is committed: it takes no more steps, hooks or commits (Minos's name)."""
+
+
+class SagaNotCommittedException(SagaDefinitionError):
+    """The saga is run or registered before ``.commit()`` sealed it (Minos's name)."""
+
+
+class SagaStepException(SagaDefinitionError):
+    """A step is invalid (Minos's name); ``step`` names it."""
+
+
+class EmptySagaStepException(SagaStepException):
+    """The step has no callback at all (Minos's name)."""
+
+
+class UndefinedOnExecuteException(SagaStepException):
+    """The step has no ``on_execute`` (Minos's name)."""
+
+
+class MultipleOnExecuteException(SagaStepException):
+    """``on_execute`` is set twice on one step (Minos's name)."""
+
+
+class MultipleOnFailureException(SagaStepException):
+    """``on_failure`` is set twice on one step (Minos's name)."""
+
+
+class MultipleOnSuccessException(SagaStepException):
+    """``on_success`` is set twice on one step (Minos's name)."""
+
+
+class MultipleOnErrorException(SagaStepException):
+    """``on_error`` is set twice on one step (Minos's name)."""
+
+
+class MultipleElseThenException(SagaStepException):
+    """``else_then`` is set twice on one conditional step (Minos's name)."""
+
+
+class AlreadyOnSagaException(SagaStepException):
+    """A step object is added to a saga while it belongs to one (Minos's name)."""
+
+
+class SagaNotDefinedException(SagaStepException):
+    """A free-standing step is chained (``.local_step()``, ``.commit()``, ...) before it joins a saga."""
 
 
 class SagaContextError(SagaError, TypeError):
@@ -124,6 +208,21 @@ class SagaBusyError(SagaError):
 
 class SagaStateError(SagaError):
     """The requested operation does not apply to the execution in its current status."""
+
+
+class SagaExecutionAlreadyExecutedException(SagaStateError):
+    """``SagaExecution.execute()`` on an execution that already ended (Minos's name)."""
+
+
+class SagaRollbackExecutionException(SagaStateError):
+    """``SagaExecution.rollback()`` on an execution already rolled back, or a compensation failed."""
+
+
+class SagaPausedExecutionStepException(SagaError):
+    """``SagaExecution.execute()`` reached a remote step: the execution waits for its reply (Minos's name).
+
+    The commands to send are in the execution's ``outbox``; ``execute(response=...)`` goes on.
+    """
 
 
 class MalformedMessageError(SagaError, ValueError):

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from saga import compensation as _comp
+from saga import execution_minos as _minos
 from saga import execution_steps as _steps
 from saga import step_support as _support
 from saga.context import SagaContext, decode_context, encode_context
@@ -81,13 +82,14 @@ def _deadline_error() -> dict[str, Any]:
     return {"step": None, "error": "saga deadline passed", "type": "deadline"}
 
 
-class SagaExecution:
+class SagaExecution(_minos.MinosExecutionAPI):
     """One run of a saga definition.
 
     Build one with `start` (a new run) or `from_record` (a stored run); drive it with `advance`,
     `apply_reply`, `on_timeout` and `replay`; store it with `to_record`. Every driving method returns a
     `Transition`; when its ``persist`` is true the caller saves `to_record()` together with the
-    transition's ``outbox`` before publishing anything.
+    transition's ``outbox`` before publishing anything. Minos's driving API (``from_definition``,
+    ``execute``, ``rollback``) comes from `saga.execution_minos.MinosExecutionAPI`.
 
     Attributes:
         id: Execution id.
@@ -130,6 +132,7 @@ class SagaExecution:
         "hooks",
         "id",
         "idempotency_key",
+        "outbox",
         "participants",
         "phase",
         "record_version",
@@ -198,6 +201,8 @@ class SagaExecution:
         self._attempt_started: datetime | None = None
         #: Set by the manager's heartbeat when another worker took the claim while this run was driven.
         self.claim_lost = False
+        #: What `execute` and `rollback` (the Minos driving API) produced, for their caller to publish.
+        self.outbox: tuple[OutboxMessage, ...] = ()
 
     # -- construction ----------------------------------------------------------------------------------
 
@@ -455,7 +460,7 @@ class SagaExecution:
         if len(cursor) != 1:
             return True
         top = self.definition._steps
-        return cursor[0] < len(top) and type(top[cursor[0]]) is not RemoteSagaStep
+        return cursor[0] < len(top) and not isinstance(top[cursor[0]], RemoteSagaStep)
 
     def classify_reply(self, response: SagaResponse) -> ReplyOutcome:
         """Whether ``response`` would be applied, and if not why (changes nothing).

@@ -68,6 +68,11 @@ def execute_next(ex: SagaExecution, now: datetime) -> Coroutine[Any, Any, Transi
         return run_local(ex, step, now)
     if type(step) is RemoteSagaStep:
         return send_remote(ex, step, now)
+    # Subclasses (saga.compat.minos's steps) after the exact types, which take no ABC-style check.
+    if isinstance(step, LocalSagaStep):
+        return run_local(ex, step, now)
+    if isinstance(step, RemoteSagaStep):
+        return send_remote(ex, step, now)
     assert isinstance(step, ConditionalSagaStep)
     return _through(ex, step, now)
 

@@ -38,7 +38,7 @@ from saga.driver import AlreadyAppliedError, ExecutionDriver
 from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, SagaStateError
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
-from saga.messages import SagaResponse
+from saga.messages import AWAITED_REQUEST_ID, SagaResponse
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from saga.trace_context import resolve_trace_context
@@ -263,7 +263,7 @@ class SagaManager(ExecutionDriver):
         return self.registry.register(saga, name=name)
 
     def _definition_for(self, definition: Saga) -> Saga:
-        if definition.name is not None and definition.committed:
+        if isinstance(definition, Saga) and definition.name is not None and definition.committed:
             known = self.registry._definitions.get((definition.name, definition.version))
             if known is definition:
                 return definition
@@ -342,10 +342,12 @@ class SagaManager(ExecutionDriver):
         Args:
             definition: Start a new execution of it (registered on the fly if needed).
             context: Initial context of a new execution.
-            response: Resume the execution this reply names instead.
+            response: Resume the execution this reply names instead. A reply built without a request id
+                (Minos-style) answers the request the execution awaits.
             user: User the saga runs for (forwarded in command headers).
             autocommit: Send commit/reject to the participants by itself when the saga ends; with
-                ``False`` call `commit` / `reject` yourself.
+                ``False`` call `commit` / `reject` yourself. Given with ``response``, it holds from that
+                reply on.
             pause_on_disk: Return as soon as the execution waits for a reply (PAUSED, stored); with
                 ``False``, wait here until it ends.
             raise_on_error: Raise `SagaExecutionError` when it ends ERRORED or DEAD_LETTER.
@@ -364,7 +366,11 @@ class SagaManager(ExecutionDriver):
             UnknownSagaDefinitionError: (resume) The execution's definition is not registered.
         """
         if response is not None:
-            execution, _ = await self._process_reply(response, None, wait=not pause_on_disk)
+            if response.request_id == AWAITED_REQUEST_ID:
+                response = (await self.get(response.execution_id)).correlate(response)
+            execution, _ = await self._process_reply(
+                response, None, wait=not pause_on_disk, autocommit=autocommit
+            )
         elif definition is not None:
             trace = resolve_trace_context(traceparent, tracestate)
             execution = await self._start(
@@ -458,16 +464,25 @@ class SagaManager(ExecutionDriver):
         return outcome
 
     async def _process_reply(
-        self, response: SagaResponse, message: BrokerMessage | None, *, wait: bool
+        self,
+        response: SagaResponse,
+        message: BrokerMessage | None,
+        *,
+        wait: bool,
+        autocommit: bool | None = None,
     ) -> tuple[SagaExecution, ReplyOutcome]:
+        """Apply a reply; ``autocommit``, when given (``run(response=..., autocommit=...)``), replaces the
+        execution's own from this reply on, as Minos takes it per call."""
         execution_id = response.execution_id
         cached = self._paused.pop(execution_id, None)
         if cached is not None and execution_id not in self._active and execution_id not in self._driving:
-            applied = await self._apply_unclaimed(cached, response, wait=wait)
+            applied = await self._apply_unclaimed(cached, response, wait=wait, autocommit=autocommit)
             if applied is not None:
                 return applied
         record, execution = await self._claim(execution_id)
         try:  # _claim reserved the id in _active: every way out must give it back
+            if autocommit is not None:
+                execution.autocommit = autocommit
             outcome = execution.classify_reply(response)
             if outcome != "applied":
                 await self._ignore_reply(execution, response, outcome, message)
@@ -495,7 +510,12 @@ class SagaManager(ExecutionDriver):
             self._active.discard(execution_id)
 
     async def _apply_unclaimed(
-        self, cached: ExecutionRecord, response: SagaResponse, *, wait: bool
+        self,
+        cached: ExecutionRecord,
+        response: SagaResponse,
+        *,
+        wait: bool,
+        autocommit: bool | None = None,
     ) -> tuple[SagaExecution, ReplyOutcome] | None:
         """Apply a reply to an execution from the record this process stored when pausing it, unclaimed.
 
@@ -508,6 +528,8 @@ class SagaManager(ExecutionDriver):
         try:
             try:
                 execution = self._execution(cached)
+                if autocommit is not None:
+                    execution.autocommit = autocommit
                 if execution.classify_reply(response) != "applied":
                     return None
                 transition = await execution.apply_reply(response, self.clock())

@@ -20,6 +20,7 @@ from broker import BrokerMessage
 from saga.errors import MalformedMessageError, UnsupportedProtocolError
 
 __all__ = [
+    "AWAITED_REQUEST_ID",
     "H_DEAD_LETTER_CODE",
     "H_EXECUTION_ID",
     "H_IDEMPOTENCY_KEY",
@@ -89,6 +90,11 @@ class SagaResponseStatus(IntEnum):
     SUCCESS = 200
     ERROR = 400
     SYSTEM_ERROR = 500
+
+    @classmethod
+    def from_raw(cls, raw: int) -> SagaResponseStatus:
+        """The member with value ``raw`` (Minos's name for ``SagaResponseStatus(raw)``)."""
+        return cls(raw)
 
 
 #: Status codes to members: a dict lookup, where ``SagaResponseStatus(code)`` costs an enum call per reply.
@@ -261,6 +267,12 @@ class SagaCommand:
         )
 
 
+#: The request id of a reply built without one (Minos-style, ``saga.compat.minos.SagaResponse``): given to
+#: ``SagaManager.run(response=...)``, it answers the request the execution awaits. Replies read from the
+#: broker always carry their own request id, and are applied only to that request.
+AWAITED_REQUEST_ID = uuid.UUID(int=0)
+
+
 @dataclass(frozen=True, slots=True)
 class SagaResponse:
     """A participant's reply to one command.
@@ -279,6 +291,32 @@ class SagaResponse:
     execution_id: uuid.UUID = field(default_factory=uuid.uuid4)
     request_id: uuid.UUID = field(default_factory=uuid.uuid4)
     service_name: str | None = None
+
+    def __post_init__(self) -> None:
+        status = self.status
+        if type(status) is not SagaResponseStatus and (
+            isinstance(status, bool) or not isinstance(status, int)
+        ):
+            raise TypeError(
+                f"SagaResponse status must be a SagaResponseStatus or an int, got {status!r}; "
+                "Minos's SagaResponse(content, related_services, status, uuid=...) is "
+                "saga.compat.minos.SagaResponse"
+            )
+
+    @property
+    def ok(self) -> bool:
+        """Whether the participant succeeded (status 200), as Minos's ``ok``."""
+        return int(self.status) == 200
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        """The execution the reply belongs to (Minos's name for ``execution_id``)."""
+        return self.execution_id
+
+    @property
+    def related_services(self) -> set[str]:
+        """The replying service as a set (Minos's name; autocommit sends it commit or reject)."""
+        return set() if self.service_name is None else {self.service_name}
 
     @property
     def known_status(self) -> SagaResponseStatus | None:

@@ -4,10 +4,16 @@ Adapters translate driver exceptions into these so callers handle one family wha
 
     StorageError                      (retriable: bool)
     ├── StorageUnavailableError       retriable: the database did not answer / connection lost
-    ├── ExecutionNotFoundError        .execution_id: no such execution
+    ├── ExecutionNotFoundError        .execution_id: no such execution (also a LookupError, ValueError)
     ├── ConcurrencyError              .execution_id, .expected_version: a stale write; nothing changed
+    │   └── ExecutionAlreadyExistsError   a create with an id already taken (also a ValueError)
     ├── DuplicateIdempotencyKeyError  .idempotency_key, .existing_id: a start with a key already used
     └── DuplicateReplyError           .execution_id, .request_id: that reply was already applied
+
+python-cqrs's storages raise ``ValueError("Saga <id> not found")`` and ``ValueError("Saga <id> already
+exists")``; the two errors that mean the same are ``ValueError`` subclasses with those words in their
+messages, so its callers (``except ValueError``, ``pytest.raises(ValueError, match="not found")``) work
+unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ __all__ = [
     "ConcurrencyError",
     "DuplicateIdempotencyKeyError",
     "DuplicateReplyError",
+    "ExecutionAlreadyExistsError",
     "ExecutionNotFoundError",
     "StorageError",
     "StorageUnavailableError",
@@ -40,8 +47,8 @@ class StorageUnavailableError(StorageError):
     retriable = True
 
 
-class ExecutionNotFoundError(StorageError, LookupError):
-    """No execution has the given id."""
+class ExecutionNotFoundError(StorageError, LookupError, ValueError):
+    """No execution has the given id (a ``ValueError`` too, as python-cqrs raises)."""
 
     def __init__(self, execution_id: uuid.UUID) -> None:
         super().__init__(f"saga execution {execution_id} not found")
@@ -58,6 +65,15 @@ class ConcurrencyError(StorageError):
         )
         self.execution_id = execution_id
         self.expected_version = expected_version
+
+
+class ExecutionAlreadyExistsError(ConcurrencyError, ValueError):
+    """A create found an execution with its id: the caller expected none (version 0); nothing changed."""
+
+    def __init__(self, execution_id: uuid.UUID) -> None:
+        StorageError.__init__(self, f"saga execution {execution_id} already exists; nothing was created")
+        self.execution_id = execution_id
+        self.expected_version = 0
 
 
 class DuplicateIdempotencyKeyError(StorageError):

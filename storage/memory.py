@@ -26,6 +26,7 @@ from storage.errors import (
     ConcurrencyError,
     DuplicateIdempotencyKeyError,
     DuplicateReplyError,
+    ExecutionAlreadyExistsError,
     ExecutionNotFoundError,
 )
 from storage.records import (
@@ -321,7 +322,7 @@ class MemorySagaStorage:
         # One hash of the id for the check and the insert (setdefault never replaces a stored row).
         if self._executions.setdefault(record.id, stored) is not stored:
             # The SQL adapter fails on the primary key the same way: the caller expected no row at all.
-            raise ConcurrencyError(record.id, 0)
+            raise ExecutionAlreadyExistsError(record.id)
         if record.idempotency_key is not None:
             self._by_key[record.idempotency_key] = record.id
         if outbox:

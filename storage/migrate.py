@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import CreateSchema
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
-__all__ = ["MIGRATIONS_DIR", "alembic_config", "connect_args", "upgrade", "upgrade_async"]
+__all__ = ["MIGRATIONS_DIR", "alembic_config", "connect_args", "revisions", "upgrade", "upgrade_async"]
 
 #: Where the migration scripts live inside the installed package.
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -31,6 +32,14 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
+
+
+def revisions() -> list[str]:
+    """The migrations' revision ids, oldest first (for messages about a revision that does not exist)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config())
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
 
 
 def connect_args(url: str, schema: str | None) -> dict[str, Any]:
@@ -63,7 +72,8 @@ async def upgrade_async(
         url: SQLAlchemy async URL; ignored when ``engine`` is given.
         revision: Target revision, ``head`` by default.
         engine: Reuse this engine (its pool and settings) instead of opening a throwaway one.
-        schema: PostgreSQL schema to create the tables in (through the connection's ``search_path``).
+        schema: PostgreSQL schema to create the tables in (through the connection's ``search_path``);
+            created first if it does not exist.
     """
     own = engine is None
     if engine is None:
@@ -78,6 +88,8 @@ async def upgrade_async(
     try:
         with ErrorTranslator(shown, f"schema upgrade to {revision}"):
             async with engine.begin() as conn:
+                if schema is not None:
+                    await conn.execute(CreateSchema(schema, if_not_exists=True))
                 await conn.run_sync(_upgrade, revision)
     finally:
         if own:

@@ -23,6 +23,33 @@ class SagaStatus(StrEnum):
     FAILED = "failed"
     DEAD_LETTER = "dead_letter"
 
+    # Minos's member names, aliases of the ones above (iterating the enum lists each status once).
+    Created = "created"
+    Running = "running"
+    Paused = "paused"
+    Finished = "finished"
+    Errored = "errored"
+
+    @classmethod
+    def from_raw(cls, raw: str | SagaStatus) -> SagaStatus:
+        """The status whose value is ``raw`` (Minos's name for ``SagaStatus(raw)``).
+
+        Raises:
+            ValueError: ``raw`` is no status's value; the message lists the valid ones.
+        """
+        if isinstance(raw, cls):
+            return raw
+        try:
+            return cls(raw)
+        except ValueError:
+            valid = ", ".join(member.value for member in cls)
+            raise ValueError(f"{raw!r} is not a saga status; expected one of {valid}") from None
+
+    @property
+    def raw(self) -> str:
+        """The stored value (Minos's name for ``.value``)."""
+        return self.value
+
 
 #: Statuses the recovery query picks up (``PAUSED`` only once its ``reply_deadline`` has passed).
 RECOVERABLE_STATUSES: frozenset[SagaStatus] = frozenset(

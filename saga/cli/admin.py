@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -44,6 +46,8 @@ __all__ = [
     "cmd_set_attempts",
     "cmd_show",
     "cmd_stats",
+    "resolve_id_prefix",
+    "store",
 ]
 
 _T = TypeVar("_T")
@@ -52,12 +56,45 @@ _T = TypeVar("_T")
 def _config(args: argparse.Namespace) -> SagaConfig:
     config = resolve_config(args.config)
     configure_logging(config.logging)
+    args.looked_in = store(config)  # named by `main` when an id is not found
     if config.storage.is_memory:
         print(
             "kafka-saga: note: storage.url is memory://, so this process sees only its own (empty) store",
             file=sys.stderr,
         )
     return config
+
+
+def _read_only(args: argparse.Namespace) -> SagaConfig:
+    """The configuration of a command that only reads (``list``, ``show``, ``stats``, ...).
+
+    It never creates a database nor migrates one: a SQLite file that does not exist is reported, with
+    the store the command looked in, instead of being created empty.
+    """
+    config = _config(args)
+    path = _sqlite_file(config.storage.url)
+    if path is not None and not path.exists():
+        raise CommandError(
+            f"no saga database at {path} ({store(config)}): nothing has run with this configuration "
+            "here; name yours with --config PATH or $SAGA_CONFIG"
+        )
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, auto_migrate=False))
+
+
+def store(config: SagaConfig) -> str:
+    """Which store a command looked in, for its messages: the URL (password hidden) and its source."""
+    return f"storage.url {config.storage.safe_url} from {config.source or 'the embedded default'}"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def _run(config: SagaConfig, fn: Callable[[SagaStorage], Awaitable[_T]]) -> _T:
@@ -77,7 +114,7 @@ def _status_label(status: SagaStatus) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """``kafka-saga list``."""
-    config = _config(args)
+    config = _read_only(args)
     query = ExecutionQuery(
         statuses=args.status or None, names=args.name or None, limit=args.limit, offset=args.offset
     )
@@ -123,7 +160,7 @@ def _page_footer(shown: int, total: int, offset: int, noun: str) -> str:
 
 def cmd_dead_letter(args: argparse.Namespace) -> int:
     """``kafka-saga dead-letter``."""
-    config = _config(args)
+    config = _read_only(args)
     query = ExecutionQuery(
         statuses=[SagaStatus.DEAD_LETTER], names=args.name or None, limit=args.limit, offset=args.offset
     )
@@ -154,7 +191,7 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """``kafka-saga show ID``."""
-    config = _config(args)
+    config = _read_only(args)
     saga_id: uuid.UUID = args.id
 
     async def fetch(storage: SagaStorage) -> tuple[ExecutionRecord, list[Any]]:
@@ -260,7 +297,7 @@ def _claim(record: ExecutionRecord) -> str | None:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """``kafka-saga stats``."""
-    config = _config(args)
+    config = _read_only(args)
     counts = _run(config, lambda storage: storage.count_by_status())
     total = sum(counts.values())
     if args.json:
@@ -282,6 +319,11 @@ def cmd_set_attempts(args: argparse.Namespace) -> int:
 
     async def apply(storage: SagaStorage) -> tuple[ExecutionRecord, ExecutionRecord]:
         before = await storage.load(saga_id)
+        if before.status in (SagaStatus.FINISHED, SagaStatus.ERRORED):
+            raise CommandError(
+                f"execution {saga_id} is {_status_label(before.status)}, which recovery never picks up: "
+                "its recovery attempts mean nothing, so nothing was changed"
+            )
         await storage.set_recovery_attempts(saga_id, args.attempts)
         return before, await storage.load(saga_id)
 
@@ -378,6 +420,34 @@ def _run_with(storage: SagaStorage, fn: Callable[[SagaStorage], Awaitable[_T]]) 
     return asyncio.run(go())
 
 
+def resolve_id_prefix(args: argparse.Namespace, prefix: str) -> uuid.UUID:
+    """The execution whose id starts with ``prefix`` (``kafka-saga show 3f2a9c1e``), in the store the
+    command would use. Reads pages of ids only; refuses a prefix that matches none or several."""
+    config = _read_only(args)
+    wanted = prefix.lower()
+    page = 500
+
+    async def scan(storage: SagaStorage) -> list[uuid.UUID]:
+        found: list[uuid.UUID] = []
+        offset = 0
+        while len(found) < 2:
+            result = await storage.query(ExecutionQuery(limit=page, offset=offset))
+            found.extend(r.id for r in result.rows if str(r.id).startswith(wanted))
+            offset += page
+            if offset >= result.total or not result.rows:
+                break
+        return found
+
+    found = _run(config, scan)
+    if not found:
+        raise CommandError(f"no execution id starts with {prefix!r} in {store(config)}")
+    if len(found) > 1:
+        raise CommandError(
+            f"{prefix!r} is the start of several execution ids ({found[0]}, {found[1]}, ...); give more of it"
+        )
+    return found[0]
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """``kafka-saga db upgrade``."""
     config = resolve_config(args.config)
@@ -389,6 +459,12 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         from storage import migrate
     except ImportError as exc:
         raise CommandError(f"database migrations are not available ({exc})") from exc
-    migrate.upgrade(config.storage.url, args.revision, schema=config.storage.schema)
+    from alembic.util import CommandError as AlembicError
+
+    try:
+        migrate.upgrade(config.storage.url, args.revision, schema=config.storage.schema)
+    except AlembicError as exc:
+        known = ", ".join(["head", *migrate.revisions()])
+        raise CommandError(f"--revision {args.revision!r}: {exc} (known revisions: {known})") from exc
     print(f"database schema is at {args.revision}")
     return 0

@@ -2,7 +2,10 @@
 
 Exit codes: 0 success; 1 the operation failed (unknown execution, wrong status, service unreachable, demo
 sagas not in their expected status); 2 usage or configuration error (nothing was written); 130
-interrupted.
+interrupted; 141 the reader of the output went away (``kafka-saga list | head``), as SIGPIPE would.
+
+As with ``python -m``, the current directory is importable, so ``sagas: [mymodule:SAGA]`` finds
+``./mymodule.py``.
 """
 
 from __future__ import annotations
@@ -51,12 +54,29 @@ def _version() -> str:
         return "unknown"
 
 
-def execution_id(text: str) -> uuid.UUID:
-    """argparse type of an execution id."""
+class IdPrefix(str):
+    """The start of an execution id, resolved against the store before the command runs."""
+
+    __slots__ = ()
+
+
+#: Shortest id prefix accepted: fewer hex digits match too many executions to be worth a scan.
+MIN_PREFIX = 4
+
+
+def execution_id(text: str) -> uuid.UUID | IdPrefix:
+    """argparse type of an execution id: a whole UUID, or an unambiguous start of one (``3f2a9c1e``)."""
+    text = text.strip()
     try:
-        return uuid.UUID(text.strip())
+        return uuid.UUID(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an execution id (expected a UUID)") from None
+        pass
+    digits = text.replace("-", "").lower()
+    if len(digits) >= MIN_PREFIX and len(digits) < 32 and all(c in "0123456789abcdef" for c in digits):
+        return IdPrefix(text.lower())
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not an execution id (expected a UUID, or at least its first {MIN_PREFIX} hex digits)"
+    )
 
 
 def _non_negative(text: str) -> int:
@@ -121,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add_on_one(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         """A command about one execution: ``kafka-saga NAME ID``."""
         sub = add(name, handler, help_text, as_json)
-        sub.add_argument("id", type=execution_id, metavar="ID", help="execution id")
+        sub.add_argument(
+            "id", type=execution_id, metavar="ID", help="execution id, or an unambiguous start of one"
+        )
         return sub
 
     def add_paging(sub: argparse.ArgumentParser, *, limit: int) -> None:
@@ -176,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_on_one(
         "retry",
         admin.cmd_retry,
-        "Move a DEAD_LETTER execution back to recovery (its recovery attempts start again from 0).",
+        "Move a DEAD_LETTER or FAILED execution back to recovery (as FAILED, its recovery attempts "
+        "starting again from 0).",
     )
 
     add_on_one(
@@ -188,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_on_one(
         "set-attempts",
         admin.cmd_set_attempts,
-        "Set an execution's recovery attempts (0 makes it eligible for recovery again).",
+        "Set an execution's recovery attempts (0 makes it eligible for recovery again); refused for "
+        "FINISHED and ERRORED executions, which recovery never picks up.",
     )
     p.add_argument("attempts", type=_non_negative, metavar="N", help="new number of recovery attempts")
 
@@ -290,8 +314,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     handler: Handler = args.handler
+    _current_directory_importable()
     try:
-        return handler(args)
+        if isinstance(getattr(args, "id", None), IdPrefix):
+            from saga.cli.admin import resolve_id_prefix
+
+            args.id = resolve_id_prefix(args, args.id)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): no traceback, and nothing more to flush at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except SagaConfigError as exc:
         _fail(str(exc))
         return 2
@@ -299,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
         return exc.code
     except ExecutionNotFoundError as exc:
-        _fail(str(exc))
+        where = getattr(args, "looked_in", None)
+        _fail(f"{exc} in {where}" if where else str(exc))
         return 1
     except (SagaStateError, SagaBusyError) as exc:
         _fail(str(exc))
@@ -310,6 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted")
         return 130
+
+
+def _current_directory_importable() -> None:
+    """Put the current directory first on the import path, as ``python -m`` does (a console script
+    gets its own directory instead), so configuration entries like ``mymodule:SAGA`` import."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _fail(message: str) -> None:

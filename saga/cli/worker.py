@@ -30,7 +30,9 @@ _log = logging.getLogger("saga.worker")
 def run_worker(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; exit 0 after a clean drain."""
     config = resolve_config(args.config)
-    manager = build_manager(config)  # configuration errors surface here, before anything starts
+    # Configuration errors surface here, before anything starts. A worker is the process that consumes
+    # replies, whatever consumer.consume_replies says for the service's other processes.
+    manager = build_manager(config, consume_replies=True)
     configure_logging(config.logging)
     return asyncio.run(serve(config, manager))
 

@@ -69,6 +69,7 @@ def import_sagas(config: SagaConfig) -> list[Saga]:
             (``sagas[2]``).
     """
     from saga.definitions import Saga
+    from saga.steps import SagaStep, not_a_saga
 
     sagas: list[Saga] = []
     for index, entry in enumerate(config.sagas):
@@ -94,6 +95,8 @@ def import_sagas(config: SagaConfig) -> list[Saga]:
                 raise SagaConfigError(
                     key, f"module {module_name!r} has no attribute {attribute!r}", source=config.source
                 ) from None
+        if isinstance(obj, SagaStep):
+            raise SagaConfigError(key, f"{entry!r} is {not_a_saga(obj)}", source=config.source)
         if not isinstance(obj, Saga):
             raise SagaConfigError(
                 key, f"{entry!r} is {_article(type(obj).__name__)}, not a Saga", source=config.source
@@ -114,6 +117,7 @@ def manager_options(config: SagaConfig) -> dict[str, Any]:
         "dead_letter_topic": config.topics.dead_letter,
         "consumer_group": config.consumer.group,
         "reply_concurrency": config.consumer.concurrency,
+        "consume_replies": config.consumer.consume_replies,
         "lease_seconds": config.recovery.lease_seconds,
         "relay_interval": config.outbox.relay_interval,
     }

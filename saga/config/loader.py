@@ -399,7 +399,7 @@ def _check_storage_url(url: str, ctx: _Context) -> None:
     if url == MEMORY_STORAGE_URL:
         return
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
         parsed = make_url(url)
@@ -408,8 +408,21 @@ def _check_storage_url(url: str, ctx: _Context) -> None:
             "storage.url", "not a database URL (expected e.g. postgresql+asyncpg://... or memory://)"
         ) from None
     shown = parsed.render_as_string(hide_password=True)
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     async_drivers = {"postgresql": "asyncpg", "sqlite": "aiosqlite"}
+    if parsed.drivername.split("+")[0] in ("postgres", "pgsql"):
+        # Heroku and libpq tools spell it postgres://; SQLAlchemy has no dialect of that name.
+        raise ctx.error(
+            "storage.url",
+            f"{shown!r}: SQLAlchemy spells the scheme postgresql; use postgresql+asyncpg://"
+            f"{shown.split('://', 1)[1]}",
+        )
+    try:
+        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    except NoSuchModuleError:
+        raise ctx.error(
+            "storage.url",
+            f"unsupported database in {shown!r} (use postgresql+asyncpg://, sqlite+aiosqlite:/// or memory://)",
+        ) from None
     if backend not in async_drivers:
         raise ctx.error(
             "storage.url",

@@ -135,10 +135,15 @@ class ConsumerConfig:
         group: Consumer group of the reply consumer; orchestrators of one service share it so each
             reply is handled once. ``None`` means the manager's default.
         concurrency: Most replies in progress at once (``SagaManager(reply_concurrency=...)``).
+        consume_replies: Run the reply consumer (``SagaManager(consume_replies=...)``); ``false`` for a
+            process that only starts sagas with ``pause_on_disk=True``, so it does not join the group
+            (each member joining or leaving rebalances the workers). ``kafka-saga worker`` always
+            consumes.
     """
 
     group: str | None = None
     concurrency: int = 256  # saga.consumer.DEFAULT_REPLY_CONCURRENCY
+    consume_replies: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

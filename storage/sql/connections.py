@@ -116,7 +116,26 @@ class ErrorTranslator:
                 f"database {self._url} unavailable during {self._operation}: {_describe(exc)}"
             ) from exc
         if isinstance(exc, (sa_exc.SQLAlchemyError, *_DRIVER_ERRORS)):
-            raise StorageError(f"{self._operation} failed on {self._url}: {_describe(exc)}") from exc
+            raise StorageError(
+                f"{self._operation} failed on {self._url}: {_describe(exc)}{_missing_tables_hint(exc)}"
+            ) from exc
+
+
+#: How SQLite and PostgreSQL say a table is missing; the saga tables all start with ``saga_``.
+_MISSING_TABLE = ("no such table: saga_", 'relation "saga_')
+
+
+def _missing_tables_hint(exc: BaseException) -> str:
+    """The fix when the saga tables are missing: a fresh database that was never migrated."""
+    text = str(exc)
+    if any(marker in text for marker in _MISSING_TABLE) and (
+        "no such table" in text or "does not exist" in text
+    ):
+        return (
+            "; the database has no kafka-saga tables yet: run `kafka-saga db upgrade` "
+            "(or turn storage.auto_migrate on)"
+        )
+    return ""
 
 
 def _reusable(error: BaseException) -> bool:

@@ -36,6 +36,7 @@ from storage.errors import (
     ConcurrencyError,
     DuplicateIdempotencyKeyError,
     DuplicateReplyError,
+    ExecutionAlreadyExistsError,
     ExecutionNotFoundError,
 )
 from storage.migrate import connect_args, upgrade_async
@@ -128,6 +129,7 @@ class SqlAlchemySagaStorage:
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         self._url = engine.url.render_as_string(hide_password=True)
         self._auto_migrate = auto_migrate
+        self._schema = schema
         self._started = False
         self._tables = tables
         self._clock = Clock(server=not self._sqlite)
@@ -175,7 +177,7 @@ class SqlAlchemySagaStorage:
             return
         if self._auto_migrate:
             with self._guard("migrate"):
-                await upgrade_async(engine=self._engine)
+                await upgrade_async(engine=self._engine, schema=self._schema)
         self._started = True
 
     async def stop(self) -> None:
@@ -256,7 +258,7 @@ class SqlAlchemySagaStorage:
                 existing = found[0]
                 raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
         # Otherwise the primary key: the caller expected no execution with this id (version 0).
-        raise ConcurrencyError(record.id, 0) from error
+        raise ExecutionAlreadyExistsError(record.id) from error
 
     def _outbox_params(self, outbox: Sequence[OutboxMessage], claim: OutboxClaim | None) -> dict[str, Any]:
         """The outbox rows' parameters for a one-statement write; the claim columns NULL without a claim."""

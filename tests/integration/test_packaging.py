@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -65,12 +67,26 @@ def test_wheel_holds_only_saga_broker_storage(wheel: Path) -> None:
 def test_wheel_installs_into_a_clean_venv(wheel: Path, tmp_path: Path) -> None:
     """`pip install` into a fresh virtualenv, then the three packages import and the CLI answers.
 
-    The venv sees the interpreter's site-packages for the dependencies (no network needed), but the
-    project itself only from the wheel: it runs from a directory outside the repository.
+    The new venv finds the dependencies in the site-packages of the interpreter running the tests (no
+    network needed) through a ``.pth`` file: that is the virtualenv's own site-packages when the tests
+    run from one, which ``system_site_packages`` would miss (it sees the base interpreter's). Paths a
+    ``.pth`` file adds come after the venv's own site-packages and their own ``.pth`` files are not
+    run, so the project itself (an editable install of the repository, say) only comes from the wheel;
+    it runs from a directory outside the repository.
     """
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True, system_site_packages=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    new_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    ours = dict.fromkeys(
+        [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    )
+    (Path(new_site) / "kafka_saga_test_dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
     subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "--quiet", str(wheel)],
         check=True,

@@ -207,7 +207,8 @@ def test_config_error_block_shows_what_users_see(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "SAGA_DATABASE_URL"}
     (tmp_path / "config").mkdir()
     for line in lines:
-        path, key, _ = line.split(": ", 2)
+        prog, path, key, _ = line.split(": ", 3)
+        assert prog == "kafka-saga", "the README shows the lines as the command prints them"
         (tmp_path / path).write_text(_BROKEN_CONFIGS[key])
         proc = subprocess.run(
             [sys.executable, "-m", "saga.cli", "stats", "--config", path],

@@ -355,7 +355,9 @@ def test_unknown_ids(seeded: Seeded, command: str, capsys: pytest.CaptureFixture
     code, out, err = cli(capsys, *argv)
     assert code == 1
     assert out == ""
-    assert err == f"kafka-saga: saga execution {missing} not found\n"
+    assert err == (
+        f"kafka-saga: saga execution {missing} not found in storage.url {seeded.url} from {seeded.config}\n"
+    )
 
 
 # -- db upgrade ----------------------------------------------------------------------------------------

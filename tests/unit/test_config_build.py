@@ -46,6 +46,7 @@ def sagas_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
             PAYMENT = Saga("payment").remote_step(_send).commit()
             OPEN = Saga("open")
             OPEN.local_step(lambda context: None, name="step")
+            UNCOMMITTED = Saga("unc").remote_step(_send)
             NAMELESS = Saga().local_step(lambda context: None, name="only").commit()
             NOT_A_SAGA = 42
 
@@ -180,11 +181,21 @@ def test_import_sagas(sagas_module: str) -> None:
     assert sagas[1] is ORDER_SAGA
 
 
-def test_open_and_nameless_sagas_are_committed_and_named_on_registration(sagas_module: str) -> None:
-    manager = build_manager({"sagas": [f"{sagas_module}:OPEN", f"{sagas_module}:NAMELESS"]})
+def test_nameless_sagas_are_named_on_registration(sagas_module: str) -> None:
+    manager = build_manager({"sagas": [f"{sagas_module}:NAMELESS"]})
     names = [saga.name or "" for saga in manager.registry]
-    assert names[0] == "open"
-    assert names[1].startswith("saga_")
+    assert names[0].startswith("saga_")
+
+
+def test_a_saga_without_commit_is_refused_with_the_fix(sagas_module: str) -> None:
+    with pytest.raises(SagaConfigError, match=r"sagas\[0\].*'open' is not committed: call .commit\(\)"):
+        build_manager({"sagas": [f"{sagas_module}:OPEN"]})
+    with pytest.raises(
+        SagaConfigError,
+        match=r"sagas\[0\]: .*:UNCOMMITTED' is a RemoteSagaStep \(step '_send' of saga 'unc'\), not a Saga: "
+        r"end the chain with .commit\(\)",
+    ):
+        build_manager({"sagas": [f"{sagas_module}:UNCOMMITTED"]})
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,12 @@ import functools
 import pytest
 
 from saga import RetryPolicy, Saga, SagaContext, SagaDefinitionError, SagaRegistry, SagaRequest
-from saga.errors import UnknownSagaDefinitionError
+from saga.errors import (
+    EmptySagaStepException,
+    SagaNotCommittedException,
+    UndefinedOnExecuteException,
+    UnknownSagaDefinitionError,
+)
 from saga.steps import ConditionalSagaStep, LocalSagaStep, RemoteSagaStep, invoke
 
 
@@ -82,15 +87,45 @@ def test_validation_remote_step_without_on_execute_names_the_step() -> None:
     assert info.value.step == "reserve"
 
 
-def test_validation_duplicate_names_also_across_sub_sagas() -> None:
+def test_a_local_step_without_on_execute_is_refused_not_named_after_its_compensation() -> None:
+    with pytest.raises(
+        UndefinedOnExecuteException, match="local step 'local_step_1' has no on_execute"
+    ) as info:
+        Saga("x").local_step().on_failure(confirm).commit()
+    assert info.value.step == "local_step_1"
+    with pytest.raises(EmptySagaStepException, match="local step 'local_step_1' has no callback at all"):
+        Saga("x").local_step().commit()
+
+
+def test_validation_duplicate_explicit_names_also_across_sub_sagas() -> None:
     with pytest.raises(SagaDefinitionError, match="duplicate step name 'confirm'"):
-        Saga("x").local_step(confirm).local_step(confirm).commit()
+        Saga("x").local_step(confirm, name="confirm").local_step(send_order, name="confirm").commit()
     sub = Saga().local_step(confirm).commit()
     with pytest.raises(
         SagaDefinitionError, match=r"duplicate step name 'confirm'.*branch 1 of 'choose'"
     ) as info:
-        Saga("x").local_step(confirm).conditional_step(name="choose").if_then(lambda c: True, sub).commit()
+        Saga("x").local_step(order_ok, name="confirm").conditional_step(name="choose").if_then(
+            lambda c: True, sub
+        ).commit()
     assert info.value.step == "confirm"
+
+
+def test_one_callback_in_several_steps_and_branches_gets_numbered_names() -> None:
+    sub = Saga().local_step(confirm).commit()
+    saga = (
+        Saga("x")
+        .local_step(confirm)
+        .local_step(confirm)
+        .remote_step(send_order)
+        .remote_step(send_order)
+        .conditional_step(name="choose")
+        .if_then(lambda c: True, sub)
+        .else_then(sub)
+        .commit()
+    )
+    assert saga.step_names() == [
+        "confirm_2", "confirm_3", "send_order", "send_order_2", "choose", "confirm", "confirm",
+    ]  # fmt: skip
 
 
 def test_validation_steps_after_commit_and_hooks_set_twice() -> None:
@@ -188,10 +223,14 @@ def test_retry_policy_validation_and_backoff() -> None:
         RetryPolicy(initial_delay=float("inf"))
 
 
-def test_registry_names_commits_and_refuses_conflicts() -> None:
+def test_registry_names_and_refuses_conflicts() -> None:
     registry = SagaRegistry()
     nameless = Saga()
     nameless.local_step(confirm)
+    with pytest.raises(SagaNotCommittedException, match=r"not committed: call \.commit\(\)"):
+        registry.register(nameless, name="named")
+    assert nameless.name is None and len(registry) == 0
+    nameless.commit()
     registered = registry.register(nameless, name="named")
     assert registered is nameless and nameless.name == "named" and nameless.committed
     assert registry.register(nameless) is nameless  # same object again: fine

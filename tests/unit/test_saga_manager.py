@@ -15,9 +15,11 @@ from saga import (
     Saga,
     SagaContext,
     SagaContextError,
+    SagaDefinitionError,
     SagaExecution,
     SagaExecutionError,
     SagaManager,
+    SagaNotCommittedException,
     SagaRequest,
     SagaResponse,
     SagaStatus,
@@ -513,9 +515,26 @@ async def test_run_needs_a_definition_or_a_response(manager: SagaManager) -> Non
 async def test_nameless_minos_saga_is_registered_on_the_fly(manager: SagaManager) -> None:
     saga = Saga()
     saga.local_step(add("a", 1))
+    saga.commit()
     execution = await manager.run(saga)
-    assert saga.committed and saga.name is not None and execution.name == saga.name
+    assert saga.name is not None and execution.name == saga.name
     assert isinstance(execution, SagaExecution)
+
+
+async def test_a_saga_left_without_commit_is_refused_before_anything_runs(manager: SagaManager) -> None:
+    ran: list[str] = []
+    statements = Saga("statements")
+    statements.local_step(lambda context: ran.append("step"))
+    with pytest.raises(SagaNotCommittedException, match=r"'statements' is not committed: call \.commit\(\)"):
+        await manager.run(statements)
+    chained = Saga("chained").local_step(lambda context: ran.append("step"))
+    with pytest.raises(
+        SagaDefinitionError,
+        match=r"a LocalSagaStep \(step 'local_step_1' of saga 'chained'\), not a Saga: end the chain with "
+        r"\.commit\(\)",
+    ):
+        await manager.run(chained)  # type: ignore[arg-type]
+    assert ran == [] and len(manager.registry) == 0
 
 
 async def test_a_reply_costs_one_save_with_the_step_that_follows(pool: InMemoryBrokerPool) -> None:

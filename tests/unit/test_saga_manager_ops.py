@@ -303,6 +303,7 @@ def test_from_config_delegates_to_the_config_package(monkeypatch: pytest.MonkeyP
 async def test_register_conflicts_and_get(manager: SagaManager) -> None:
     open_saga = Saga("reg")
     open_saga.local_step(add("a", 1))
+    open_saga.commit()
     saga = manager.register(open_saga)
     assert saga is open_saga and saga.committed
     with pytest.raises(SagaDefinitionError):

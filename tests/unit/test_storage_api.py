@@ -13,6 +13,7 @@ PUBLIC = [
     "ConcurrencyError",
     "DuplicateIdempotencyKeyError",
     "DuplicateReplyError",
+    "ExecutionAlreadyExistsError",
     "ExecutionNotFoundError",
     "ExecutionQuery",
     "ExecutionRecord",
