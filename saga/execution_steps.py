@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from saga.compensation import begin_compensation
 from saga.context import SagaContext
-from saga.errors import SagaContextError
+from saga.errors import SagaContextError, SagaStateError
 from saga.messages import SagaResponse, SagaResponseStatus
 from saga.state import AwaitedRequest, Transition, exception_error, moved
 from saga.step_support import (
@@ -261,3 +261,24 @@ async def finish(ex: SagaExecution, step: str | None) -> Transition:
     await set_status(ex, _FINISHED)
     outbox = ex._decision("commit") if ex.autocommit else ()
     return Transition(_FINISHED, outbox, step=step) if outbox else moved(_FINISHED, step)
+
+
+async def cancel(ex: SagaExecution, error: dict[str, Any]) -> Transition:
+    """Stop going forward and compensate what ran, through the same path as a failed step.
+
+    An awaited forward request is abandoned like a timed-out one (it is compensated too, since its
+    participant may have run it); otherwise the executed steps are compensated in reverse.
+
+    Raises:
+        SagaStateError: The run ended (FINISHED, ERRORED) or is already compensating.
+    """
+    if ex.status in (SagaStatus.FINISHED, SagaStatus.ERRORED) or ex.phase == "compensate":
+        raise SagaStateError(
+            f"cannot cancel execution {ex.id}: it is {ex.status}"
+            + (" and compensating" if ex.phase == "compensate" and not ex.terminal else ""),
+            execution_id=ex.id,
+        )
+    awaiting = ex.awaiting
+    if awaiting is not None:
+        return await abandon_request(ex, awaiting, ex.step_at(awaiting.path), error)
+    return await begin_compensation(ex, error)

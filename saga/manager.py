@@ -31,6 +31,7 @@ from typing import Any, Literal, overload
 from dependency_injector.wiring import Provide
 
 from broker import BrokerClientPool, BrokerMessage
+from saga import execution_steps as _steps
 from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
@@ -562,6 +563,28 @@ class SagaManager(ExecutionDriver):
                     execution_id=execution_id,
                 )
             transition = await execution.replay(self.clock())
+            return await self._drive(execution, record, transition=transition)
+        except Exception:
+            await self._release(execution_id)
+            raise
+        finally:
+            self._active.discard(execution_id)
+
+    async def cancel(self, execution_id: uuid.UUID, *, reason: str = "cancelled") -> SagaExecution:
+        """Stop an execution going forward and compensate what it did, as a failed step would.
+
+        Durable like any step: the execution is claimed, COMPENSATING (or ERRORED when nothing needs
+        compensating) is stored with its error ``{"type": "cancelled", ...}``, and the compensations run
+        (remote ones through the outbox, so recovery finishes them after a crash).
+
+        Raises:
+            SagaStateError: It already ended or is compensating.
+            SagaBusyError: Another worker holds its claim (a step is running); try again.
+        """
+        record, execution = await self._claim(execution_id)
+        try:  # _claim reserved the id in _active: every way out must give it back
+            error = {"step": None, "error": reason, "type": "cancelled"}
+            transition = await _steps.cancel(execution, error)
             return await self._drive(execution, record, transition=transition)
         except Exception:
             await self._release(execution_id)

@@ -90,7 +90,7 @@ def _status(text: str) -> list[SagaStatus]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kafka-saga`` and all its subcommands."""
-    from saga.cli import admin, demo, worker
+    from saga.cli import admin, demo, operate, worker
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these statuses (repeat or comma-separate: --status failed,dead_letter)",
     )
     add_paging(p, limit=20)
+    operate.add_list_filters(p)
 
     add_on_one(
         "show", admin.cmd_show, "Show one execution: its steps, attempts, timings, errors and replies."
@@ -173,11 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("stats", admin.cmd_stats, "Count executions by status.", as_json)
 
-    add_on_one(
+    p = add(
         "retry",
-        admin.cmd_retry,
-        "Move a DEAD_LETTER execution back to recovery (its recovery attempts start again from 0).",
+        operate.cmd_retry,
+        "Move a DEAD_LETTER execution back to recovery (its recovery attempts start again from 0); with "
+        "--status (and --name) instead of an ID, every matching one, after confirmation.",
+        as_json,
     )
+    p.add_argument("id", type=execution_id, metavar="ID", nargs="?", help="execution id")
+    p.add_argument("--status", type=_status, action="extend", metavar="STATUS", help="retry all in STATUS")
+    p.add_argument("--name", action="append", metavar="SAGA", help="only this saga (repeatable)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    p = add_on_one(
+        "cancel",
+        operate.cmd_cancel,
+        "Stop an execution going forward and compensate the steps it did (as a failed step would).",
+    )
+    p.add_argument("--reason", metavar="TEXT", help="stored in the execution's error (default: operator)")
 
     add_on_one(
         "replay",

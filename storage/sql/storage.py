@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 
 import orjson
-from sqlalchemy import URL, ColumnElement, Executable, event, func, make_url, select
+from sqlalchemy import URL, Executable, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from storage.errors import (
@@ -50,6 +50,7 @@ from storage.records import (
     StepRecord,
 )
 from storage.sql import codec
+from storage.sql.admin_query import admin_query
 from storage.sql.combined import OUTBOX_IDS
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
 from storage.sql.grouped import (
@@ -393,33 +394,11 @@ class SqlAlchemySagaStorage:
 
     async def query(self, query: ExecutionQuery | None = None) -> QueryResult:
         """Filtered page of executions, newest first, with the total; see `SagaStorage.query`."""
-        q = query or ExecutionQuery()
-        t = self._tables.executions
-        where: list[ColumnElement[bool]] = []
-        if q.statuses is not None:
-            where.append(t.c.status.in_([SagaStatus(s).value for s in q.statuses]))
-        if q.names is not None:
-            where.append(t.c.name.in_(list(q.names)))
-        if q.created_after is not None:
-            where.append(t.c.created_at >= q.created_after)
-        if q.created_before is not None:
-            where.append(t.c.created_at < q.created_before)
-        if q.updated_after is not None:
-            where.append(t.c.updated_at >= q.updated_after)
-        if q.updated_before is not None:
-            where.append(t.c.updated_at < q.updated_before)
-        page = (
-            select(*t.c)
-            .where(*where)
-            .order_by(t.c.created_at.desc(), t.c.id.desc())
-            .offset(q.offset)
-            .limit(q.limit)
-        )
-        total = select(func.count()).select_from(t).where(*where)
+        page, total, params = admin_query(self._tables.executions, self._clock, query or ExecutionQuery())
         with self._guard("query"):
             async with self._db.connect() as session:
-                rows = await session.sa_all(page)
-                ((count,),) = await session.sa_all(total)
+                rows = await session.sa_all(page, params)
+                ((count,),) = await session.sa_all(total, params)
         return QueryResult(rows=[codec.execution_from_row(r) for r in rows], total=count)
 
     async def count_by_status(self) -> dict[SagaStatus, int]:

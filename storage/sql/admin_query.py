@@ -1,0 +1,68 @@
+"""The admin query (`SagaStorage.query`) as SQL: built per call, since its filters vary.
+
+Rows come newest first on ``(created_at, id)``, which ``ix_saga_executions_created_at`` serves: a page
+reads ``limit`` index entries whatever the table's size, and keyset paging (``after``) keeps that true deep
+into the list, where ``OFFSET`` would read and drop every row before the page.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, Table, Text, and_, cast, func, not_, or_, select
+
+from storage.records import ExecutionQuery
+from storage.sql.statements import Clock
+from storage.status import SagaStatus
+
+__all__ = ["admin_query"]
+
+
+def admin_query(
+    t: Table, clock: Clock, q: ExecutionQuery
+) -> tuple[Select[Any], Select[Any], dict[str, Any] | None]:
+    """The page statement, the count statement and their parameters for ``q``."""
+    where: list[ColumnElement[bool]] = []
+    if q.statuses is not None:
+        where.append(t.c.status.in_([SagaStatus(s).value for s in q.statuses]))
+    if q.names is not None:
+        where.append(t.c.name.in_(list(q.names)))
+    if q.created_after is not None:
+        where.append(t.c.created_at >= q.created_after)
+    if q.created_before is not None:
+        where.append(t.c.created_at < q.created_before)
+    if q.updated_after is not None:
+        where.append(t.c.updated_at >= q.updated_after)
+    if q.updated_before is not None:
+        where.append(t.c.updated_at < q.updated_before)
+    if q.versions is not None:
+        where.append(t.c.definition_version.in_(list(q.versions)))
+    if q.idempotency_key is not None:
+        where.append(t.c.idempotency_key == q.idempotency_key)
+    if q.overdue is not None:
+        late = and_(
+            t.c.status == SagaStatus.PAUSED.value,
+            t.c.reply_deadline.is_not(None),
+            t.c.reply_deadline < clock.now(),
+        )
+        where.append(late if q.overdue else not_(late))
+    if q.error_text is not None:
+        where.append(cast(t.c.error, Text).icontains(q.error_text, autoescape=True))
+    keyset = list(where)
+    if q.after is not None:
+        created, after_id = q.after
+        keyset.append(or_(t.c.created_at < created, and_(t.c.created_at == created, t.c.id < after_id)))
+    page = (
+        select(*t.c)
+        .where(*keyset)
+        .order_by(t.c.created_at.desc(), t.c.id.desc())
+        .offset(q.offset)
+        .limit(q.limit)
+    )
+    total: Select[Any]
+    if q.count_limit is None:
+        total = select(func.count()).select_from(t).where(*where)
+    else:  # a bounded subquery: the count stops scanning after count_limit matches
+        capped = select(t.c.id).where(*where).limit(q.count_limit).subquery()
+        total = select(func.count()).select_from(capped)
+    return page, total, (clock.params() if q.overdue is not None else None)
