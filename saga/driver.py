@@ -22,6 +22,7 @@ from saga.execution import SagaExecution, Transition
 from saga.hooks import SagaHooks
 from saga.messages import SagaResponse
 from saga.registry import SagaRegistry
+from saga.step_support import announce_start
 from storage import (
     TERMINAL_STATUSES,
     ConcurrencyError,
@@ -340,6 +341,8 @@ class ExecutionDriver:
             else:
                 stored = await self.storage.create(record, outbox=outbox, outbox_claim=claim)
             execution.mark_stored(stored)
+            if execution.hooks is not None:
+                await announce_start(execution)
             return stored
 
         if (

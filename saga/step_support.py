@@ -46,9 +46,15 @@ async def set_status(ex: SagaExecution, status: SagaStatus) -> None:
     if hooks is None:
         return
     if hooks.on_status_changed is not None:
+        took = None
+        created = ex.created_at
+        if created is not None and status in _ENDED:
+            took = (ex._clock() - created).total_seconds()
         await call_hook(
             hooks.on_status_changed,
-            SagaEvent("on_status_changed", ex.id, ex.name, status=status, previous_status=previous),
+            SagaEvent(
+                "on_status_changed", ex.id, ex.name, status=status, previous_status=previous, duration=took
+            ),
         )
     if status is _DEAD_LETTER and hooks.on_dead_lettered is not None:
         await call_hook(
@@ -63,7 +69,40 @@ async def emit(
     """Call one step hook if set (callers check ``ex.hooks`` for ``None`` first)."""
     fn = getattr(ex.hooks, hook, None)
     if fn is not None:
-        await call_hook(fn, SagaEvent(hook, ex.id, ex.name, step, ex.status, attempt=attempt, error=error))
+        took = _step_duration(ex, hook, step)
+        await call_hook(
+            fn, SagaEvent(hook, ex.id, ex.name, step, ex.status, attempt=attempt, error=error, duration=took)
+        )
+
+
+async def announce_start(ex: SagaExecution) -> None:
+    """Call ``on_execution_started`` for a new execution, once it is stored."""
+    hooks = ex.hooks
+    if hooks is not None and hooks.on_execution_started is not None:
+        await call_hook(
+            hooks.on_execution_started, SagaEvent("on_execution_started", ex.id, ex.name, status=ex.status)
+        )
+
+
+_ENDED = frozenset((SagaStatus.FINISHED, SagaStatus.ERRORED, SagaStatus.DEAD_LETTER))
+_PHASE_OF: dict[str, StepPhase] = {
+    "on_step_completed": "execute",
+    "on_step_failed": "execute",
+    "on_compensation_completed": "compensate",
+    "on_compensation_failed": "compensate",
+}
+
+
+def _step_duration(ex: SagaExecution, hook: HookName, step: str) -> float | None:
+    """How long the step's latest record ran, for the hooks that end one (``None`` if it has not ended)."""
+    phase = _PHASE_OF.get(hook)
+    if phase is None:
+        return None
+    for record in reversed(ex.steps):
+        if record.name == step and record.phase == phase:
+            end = record.finished_at
+            return None if end is None else (end - record.started_at).total_seconds()
+    return None
 
 
 def take_result(ex: SagaExecution, result: Any) -> None:

@@ -15,10 +15,17 @@ from storage.errors import (
     StorageUnavailableError,
 )
 from storage.memory import MemorySagaStorage
-from storage.protocol import ISagaStorage, SagaStorage, SupportsClaimMany, SupportsLoadMany
+from storage.protocol import (
+    ISagaStorage,
+    SagaStorage,
+    SupportsClaimMany,
+    SupportsLoadMany,
+    SupportsOutboxBacklog,
+)
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
@@ -41,6 +48,7 @@ __all__ = [
     "ExecutionRecord",
     "ISagaStorage",
     "MemorySagaStorage",
+    "OutboxBacklog",
     "OutboxMessage",
     "OutboxRecord",
     "QueryResult",
@@ -53,6 +61,7 @@ __all__ = [
     "StorageUnavailableError",
     "SupportsClaimMany",
     "SupportsLoadMany",
+    "SupportsOutboxBacklog",
 ]
 
 

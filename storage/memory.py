@@ -33,12 +33,14 @@ from storage.errors import (
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxClaim,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
     ReplyRecord,
     StepRecord,
+    backlog,
     new_execution_record,
     new_step_record,
 )
@@ -449,6 +451,11 @@ class MemorySagaStorage:
         if q.count_limit is not None:
             total = min(total, q.count_limit)
         return QueryResult(rows=[_copy_record(r) for r in page], total=total)
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """Unsent outbox rows and the age of the oldest; see `SupportsOutboxBacklog`."""
+        oldest = min((row.record.created_at for row in self._unsent.values()), default=None)
+        return backlog(len(self._unsent), oldest, self._clock())
 
     async def count_by_status(self) -> dict[SagaStatus, int]:
         """Executions per status; statuses with none are omitted."""

@@ -26,6 +26,7 @@ from typing import Protocol, Self, runtime_checkable
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxClaim,
     OutboxMessage,
     OutboxRecord,
@@ -35,7 +36,7 @@ from storage.records import (
 )
 from storage.status import SagaStatus
 
-__all__ = ["ISagaStorage", "SagaStorage", "SupportsClaimMany", "SupportsLoadMany"]
+__all__ = ["ISagaStorage", "SagaStorage", "SupportsClaimMany", "SupportsLoadMany", "SupportsOutboxBacklog"]
 
 
 @runtime_checkable
@@ -262,6 +263,15 @@ class SupportsClaimMany(Protocol):
     ) -> list[ExecutionRecord]:
         """`SagaStorage.claim` for each of ``ids``: the records now claimed by ``owner``, in the order of
         ``ids``, each once. Unknown ids and executions another owner's live lease holds are absent."""
+        ...
+
+
+@runtime_checkable
+class SupportsOutboxBacklog(Protocol):
+    """A storage that reports its outbox backlog: optional, like `SupportsLoadMany` (metrics use it)."""
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """How many outbox rows are unsent and how long the oldest has waited (the storage's clock)."""
         ...
 
 

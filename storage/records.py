@@ -204,6 +204,25 @@ class ExecutionQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    """What the outbox relays still have to publish (for metrics and the console).
+
+    Attributes:
+        rows: Unsent outbox rows.
+        oldest_age_seconds: How long the oldest of them has waited (``None`` when there are none).
+    """
+
+    rows: int
+    oldest_age_seconds: float | None
+
+
+def backlog(rows: int, oldest: datetime | None, now: datetime) -> OutboxBacklog:
+    """An `OutboxBacklog` from the count, the oldest row's time and the current time on the same clock."""
+    age = None if oldest is None else max(0.0, (now - oldest).total_seconds())
+    return OutboxBacklog(rows=rows, oldest_age_seconds=age)
+
+
+@dataclass(frozen=True, slots=True)
 class QueryResult:
     """A page of executions (newest first) and how many match the filter in all."""
 

@@ -7,6 +7,7 @@ into the list, where ``OFFSET`` would read and drop every row before the page.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Table, Text, and_, cast, func, not_, or_, select
@@ -15,7 +16,7 @@ from storage.records import ExecutionQuery
 from storage.sql.statements import Clock
 from storage.status import SagaStatus
 
-__all__ = ["admin_query"]
+__all__ = ["admin_query", "backlog_query"]
 
 
 def admin_query(
@@ -66,3 +67,11 @@ def admin_query(
         capped = select(t.c.id).where(*where).limit(q.count_limit).subquery()
         total = select(func.count()).select_from(capped)
     return page, total, (clock.params() if q.overdue is not None else None)
+
+
+def backlog_query(outbox: Table, clock: Clock) -> tuple[Select[int, Any, datetime], dict[str, Any]]:
+    """``count`` and oldest ``created_at`` of the unsent outbox rows (the partial index), and "now" on the
+    clock that wrote them, so the age is measured on one clock."""
+    unsent = outbox.c.sent_at.is_(None)
+    stmt = select(func.count(), func.min(outbox.c.created_at), clock.now()).select_from(outbox).where(unsent)
+    return stmt, clock.params()

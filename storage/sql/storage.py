@@ -42,15 +42,17 @@ from storage.migrate import connect_args, upgrade_async
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxClaim,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
     ReplyRecord,
     StepRecord,
+    backlog,
 )
 from storage.sql import codec
-from storage.sql.admin_query import admin_query
+from storage.sql.admin_query import admin_query, backlog_query
 from storage.sql.combined import OUTBOX_IDS
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
 from storage.sql.grouped import (
@@ -400,6 +402,14 @@ class SqlAlchemySagaStorage:
                 rows = await session.sa_all(page, params)
                 ((count,),) = await session.sa_all(total, params)
         return QueryResult(rows=[codec.execution_from_row(r) for r in rows], total=count)
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """Unsent outbox rows and the age of the oldest; see `SupportsOutboxBacklog`."""
+        page, params = backlog_query(self._tables.outbox, self._clock)
+        with self._guard("outbox_backlog"):
+            async with self._db.connect() as session:
+                ((count, oldest, now),) = await session.sa_all(page, params)
+        return backlog(int(count), oldest, now)
 
     async def count_by_status(self) -> dict[SagaStatus, int]:
         """Executions per status; statuses with none are omitted."""

@@ -404,6 +404,21 @@ async def test_query_admin_filters(harness: Harness, storage: SagaStorage) -> No
     assert (await storage.query(ExecutionQuery(count_limit=10))).total == 4
 
 
+async def test_outbox_backlog(storage: SagaStorage) -> None:
+    from storage import SupportsOutboxBacklog
+
+    assert isinstance(storage, SupportsOutboxBacklog)
+    empty = await storage.outbox_backlog()
+    assert (empty.rows, empty.oldest_age_seconds) == (0, None)
+    await storage.create(execution(), outbox=[message(1), message(2)])
+    waiting = await storage.outbox_backlog()
+    assert waiting.rows == 2
+    assert waiting.oldest_age_seconds is not None and 0.0 <= waiting.oldest_age_seconds < 3600
+    rows = await storage.fetch_outbox(10, owner="relay")
+    await storage.mark_outbox_sent([rows[0].id])
+    assert (await storage.outbox_backlog()).rows == 1
+
+
 async def test_count_by_status_empty(storage: SagaStorage) -> None:
     assert await storage.count_by_status() == {}
     assert await storage.query() == type(await storage.query())(rows=[], total=0)

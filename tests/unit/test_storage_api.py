@@ -18,6 +18,7 @@ PUBLIC = [
     "ExecutionRecord",
     "ISagaStorage",
     "MemorySagaStorage",
+    "OutboxBacklog",
     "OutboxMessage",
     "OutboxRecord",
     "QueryResult",
@@ -30,6 +31,7 @@ PUBLIC = [
     "StorageUnavailableError",
     "SupportsClaimMany",
     "SupportsLoadMany",
+    "SupportsOutboxBacklog",
 ]
 
 
@@ -53,6 +55,7 @@ def test_adapters_satisfy_the_port() -> None:
         assert isinstance(adapter, storage.SagaStorage)
         assert isinstance(adapter, storage.SupportsLoadMany)
         assert isinstance(adapter, storage.SupportsClaimMany)
+        assert isinstance(adapter, storage.SupportsOutboxBacklog)
 
 
 def test_load_many_is_optional() -> None:
