@@ -132,11 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--offset", type=_non_negative, default=0, metavar="N", help="skip the first N rows")
 
-    add(
+    p = add(
         "worker",
         worker.run_worker,
         "Run the reply consumer, the outbox relay and the recovery worker until SIGTERM/SIGINT.",
     )
+    p.add_argument("--metrics-port", type=_positive, metavar="PORT", help="serve Prometheus /metrics here")
 
     p = add(
         "demo",

@@ -22,6 +22,7 @@ from saga.config.model import (
     ConsumerConfig,
     LoggingConfig,
     MemoryBrokerConfig,
+    MetricsConfig,
     OutboxConfig,
     RecoveryConfig,
     SagaConfig,
@@ -29,6 +30,7 @@ from saga.config.model import (
     StorageConfig,
     TimeoutsConfig,
     TopicsConfig,
+    UiConfig,
 )
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "ConsumerConfig",
     "LoggingConfig",
     "MemoryBrokerConfig",
+    "MetricsConfig",
     "OutboxConfig",
     "RecoveryConfig",
     "SagaConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "StorageConfig",
     "TimeoutsConfig",
     "TopicsConfig",
+    "UiConfig",
     "apply_default_timeout",
     "build_broker_pool",
     "build_manager",
