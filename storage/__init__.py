@@ -19,6 +19,7 @@ from storage.protocol import (
     ISagaStorage,
     SagaStorage,
     SupportsClaimMany,
+    SupportsListOutbox,
     SupportsLoadMany,
     SupportsOutboxBacklog,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsListOutbox",
     "SupportsLoadMany",
     "SupportsOutboxBacklog",
 ]

@@ -585,6 +585,14 @@ class MemorySagaStorage:
                 )
         return fetched
 
+    async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
+        """Every outbox row of one execution, sent or not, oldest first; see `SupportsListOutbox`."""
+        return [
+            dataclasses.replace(row.record, headers=dict(row.record.headers))
+            for row in self._outbox.values()
+            if row.record.execution_id == saga_id
+        ]
+
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
         """Mark rows as published so no relay fetches them again."""
         now = self._clock()

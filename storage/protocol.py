@@ -36,7 +36,14 @@ from storage.records import (
 )
 from storage.status import SagaStatus
 
-__all__ = ["ISagaStorage", "SagaStorage", "SupportsClaimMany", "SupportsLoadMany", "SupportsOutboxBacklog"]
+__all__ = [
+    "ISagaStorage",
+    "SagaStorage",
+    "SupportsClaimMany",
+    "SupportsListOutbox",
+    "SupportsLoadMany",
+    "SupportsOutboxBacklog",
+]
 
 
 @runtime_checkable
@@ -272,6 +279,19 @@ class SupportsOutboxBacklog(Protocol):
 
     async def outbox_backlog(self) -> OutboxBacklog:
         """How many outbox rows are unsent and how long the oldest has waited (the storage's clock)."""
+        ...
+
+
+@runtime_checkable
+class SupportsListOutbox(Protocol):
+    """A storage that lists an execution's outbox rows: optional, for admin tools.
+
+    The console shows the commands an execution sent, with their headers. No index serves it (one would
+    cost every hot-path insert): an admin read of one execution, not a hot one.
+    """
+
+    async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
+        """Every outbox row written for ``saga_id``, sent or not, oldest first."""
         ...
 
 

@@ -7,6 +7,7 @@ into the list, where ``OFFSET`` would read and drop every row before the page.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from storage.records import ExecutionQuery
 from storage.sql.statements import Clock
 from storage.status import SagaStatus
 
-__all__ = ["admin_query", "backlog_query"]
+__all__ = ["admin_query", "backlog_query", "outbox_query"]
 
 
 def admin_query(
@@ -75,3 +76,13 @@ def backlog_query(outbox: Table, clock: Clock) -> tuple[Select[int, Any, datetim
     unsent = outbox.c.sent_at.is_(None)
     stmt = select(func.count(), func.min(outbox.c.created_at), clock.now()).select_from(outbox).where(unsent)
     return stmt, clock.params()
+
+
+def outbox_query(outbox: Table, saga_id: uuid.UUID) -> Select[Any]:
+    """Every outbox row of one execution, oldest first, in the columns `codec.outbox_from_row` reads."""
+    o = outbox.c
+    return (
+        select(o.id, o.execution_id, o.topic, o.key, o.value, o.headers, o.created_at)
+        .where(o.execution_id == saga_id)
+        .order_by(o.id)
+    )

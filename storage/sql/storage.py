@@ -52,7 +52,7 @@ from storage.records import (
     backlog,
 )
 from storage.sql import codec
-from storage.sql.admin_query import admin_query, backlog_query
+from storage.sql.admin_query import admin_query, backlog_query, outbox_query
 from storage.sql.combined import OUTBOX_IDS
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
 from storage.sql.grouped import (
@@ -587,6 +587,14 @@ class SqlAlchemySagaStorage:
             async with self._db.connect() as session:
                 rows = await session.all(self._s.fetch_outbox, params)
         return sorted((codec.outbox_from_row(r) for r in rows), key=lambda r: r.id)
+
+    async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
+        """Every outbox row of one execution, sent or not, oldest first; see `SupportsListOutbox`."""
+        stmt = outbox_query(self._tables.outbox, saga_id)
+        with self._guard("list_outbox"):
+            async with self._db.connect() as session:
+                rows = await session.sa_all(stmt)
+        return [codec.outbox_from_row(r) for r in rows]
 
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
         """Mark rows as published so no relay fetches them again.

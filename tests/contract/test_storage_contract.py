@@ -419,6 +419,22 @@ async def test_outbox_backlog(storage: SagaStorage) -> None:
     assert (await storage.outbox_backlog()).rows == 1
 
 
+async def test_list_outbox(storage: SagaStorage) -> None:
+    from storage import SupportsListOutbox
+
+    assert isinstance(storage, SupportsListOutbox)
+    mine = await storage.create(execution(), outbox=[message(1), message(2)])
+    await storage.create(execution(), outbox=[message(3)])
+    rows = await storage.fetch_outbox(1, owner="relay")
+    await storage.mark_outbox_sent([rows[0].id])
+    listed = await storage.list_outbox(mine.id)
+    assert [(r.topic, r.key, r.value, dict(r.headers)) for r in listed] == [
+        ("payments", b"k1", b"v1", {"n": "1"}),
+        ("payments", b"k2", b"v2", {"n": "2"}),
+    ]
+    assert await storage.list_outbox(uuid.uuid4()) == []
+
+
 async def test_count_by_status_empty(storage: SagaStorage) -> None:
     assert await storage.count_by_status() == {}
     assert await storage.query() == type(await storage.query())(rows=[], total=0)

@@ -30,6 +30,7 @@ PUBLIC = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsListOutbox",
     "SupportsLoadMany",
     "SupportsOutboxBacklog",
 ]
