@@ -90,7 +90,7 @@ def _status(text: str) -> list[SagaStatus]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kafka-saga`` and all its subcommands."""
-    from saga.cli import admin, demo, operate, worker
+    from saga.cli import admin, demo, operate, ui, worker
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Set an execution's recovery attempts (0 makes it eligible for recovery again).",
     )
     p.add_argument("attempts", type=_non_negative, metavar="N", help="new number of recovery attempts")
+
+    p = add("ui", ui.cmd_ui, "Serve the web console: executions, timelines and (with a token) actions.")
+    ui.add_arguments(p)
 
     p = add("dead-letter", admin.cmd_dead_letter, "List DEAD_LETTER executions with their errors.", as_json)
     add_paging(p, limit=50)

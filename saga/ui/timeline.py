@@ -3,8 +3,9 @@
 One row per step record, in history order: forward steps first, compensations below them in another
 colour. A bar spans the record's start to its end (still running: to now) on a time axis from the
 execution's creation; a record with several attempts is cut into that many segments, so retries show.
-Replies are marks on their step's row at their arrival: a filled dot when applied, a ring when a duplicate,
-a cross when stale or of unknown status. A step that timed out ends in a clock mark; a failed one is red.
+Replies are marks on their step's row at their arrival (a last row holds those that answer no step): a
+filled dot when applied, a ring when a duplicate, a cross when stale or of unknown status. A step that
+timed out ends in a clock mark; a failed one is red.
 """
 
 from __future__ import annotations
@@ -96,8 +97,11 @@ def render_timeline(record: ExecutionRecord, replies: Sequence[ReplyRecord], now
     ends = [s.finished_at or now for s in steps] + [r.received_at for r in replies if r.received_at]
     end = max([origin, record.updated_at or origin, *ends])
     span = max(_seconds(origin, end), 0.001)
-    plot = _WIDTH - _LABEL - 20
-    height = _TOP + max(len(steps), 1) * _ROW + 40
+    plot = _WIDTH - _LABEL - 110  # room on the right for the attempts label and the timeout mark
+    requests = {s.request_id for s in steps if s.request_id is not None}
+    unmatched = any(r.request_id not in requests for r in replies)
+    lanes = len(steps) + (1 if unmatched else 0)
+    height = _TOP + max(lanes, 1) * _ROW + 40
 
     def x(at: datetime) -> float:
         return _LABEL + plot * _seconds(origin, at) / span
@@ -161,9 +165,14 @@ def render_timeline(record: ExecutionRecord, replies: Sequence[ReplyRecord], now
                 f'<line x1="{cx:.1f}" y1="{y + _BAR / 2}" x2="{cx + 3.5:.1f}" y2="{y + _BAR / 2}" '
                 f'stroke="#c53030" stroke-width="2"/><title>timed out waiting for the reply</title></g>'
             )
+    if unmatched:
+        parts.append(
+            f'<text x="8" y="{_TOP + len(steps) * _ROW + _BAR - 3}" fill="#4a5568" class="step-label">'
+            "replies to no step</text>"
+        )
     for reply in replies:
-        lane = by_request.get(reply.request_id)
-        if lane is None or reply.received_at is None:
+        lane = by_request.get(reply.request_id, len(steps))
+        if reply.received_at is None:
             continue
         cx, cy = x(reply.received_at), _TOP + lane * _ROW + _BAR / 2
         tip = f"reply {reply.status} {reply.outcome}" + (f" ({reply.reason})" if reply.reason else "")
@@ -200,4 +209,4 @@ def render_timeline(record: ExecutionRecord, replies: Sequence[ReplyRecord], now
         f'<text x="{lx + 210}" y="{legend_y}" fill="#4a5568">stale</text>'
     )
     parts.append("</svg>")
-    return Timeline(svg="".join(parts), rows=len(steps), span_seconds=span)
+    return Timeline(svg="".join(parts), rows=lanes, span_seconds=span)
