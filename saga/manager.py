@@ -40,6 +40,7 @@ from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, Saga
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
 from saga.messages import SagaResponse
+from saga.observability import tracing as _tracing
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from storage import (
@@ -384,6 +385,24 @@ class SagaManager(ExecutionDriver):
         pause_on_disk: bool,
     ) -> SagaExecution:
         saga = self._definition_for(definition)
+        if _tracing.enabled:
+            with _tracing.run_span(saga.name or "") as span:
+                execution = await self._start_saga(
+                    saga, context, user, autocommit, idempotency_key, pause_on_disk
+                )
+                span.set_attribute("saga.execution_id", str(execution.id))
+                return execution
+        return await self._start_saga(saga, context, user, autocommit, idempotency_key, pause_on_disk)
+
+    async def _start_saga(
+        self,
+        saga: Saga,
+        context: SagaContext | Mapping[str, Any] | None,
+        user: str | None,
+        autocommit: bool,
+        idempotency_key: str | None,
+        pause_on_disk: bool,
+    ) -> SagaExecution:
         if idempotency_key is not None:
             existing = await self.storage.find_by_idempotency_key(idempotency_key)
             if existing is not None:
@@ -435,6 +454,14 @@ class SagaManager(ExecutionDriver):
             SagaBusyError: Another worker holds its claim (retriable).
             SagaContextError: A reply handler stored an unstorable value; the execution is now FAILED.
         """
+        if _tracing.enabled and message is not None:
+            span_of = _tracing.reply_span(
+                message.topic, message.headers, response.execution_id, response.request_id
+            )
+            with span_of as span:
+                _, outcome = await self._process_reply(response, message, wait=False)
+                span.set_attribute("saga.reply.outcome", outcome)
+            return outcome
         _, outcome = await self._process_reply(response, message, wait=False)
         return outcome
 
@@ -630,6 +657,14 @@ class SagaManager(ExecutionDriver):
             ExecutionNotFoundError: No such execution.
             StorageError, BrokerError: Infrastructure trouble; retry later.
         """
+        if _tracing.enabled:
+            with _tracing.recovery_span(execution_id) as span:
+                recovered = await self._recover(execution_id)
+                span.set_attribute("saga.status", str(recovered.status))
+                return recovered
+        return await self._recover(execution_id)
+
+    async def _recover(self, execution_id: uuid.UUID) -> SagaExecution:
         record, execution = await self._claim(execution_id)
         try:  # _claim reserved the id in _active: every way out must give it back
             if execution.terminal:

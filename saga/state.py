@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from saga.messages import SagaCommand
+from saga.observability import tracing as _tracing
 from storage import OutboxMessage, SagaStatus
 from storage.records import ReplyOutcome, StepPhase
 from storage.status import TERMINAL_STATUSES
@@ -155,6 +156,7 @@ class AwaitedRequest:
             user=user,
             saga=saga,
             step=step,
+            traceparent=_tracing.current_traceparent() if _tracing.enabled else None,
         )
 
 

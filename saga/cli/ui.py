@@ -35,7 +35,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     port = args.port or config.ui.port
     host = args.host or config.ui.host
     app = create_app(config, token=token)
-    mode = "actions need the token" if token else "read-only (no token)"
+    mode = "actions need the token" if token else "read-only: no token"
     print(f"kafka-saga ui: http://{host}:{port}/ ({mode})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", lifespan="on")
     return 0

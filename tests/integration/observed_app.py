@@ -106,6 +106,9 @@ async def _participant(args: argparse.Namespace) -> None:
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(_span_exporter(args.spans)))
         trace.set_tracer_provider(provider)
+        from saga.observability import tracing
+
+        tracing.enable_tracing(provider)
 
     pool = KafkaBrokerPool(KafkaSettings(bootstrap_servers=args.bootstrap, linger_ms=0))
     participant = SagaParticipant(f"{args.service}-shop", pool, group_id=f"{args.service}-shop")
