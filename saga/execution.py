@@ -519,6 +519,7 @@ class SagaExecution:
         if policy.allows(awaiting.attempt):
             return await self.replay(now)
         error = {"step": step.name, "error": "no reply before the step's timeout", "type": "timeout"}
+        _support.log_exhausted(self, step.name, awaiting.phase, awaiting.attempt, error)
         if awaiting.phase == "compensate":
             return await _comp.compensation_timed_out(self, awaiting, step, error)
         return await _steps.abandon_request(self, awaiting, step, error)

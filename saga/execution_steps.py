@@ -26,6 +26,7 @@ from saga.step_support import (
     as_request,
     context_error,
     emit,
+    log_exhausted,
     move_next,
     new_record,
     new_request,
@@ -161,6 +162,7 @@ async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Tr
             return Transition(ex.status, persist=False, retry_after=step.retry.delay(attempt), step=name)
         ex.attempt = 0
         new_record(ex, step, "execute", "failed", attempt, started, error=error)
+        log_exhausted(ex, name, "execute", attempt, error)
         return await begin_compensation(ex, error)
     ex.attempt = 0
     ex.steps.append(new_step_record(name, "local", "execute", "succeeded", attempt, started, ex._clock()))

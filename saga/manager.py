@@ -40,6 +40,7 @@ from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, Saga
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
 from saga.messages import SagaResponse
+from saga.observability import logs as _logs
 from saga.observability import tracing as _tracing
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
@@ -454,6 +455,12 @@ class SagaManager(ExecutionDriver):
             SagaBusyError: Another worker holds its claim (retriable).
             SagaContextError: A reply handler stored an unstorable value; the execution is now FAILED.
         """
+        if _logs.enabled:
+            with _logs.log_context(execution_id=response.execution_id, request_id=response.request_id):
+                return await self._handle_reply(response, message)
+        return await self._handle_reply(response, message)
+
+    async def _handle_reply(self, response: SagaResponse, message: BrokerMessage | None) -> ReplyOutcome:
         if _tracing.enabled and message is not None:
             span_of = _tracing.reply_span(
                 message.topic, message.headers, response.execution_id, response.request_id
@@ -657,6 +664,12 @@ class SagaManager(ExecutionDriver):
             ExecutionNotFoundError: No such execution.
             StorageError, BrokerError: Infrastructure trouble; retry later.
         """
+        if _logs.enabled:
+            with _logs.log_context(execution_id=execution_id):
+                return await self._traced_recover(execution_id)
+        return await self._traced_recover(execution_id)
+
+    async def _traced_recover(self, execution_id: uuid.UUID) -> SagaExecution:
         if _tracing.enabled:
             with _tracing.recovery_span(execution_id) as span:
                 recovered = await self._recover(execution_id)

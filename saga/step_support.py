@@ -6,6 +6,7 @@ and new requests with their outbox rows.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -28,6 +29,8 @@ __all__: list[str] = []
 
 ActionStep = LocalSagaStep | RemoteSagaStep
 
+_log = logging.getLogger("saga.execution")
+
 _RUNNING = SagaStatus.RUNNING
 _PAUSED = SagaStatus.PAUSED
 _DEAD_LETTER = SagaStatus.DEAD_LETTER
@@ -42,6 +45,15 @@ async def set_status(ex: SagaExecution, status: SagaStatus) -> None:
     if previous is status:
         return
     ex.status = status
+    if status is _DEAD_LETTER:
+        error = ex.error or {}
+        _log.warning(
+            "execution %s (%s) moved to DEAD_LETTER: %s",
+            ex.id,
+            ex.name,
+            error.get("error") or error.get("type"),
+            extra={"execution_id": str(ex.id), "saga": ex.name, "step": error.get("step")},
+        )
     hooks = ex.hooks
     if hooks is None:
         return
@@ -194,6 +206,21 @@ def move_next(ex: SagaExecution) -> None:
             return
         del cursor[-2:]
         cursor[-1] += 1
+
+
+def log_exhausted(ex: SagaExecution, step: str, phase: str, attempts: int, error: Mapping[str, Any]) -> None:
+    """WARNING: a step or compensation failed its last allowed attempt (only when it had retries)."""
+    if attempts > 1:
+        _log.warning(
+            "execution %s (%s): %s %s failed after %d attempts: %s",
+            ex.id,
+            ex.name,
+            "compensation of" if phase == "compensate" else "step",
+            step,
+            attempts,
+            error.get("error") or error.get("type"),
+            extra={"execution_id": str(ex.id), "saga": ex.name, "step": step},
+        )
 
 
 def compensation_policy(ex: SagaExecution, step: ActionStep) -> RetryPolicy:

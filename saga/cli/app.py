@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-import orjson
 import yaml
 
 from broker import BrokerError
@@ -24,6 +23,7 @@ from saga.config import SagaConfig, load_config
 from saga.config.embedded import CONFIG_ENV, DEFAULT_CONFIG_PATH, EMBEDDED_CONFIG
 from saga.config.model import LoggingConfig
 from saga.errors import SagaBusyError, SagaConfigError, SagaError, SagaStateError
+from saga.observability.logs import JsonFormatter, text_formatter
 from storage import ExecutionNotFoundError, SagaStatus, StorageError
 
 __all__ = ["build_parser", "configure_logging", "main", "resolve_config"]
@@ -243,19 +243,6 @@ def resolve_config(path: str | None) -> SagaConfig:
     return load_config(yaml.safe_load(EMBEDDED_CONFIG), source_name=EMBEDDED_SOURCE)
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(data).decode()
-
-
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is at the time (tests swap it), not the one at creation."""
 
@@ -282,11 +269,11 @@ def configure_logging(config: LoggingConfig) -> None:
     handler = _StderrHandler()
     formatter: logging.Formatter
     if config.format == "json":
-        formatter = _JsonFormatter()
+        formatter = JsonFormatter()
     elif config.format == "text":
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        formatter = text_formatter()
     else:
-        formatter = logging.Formatter(config.format)
+        formatter = text_formatter(config.format)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -53,7 +53,9 @@ def admin_query(
     keyset = list(where)
     if q.after is not None:
         created, after_id = q.after
-        keyset.append(or_(t.c.created_at < created, and_(t.c.created_at == created, t.c.id < after_id)))
+        # The first condition alone bounds the created_at index scan (an OR of the two would not).
+        keyset.append(t.c.created_at <= created)
+        keyset.append(or_(t.c.created_at < created, t.c.id < after_id))
     page = (
         select(*t.c)
         .where(*keyset)
