@@ -51,7 +51,12 @@ async def set_status(ex: SagaExecution, status: SagaStatus) -> None:
             "execution %s (%s) moved to DEAD_LETTER: %s",
             ex.id,
             ex.name,
-            error.get("error") or error.get("type"),
+            "; ".join(
+                f"{label}{error[key]}"
+                for key, label in (("error", ""), ("compensation_error", "compensation: "))
+                if error.get(key)
+            )
+            or error.get("type"),
             extra={"execution_id": str(ex.id), "saga": ex.name, "step": error.get("step")},
         )
     hooks = ex.hooks

@@ -152,8 +152,10 @@ def render_timeline(record: ExecutionRecord, replies: Sequence[ReplyRecord], now
                 f'fill="{colour}"><title>{escape(title)} — attempt {attempt + 1}</title></rect>'
             )
         if attempts > 1:
+            timed_out = bool(error and error.get("type") == "timeout")
             parts.append(
-                f'<text x="{x0 + width + 6:.1f}" y="{y + _BAR - 3}" fill="#4a5568" class="retries">'
+                f'<text x="{x0 + width + (14 if timed_out else 6):.1f}" y="{y + _BAR - 3}" fill="#4a5568" '
+                'class="retries">'
                 f"{attempts} attempts</text>"
             )
         if error and error.get("type") == "timeout":

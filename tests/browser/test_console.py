@@ -84,6 +84,7 @@ def test_timeline_renders(page: Any, console: Console, world: World) -> None:
     assert page.locator("#timeline g.reply-applied").count() >= 2
     assert "timeout" in page.locator("#error").inner_text()
     screenshot(page, "timeline-timeout")
+    page.locator("#timeline").screenshot(path=str(screenshot(page, "page-timeout").with_name("timeline.png")))
 
     page.goto(f"{console.url}/executions/{s.finished[0]}")
     assert page.locator("#timeline g.reply-duplicate").count() == 1
