@@ -111,6 +111,7 @@ class SagaMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self._children: dict[tuple[object, ...], Any] = {}
         self._sources = _Sources()
         r.register(self._sources)
 
@@ -144,32 +145,39 @@ class SagaMetrics:
             on_compensation_failed=self._on_step_end("compensate", "failed"),
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the library's lookup takes a lock and builds a key."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _on_started(self, event: SagaEvent) -> None:
-        self.started.labels(event.saga).inc()
+        self._child(self.started, event.saga).inc()
 
     def _on_status(self, event: SagaEvent) -> None:
         status = event.status
         if status in _ENDED and event.previous_status not in _ENDED:
             assert status is not None
-            self.ended.labels(event.saga, status.value).inc()
+            self._child(self.ended, event.saga, status.value).inc()
             if event.duration is not None:
-                self.saga_duration.labels(event.saga, status.value).observe(event.duration)
+                self._child(self.saga_duration, event.saga, status.value).observe(event.duration)
 
     def _on_dead_lettered(self, event: SagaEvent) -> None:
-        self.dead_letters.labels(event.saga).inc()
+        self._child(self.dead_letters, event.saga).inc()
 
     def _on_attempt(self, phase: str) -> Callable[[SagaEvent], None]:
         def count(event: SagaEvent) -> None:
-            self.step_attempts.labels(event.saga, event.step or "", phase).inc()
+            self._child(self.step_attempts, event.saga, event.step or "", phase).inc()
 
         return count
 
     def _on_step_end(self, phase: str, outcome: str) -> Callable[[SagaEvent], None]:
         def observe(event: SagaEvent) -> None:
             if event.duration is not None:
-                self.step_duration.labels(event.saga, event.step or "", phase, outcome).observe(
-                    event.duration
-                )
+                child = self._child(self.step_duration, event.saga, event.step or "", phase, outcome)
+                child.observe(event.duration)
 
         return observe
 
