@@ -9,6 +9,7 @@ import pytest
 from broker import InMemoryBrokerPool
 from saga import Saga, SagaContext, SagaManager, SagaRequest, SagaResponse, SagaStateError, SagaStatus
 from storage.memory import MemorySagaStorage
+from tests.unit.conftest import FakeParticipant, eventually
 
 
 def _saga(undone: list[str]) -> Saga:
@@ -75,3 +76,27 @@ async def test_cancel_unknown_execution(manager: SagaManager) -> None:
 
     with pytest.raises(ExecutionNotFoundError):
         await manager.cancel(uuid.uuid4())
+
+
+async def test_cancel_compensates_the_awaited_remote_step_remotely(
+    manager: SagaManager, storage: MemorySagaStorage, pool: InMemoryBrokerPool
+) -> None:
+    """The participant may have run the awaited command: cancel sends its compensation too, durably."""
+
+    def hold(ctx: SagaContext) -> SagaRequest:
+        return SagaRequest("hold", {"n": 1})
+
+    def unhold(ctx: SagaContext) -> SagaRequest:
+        return SagaRequest("unhold", {"n": 1})
+
+    saga = Saga("remote-cancel").remote_step(hold).on_failure(unhold).commit()
+    paused = await manager.run(saga, pause_on_disk=True)  # nobody answers "hold"
+    async with FakeParticipant(pool, "svc", ["unhold"]) as undo:
+        cancelled = await manager.cancel(paused.id)
+        assert cancelled.status is SagaStatus.PAUSED  # waiting for the compensation's reply
+        await eventually(lambda: _status(storage, paused.id, SagaStatus.ERRORED))
+    assert [c.target for c in undo.commands] == ["unhold"]
+
+
+async def _status(storage: MemorySagaStorage, saga_id: uuid.UUID, status: SagaStatus) -> bool:
+    return (await storage.load(saga_id)).status is status
