@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from saga.cli.app import configure_logging, resolve_config
+from saga.cli.app import CommandError, configure_logging, resolve_config
 from saga.cli.demo import describe_setup
 from saga.config import SagaConfig, build_manager, build_recovery_worker
 from saga.heap import freeze_startup_heap
@@ -33,6 +33,15 @@ _log = logging.getLogger("saga.worker")
 def run_worker(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; exit 0 after a clean drain."""
     config = resolve_config(args.config)
+    if config.tracing.enabled:
+        try:
+            from saga.observability import tracing
+
+            tracing.enable_tracing()
+        except ImportError as exc:
+            raise CommandError(
+                f"tracing.enabled needs the otel extra: pip install 'kafka-saga[otel]' ({exc})"
+            ) from exc
     port = getattr(args, "metrics_port", None) or config.metrics.port
     metrics = SagaMetrics() if port else None
     hooks = metrics.hooks() if metrics is not None else None

@@ -30,6 +30,7 @@ from saga.config.model import (
     StorageConfig,
     TimeoutsConfig,
     TopicsConfig,
+    TracingConfig,
     UiConfig,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "StorageConfig",
     "TimeoutsConfig",
     "TopicsConfig",
+    "TracingConfig",
     "UiConfig",
     "apply_default_timeout",
     "build_broker_pool",

@@ -25,6 +25,7 @@ __all__ = [
     "StorageConfig",
     "TimeoutsConfig",
     "TopicsConfig",
+    "TracingConfig",
     "UiConfig",
 ]
 
@@ -221,6 +222,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TracingConfig:
+    """OpenTelemetry tracing of ``kafka-saga worker`` (needs the ``kafka-saga[otel]`` extra).
+
+    Attributes:
+        enabled: Record spans through OpenTelemetry's global tracer provider (set it up by running the
+            process under ``opentelemetry-instrument``, or in code before the manager starts).
+    """
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UiConfig:
     """The web console, ``kafka-saga ui``.
 
@@ -261,6 +274,7 @@ class SagaConfig:
         timeouts: Default deadlines.
         logging: Logging of the CLI processes.
         metrics: Prometheus endpoint of the worker and participant processes.
+        tracing: OpenTelemetry tracing of the worker.
         ui: The web console.
         source: Where it was read from (a path, or ``None`` for a mapping); used in error messages.
     """
@@ -276,6 +290,7 @@ class SagaConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     ui: UiConfig = field(default_factory=UiConfig)
     source: str | None = field(default=None, compare=False)
 
