@@ -130,3 +130,28 @@ def test_nothing_of_the_extras_is_imported_when_off() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"ui": {"page_size": 0}}, "ui.page_size: must be at least 1, got 0"),
+        ({"metrics": {"port": "x"}}, "metrics.port: expected an integer, got 'x'"),
+        ({"metrics": {"refresh_interval": 0}}, "metrics.refresh_interval: must be greater than 0"),
+        ({"tracing": {"enabled": "maybe"}}, "tracing.enabled"),
+    ],
+)
+def test_metrics_ui_and_tracing_sections_are_validated(section: dict[str, object], message: str) -> None:
+    from saga.config import load_config
+    from saga.errors import SagaConfigError
+
+    with pytest.raises(SagaConfigError, match=message):
+        load_config(section)
+
+
+def test_the_console_token_is_never_shown() -> None:
+    from saga.config import load_config
+
+    config = load_config({"ui": {"token": "s3cret"}})
+    assert config.ui.token == "s3cret"
+    assert "s3cret" not in repr(config)
