@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -47,6 +48,8 @@ __all__ = ["ACTIONS", "create_app"]
 _audit = logging.getLogger("saga.audit")
 _HERE = Path(__file__).parent
 COOKIE = "kafka_saga_token"
+#: Seconds the counts by status are shared between the pages that poll them.
+COUNTS_TTL = 2.0
 #: The actions the console offers, in the order it shows them.
 ACTIONS = ("retry", "replay", "cancel", "set-attempts")
 
@@ -80,6 +83,7 @@ class Console:
         self.manager: SagaManager | None = manager
         self.templates = _templates()
         self.page_size = config.ui.page_size
+        self._counts: tuple[float, dict[str, Any]] | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -147,10 +151,14 @@ class Console:
         )
 
     async def counts(self, request: Request) -> Response:
-        counts = await self.m.storage.count_by_status()
-        return JSONResponse(
-            {"counts": {s.value: counts.get(s, 0) for s in SagaStatus}, "total": sum(counts.values())}
-        )
+        # count_by_status scans the table: every open list page asks every few seconds, so the answer is
+        # shared for COUNTS_TTL seconds instead of scanning once per page per poll.
+        now = time.monotonic()
+        if self._counts is None or now - self._counts[0] >= COUNTS_TTL:
+            counts = await self.m.storage.count_by_status()
+            body = {"counts": {s.value: counts.get(s, 0) for s in SagaStatus}, "total": sum(counts.values())}
+            self._counts = (now, body)
+        return JSONResponse(self._counts[1])
 
     async def execution(self, request: Request) -> Response:
         saga_id = _id(request)
