@@ -214,6 +214,20 @@ class KafkaSubscriber:
             return frozenset()
         return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
 
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """Records not yet fetched, per assigned ``(topic, partition)``: its high watermark minus the
+        position (partitions whose watermark is not known yet are left out)."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        behind: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            behind[(tp.topic, tp.partition)] = max(0, high - await consumer.position(tp))
+        return behind
+
     async def getmany(self, *, timeout: float = 1.0, max_records: int = 500) -> list[BrokerMessage]:  # noqa: ASYNC109
         """Return up to ``max_records`` records, waiting up to ``timeout`` seconds for some.
 

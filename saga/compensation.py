@@ -20,6 +20,7 @@ from saga.step_support import (
     compensation_policy,
     context_error,
     emit,
+    log_exhausted,
     new_record,
     new_request,
     reply_error,
@@ -123,6 +124,7 @@ async def compensate_next(ex: SagaExecution, now: datetime) -> Transition:
             ex.attempt = attempt
             return Transition(ex.status, persist=False, retry_after=policy.delay(attempt), step=step.name)
         new_record(ex, step, "compensate", "failed", attempt, started, error=error)
+        log_exhausted(ex, step.name, "compensate", attempt, error)
         return await dead_letter(ex, step.name, error)
     new_record(ex, step, "compensate", "waiting", attempt, started, request_id=awaiting.request_id)
     ex.awaiting = awaiting

@@ -21,7 +21,9 @@ from saga.errors import SagaBusyError, SagaContextError
 from saga.execution import SagaExecution, Transition
 from saga.hooks import SagaHooks
 from saga.messages import SagaResponse
+from saga.observability import tracing as _tracing
 from saga.registry import SagaRegistry
+from saga.step_support import announce_start
 from storage import (
     TERMINAL_STATUSES,
     ConcurrencyError,
@@ -340,6 +342,8 @@ class ExecutionDriver:
             else:
                 stored = await self.storage.create(record, outbox=outbox, outbox_claim=claim)
             execution.mark_stored(stored)
+            if execution.hooks is not None:
+                await announce_start(execution)
             return stored
 
         if (
@@ -606,7 +610,11 @@ class ExecutionDriver:
                         for m in outbox
                     )
                     ids.extend(claim.ids)
-                await self.broker_pool.publisher().send_batch(messages)
+                if _tracing.enabled:
+                    with _tracing.publish_spans(messages):
+                        await self.broker_pool.publisher().send_batch(messages)
+                else:
+                    await self.broker_pool.publisher().send_batch(messages)
                 self._mark_sent_soon(ids)
             else:
                 await publish_outbox(

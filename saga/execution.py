@@ -31,6 +31,7 @@ from saga.definitions import Saga
 from saga.errors import SagaStateError
 from saga.hooks import SagaHooks
 from saga.messages import ControlAction, SagaControl, SagaResponse
+from saga.observability import tracing as _tracing
 from saga.state import STATE_FORMAT, AwaitedRequest, Transition, compact, outbox_message, random_uuid
 from saga.steps import ConditionalSagaStep, RemoteSagaStep, SagaStep
 from saga.trace_context import new_traceparent
@@ -435,11 +436,16 @@ class SagaExecution(_minos.MinosExecutionAPI):
             raise SagaStateError(
                 f"cannot advance execution {self.id} in status {status}", execution_id=self.id
             )
-        if self.phase == "compensate":
-            return await _comp.compensate_next(self, now)
-        if self.deadline is not None and now >= self.deadline:
-            return await _comp.begin_compensation(self, _deadline_error())
-        return await _steps.execute_next(self, now)
+        phase = self.phase
+        if phase == "compensate":
+            move = _comp.compensate_next(self, now)
+        elif self.deadline is not None and now >= self.deadline:
+            move = _comp.begin_compensation(self, _deadline_error())
+        else:
+            move = _steps.execute_next(self, now)
+        if _tracing.enabled:
+            return await _tracing.traced_move(self.name, self.id, phase, move)
+        return await move
 
     def next_move_runs_effects(self, now: datetime) -> bool:
         """Whether the next `advance` may run step code with effects of its own: a local step, a
@@ -538,6 +544,7 @@ class SagaExecution(_minos.MinosExecutionAPI):
         if policy.allows(awaiting.attempt):
             return await self.replay(now)
         error = {"step": step.name, "error": "no reply before the step's timeout", "type": "timeout"}
+        _support.log_exhausted(self, step.name, awaiting.phase, awaiting.attempt, error)
         if awaiting.phase == "compensate":
             return await _comp.compensation_timed_out(self, awaiting, step, error)
         return await _steps.abandon_request(self, awaiting, step, error)

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from saga.compensation import begin_compensation
 from saga.context import SagaContext
-from saga.errors import SagaContextError
+from saga.errors import SagaContextError, SagaStateError
 from saga.messages import SagaResponse, SagaResponseStatus
 from saga.state import AwaitedRequest, Transition, exception_error, moved
 from saga.step_support import (
     as_request,
     context_error,
     emit,
+    log_exhausted,
     move_next,
     new_record,
     new_request,
@@ -166,6 +167,7 @@ async def run_local(ex: SagaExecution, step: LocalSagaStep, now: datetime) -> Tr
             return Transition(ex.status, persist=False, retry_after=step.retry.delay(attempt), step=name)
         ex.attempt = 0
         new_record(ex, step, "execute", "failed", attempt, started, error=error)
+        log_exhausted(ex, name, "execute", attempt, error)
         return await begin_compensation(ex, error)
     ex.attempt = 0
     ex.steps.append(new_step_record(name, "local", "execute", "succeeded", attempt, started, ex._clock()))
@@ -266,3 +268,24 @@ async def finish(ex: SagaExecution, step: str | None) -> Transition:
     await set_status(ex, _FINISHED)
     outbox = ex._decision("commit") if ex.autocommit else ()
     return Transition(_FINISHED, outbox, step=step) if outbox else moved(_FINISHED, step)
+
+
+async def cancel(ex: SagaExecution, error: dict[str, Any]) -> Transition:
+    """Stop going forward and compensate what ran, through the same path as a failed step.
+
+    An awaited forward request is abandoned like a timed-out one (it is compensated too, since its
+    participant may have run it); otherwise the executed steps are compensated in reverse.
+
+    Raises:
+        SagaStateError: The run ended (FINISHED, ERRORED) or is already compensating.
+    """
+    if ex.status in (SagaStatus.FINISHED, SagaStatus.ERRORED) or ex.phase == "compensate":
+        raise SagaStateError(
+            f"cannot cancel execution {ex.id}: it is {ex.status}"
+            + (" and compensating" if ex.phase == "compensate" and not ex.terminal else ""),
+            execution_id=ex.id,
+        )
+    awaiting = ex.awaiting
+    if awaiting is not None:
+        return await abandon_request(ex, awaiting, ex.step_at(awaiting.path), error)
+    return await begin_compensation(ex, error)

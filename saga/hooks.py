@@ -20,6 +20,7 @@ __all__ = ["HookName", "SagaEvent", "SagaHook", "SagaHooks", "call_hook"]
 _log = logging.getLogger(__name__)
 
 HookName = Literal[
+    "on_execution_started",
     "on_step_started",
     "on_step_completed",
     "on_step_failed",
@@ -44,6 +45,8 @@ class SagaEvent:
         previous_status: For ``on_status_changed``: the status before.
         attempt: Try number of the step or compensation (1 for the first).
         error: Structured error for failures and dead-lettering.
+        duration: Seconds the step or compensation took (completions and failures whose step record
+            has ended), or the execution took (a status change that ends it), where known.
     """
 
     hook: HookName
@@ -54,6 +57,7 @@ class SagaEvent:
     previous_status: SagaStatus | None = None
     attempt: int | None = None
     error: Mapping[str, Any] | None = None
+    duration: float | None = None
 
 
 SagaHook = Callable[[SagaEvent], Awaitable[None] | None]
@@ -71,6 +75,7 @@ class SagaHooks:
         on_compensation_completed: A compensation succeeded.
         on_compensation_failed: A compensation attempt failed.
         on_status_changed: The execution's status changed.
+        on_execution_started: A new execution was stored (``status`` is its first one).
         on_dead_lettered: The execution went to ``DEAD_LETTER``.
     """
 
@@ -82,6 +87,7 @@ class SagaHooks:
     on_compensation_failed: SagaHook | None = None
     on_status_changed: SagaHook | None = None
     on_dead_lettered: SagaHook | None = None
+    on_execution_started: SagaHook | None = None
 
 
 async def call_hook(hook: SagaHook, event: SagaEvent) -> None:

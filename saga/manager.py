@@ -31,6 +31,7 @@ from typing import Any, Literal, overload
 from dependency_injector.wiring import Provide
 
 from broker import BrokerClientPool, BrokerMessage
+from saga import execution_steps as _steps
 from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
@@ -39,6 +40,8 @@ from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, Saga
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
 from saga.messages import AWAITED_REQUEST_ID, SagaResponse
+from saga.observability import logs as _logs
+from saga.observability import tracing as _tracing
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from saga.trace_context import resolve_trace_context
@@ -405,6 +408,25 @@ class SagaManager(ExecutionDriver):
         trace: tuple[str, str | None],
     ) -> SagaExecution:
         saga = self._definition_for(definition)
+        if _tracing.enabled:
+            with _tracing.run_span(saga.name or "") as span:
+                execution = await self._start_saga(
+                    saga, context, user, autocommit, idempotency_key, pause_on_disk, trace
+                )
+                span.set_attribute("saga.execution_id", str(execution.id))
+                return execution
+        return await self._start_saga(saga, context, user, autocommit, idempotency_key, pause_on_disk, trace)
+
+    async def _start_saga(
+        self,
+        saga: Saga,
+        context: SagaContext | Mapping[str, Any] | None,
+        user: str | None,
+        autocommit: bool,
+        idempotency_key: str | None,
+        pause_on_disk: bool,
+        trace: tuple[str, str | None],
+    ) -> SagaExecution:
         if idempotency_key is not None:
             existing = await self.storage.find_by_idempotency_key(idempotency_key)
             if existing is not None:
@@ -460,6 +482,20 @@ class SagaManager(ExecutionDriver):
             SagaBusyError: Another worker holds its claim (retriable).
             SagaContextError: A reply handler stored an unstorable value; the execution is now FAILED.
         """
+        if _logs.enabled:
+            with _logs.log_context(execution_id=response.execution_id, request_id=response.request_id):
+                return await self._handle_reply(response, message)
+        return await self._handle_reply(response, message)
+
+    async def _handle_reply(self, response: SagaResponse, message: BrokerMessage | None) -> ReplyOutcome:
+        if _tracing.enabled and message is not None:
+            span_of = _tracing.reply_span(
+                message.topic, message.headers, response.execution_id, response.request_id
+            )
+            with span_of as span:
+                _, outcome = await self._process_reply(response, message, wait=False)
+                span.set_attribute("saga.reply.outcome", outcome)
+            return outcome
         _, outcome = await self._process_reply(response, message, wait=False)
         return outcome
 
@@ -611,6 +647,28 @@ class SagaManager(ExecutionDriver):
         finally:
             self._active.discard(execution_id)
 
+    async def cancel(self, execution_id: uuid.UUID, *, reason: str = "cancelled") -> SagaExecution:
+        """Stop an execution going forward and compensate what it did, as a failed step would.
+
+        Durable like any step: the execution is claimed, COMPENSATING (or ERRORED when nothing needs
+        compensating) is stored with its error ``{"type": "cancelled", ...}``, and the compensations run
+        (remote ones through the outbox, so recovery finishes them after a crash).
+
+        Raises:
+            SagaStateError: It already ended or is compensating.
+            SagaBusyError: Another worker holds its claim (a step is running); try again.
+        """
+        record, execution = await self._claim(execution_id)
+        try:  # _claim reserved the id in _active: every way out must give it back
+            error = {"step": None, "error": reason, "type": "cancelled"}
+            transition = await _steps.cancel(execution, error)
+            return await self._drive(execution, record, transition=transition)
+        except Exception:
+            await self._release(execution_id)
+            raise
+        finally:
+            self._active.discard(execution_id)
+
     async def retry(self, execution_id: uuid.UUID) -> ExecutionRecord:
         """Move a DEAD_LETTER or FAILED execution to FAILED with no recovery attempts, for recovery to resume.
 
@@ -649,6 +707,20 @@ class SagaManager(ExecutionDriver):
             ExecutionNotFoundError: No such execution.
             StorageError, BrokerError: Infrastructure trouble; retry later.
         """
+        if _logs.enabled:
+            with _logs.log_context(execution_id=execution_id):
+                return await self._traced_recover(execution_id)
+        return await self._traced_recover(execution_id)
+
+    async def _traced_recover(self, execution_id: uuid.UUID) -> SagaExecution:
+        if _tracing.enabled:
+            with _tracing.recovery_span(execution_id) as span:
+                recovered = await self._recover(execution_id)
+                span.set_attribute("saga.status", str(recovered.status))
+                return recovered
+        return await self._recover(execution_id)
+
+    async def _recover(self, execution_id: uuid.UUID) -> SagaExecution:
         record, execution = await self._claim(execution_id)
         try:  # _claim reserved the id in _active: every way out must give it back
             if execution.terminal:

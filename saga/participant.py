@@ -49,6 +49,7 @@ from saga.messages import (
     encode_json,
     reply_message,
 )
+from saga.observability import tracing as _tracing
 from saga.participant_dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
 from saga.participant_types import CommandContext, CommandHandler, DecisionHandler, ParticipantStats
 from saga.pipeline import KeyedPipeline
@@ -348,7 +349,11 @@ class SagaParticipant:
                 _log.debug("command %s already handled; re-sending its reply", key)
                 status, value = _stored_outcome(key, stored)
             else:
-                status, value = await self._first_delivery(handler, command)
+                if _tracing.enabled:
+                    with _tracing.handler_span(command.target, message.headers, group=self.group_id):
+                        status, value = await self._first_delivery(handler, command)
+                else:
+                    status, value = await self._first_delivery(handler, command)
                 await self._call(self._replies.put_command_reply, key, _stored_reply(status, value))
             reply = reply_message(
                 command.reply_topic,

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Self
 
 from broker import BrokerClientPool, BrokerError, BrokerMessage
+from saga.observability import tracing as _tracing
 from storage import OutboxRecord, SagaStorage, StorageError
 
 __all__ = ["OutboxRelay", "publish_outbox"]
@@ -41,9 +42,14 @@ async def publish_outbox(
     rows: list[OutboxRecord] = await storage.fetch_outbox(limit, owner=owner, lease_seconds=lease_seconds)
     if not rows:
         return 0
-    await broker_pool.publisher().send_batch(
-        [BrokerMessage(topic=row.topic, key=row.key, value=row.value, headers=row.headers) for row in rows]
-    )
+    messages = [
+        BrokerMessage(topic=row.topic, key=row.key, value=row.value, headers=row.headers) for row in rows
+    ]
+    if _tracing.enabled:
+        with _tracing.publish_spans(messages):
+            await broker_pool.publisher().send_batch(messages)
+    else:
+        await broker_pool.publisher().send_batch(messages)
     await storage.mark_outbox_sent([row.id for row in rows])
     return len(rows)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from saga.messages import PHASE_COMPENSATION, PHASE_FORWARD, SagaCommand
+from saga.messages import H_TRACEPARENT, H_TRACESTATE, PHASE_COMPENSATION, PHASE_FORWARD, SagaCommand
+from saga.observability import tracing as _tracing
 from storage import OutboxMessage, SagaStatus
 from storage.records import ReplyOutcome, StepPhase
 from storage.status import TERMINAL_STATUSES
@@ -146,7 +147,15 @@ class AwaitedRequest:
         traceparent: str | None = None,
         tracestate: str | None = None,
     ) -> SagaCommand:
-        """The command to (re)send for this request, carrying the saga's trace context."""
+        """The command to (re)send for this request, carrying the saga's trace context.
+
+        With tracing on, the current span (the step's or the publish's) is the command's parent, so the
+        participant's spans join the saga's trace under it; otherwise the execution's stored context is sent.
+        """
+        if _tracing.enabled:
+            current = _tracing.trace_headers()
+            if H_TRACEPARENT in current:
+                traceparent, tracestate = current[H_TRACEPARENT], current.get(H_TRACESTATE)
         return SagaCommand(
             target=self.target,
             content=self.content,

@@ -6,6 +6,7 @@ and new requests with their outbox rows.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -29,6 +30,8 @@ __all__: list[str] = []
 
 ActionStep = LocalSagaStep | RemoteSagaStep
 
+_log = logging.getLogger("saga.execution")
+
 _RUNNING = SagaStatus.RUNNING
 _PAUSED = SagaStatus.PAUSED
 _DEAD_LETTER = SagaStatus.DEAD_LETTER
@@ -43,13 +46,33 @@ async def set_status(ex: SagaExecution, status: SagaStatus) -> None:
     if previous is status:
         return
     ex.status = status
+    if status is _DEAD_LETTER:
+        error = ex.error or {}
+        _log.warning(
+            "execution %s (%s) moved to DEAD_LETTER: %s",
+            ex.id,
+            ex.name,
+            "; ".join(
+                f"{label}{error[key]}"
+                for key, label in (("error", ""), ("compensation_error", "compensation: "))
+                if error.get(key)
+            )
+            or error.get("type"),
+            extra={"execution_id": str(ex.id), "saga": ex.name, "step": error.get("step")},
+        )
     hooks = ex.hooks
     if hooks is None:
         return
     if hooks.on_status_changed is not None:
+        took = None
+        created = ex.created_at
+        if created is not None and status in _ENDED:
+            took = (ex._clock() - created).total_seconds()
         await call_hook(
             hooks.on_status_changed,
-            SagaEvent("on_status_changed", ex.id, ex.name, status=status, previous_status=previous),
+            SagaEvent(
+                "on_status_changed", ex.id, ex.name, status=status, previous_status=previous, duration=took
+            ),
         )
     if status is _DEAD_LETTER and hooks.on_dead_lettered is not None:
         await call_hook(
@@ -64,7 +87,40 @@ async def emit(
     """Call one step hook if set (callers check ``ex.hooks`` for ``None`` first)."""
     fn = getattr(ex.hooks, hook, None)
     if fn is not None:
-        await call_hook(fn, SagaEvent(hook, ex.id, ex.name, step, ex.status, attempt=attempt, error=error))
+        took = _step_duration(ex, hook, step)
+        await call_hook(
+            fn, SagaEvent(hook, ex.id, ex.name, step, ex.status, attempt=attempt, error=error, duration=took)
+        )
+
+
+async def announce_start(ex: SagaExecution) -> None:
+    """Call ``on_execution_started`` for a new execution, once it is stored."""
+    hooks = ex.hooks
+    if hooks is not None and hooks.on_execution_started is not None:
+        await call_hook(
+            hooks.on_execution_started, SagaEvent("on_execution_started", ex.id, ex.name, status=ex.status)
+        )
+
+
+_ENDED = frozenset((SagaStatus.FINISHED, SagaStatus.ERRORED, SagaStatus.DEAD_LETTER))
+_PHASE_OF: dict[str, StepPhase] = {
+    "on_step_completed": "execute",
+    "on_step_failed": "execute",
+    "on_compensation_completed": "compensate",
+    "on_compensation_failed": "compensate",
+}
+
+
+def _step_duration(ex: SagaExecution, hook: HookName, step: str) -> float | None:
+    """How long the step's latest record ran, for the hooks that end one (``None`` if it has not ended)."""
+    phase = _PHASE_OF.get(hook)
+    if phase is None:
+        return None
+    for record in reversed(ex.steps):
+        if record.name == step and record.phase == phase:
+            end = record.finished_at
+            return None if end is None else (end - record.started_at).total_seconds()
+    return None
 
 
 def take_result(ex: SagaExecution, result: Any) -> None:
@@ -156,6 +212,21 @@ def move_next(ex: SagaExecution) -> None:
             return
         del cursor[-2:]
         cursor[-1] += 1
+
+
+def log_exhausted(ex: SagaExecution, step: str, phase: str, attempts: int, error: Mapping[str, Any]) -> None:
+    """WARNING: a step or compensation failed its last allowed attempt (only when it had retries)."""
+    if attempts > 1:
+        _log.warning(
+            "execution %s (%s): %s %s failed after %d attempts: %s",
+            ex.id,
+            ex.name,
+            "compensation of" if phase == "compensate" else "step",
+            step,
+            attempts,
+            error.get("error") or error.get("type"),
+            extra={"execution_id": str(ex.id), "saga": ex.name, "step": step},
+        )
 
 
 def compensation_policy(ex: SagaExecution, step: ActionStep) -> RetryPolicy:

@@ -19,6 +19,7 @@ if [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ] || [ -z "${SAGA_DATABASE_URL:-}" ]; the
   eval "$(bash scripts/services.sh env | sed -e 's/^export \([A-Z_]*\)=\(.*\)$/export \1="${\1:-\2}"/')"
 fi
 export KAFKA_BOOTSTRAP_SERVERS SAGA_DATABASE_URL
+bash scripts/tools/browser.sh >/dev/null  # Debian's Chromium for tests/browser (installed when missing)
 log "Kafka at $KAFKA_BOOTSTRAP_SERVERS"
 
 log "ruff check"

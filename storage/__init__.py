@@ -16,10 +16,18 @@ from storage.errors import (
     StorageUnavailableError,
 )
 from storage.memory import MemorySagaStorage
-from storage.protocol import ISagaStorage, SagaStorage, SupportsClaimMany, SupportsLoadMany
+from storage.protocol import (
+    ISagaStorage,
+    SagaStorage,
+    SupportsClaimMany,
+    SupportsListOutbox,
+    SupportsLoadMany,
+    SupportsOutboxBacklog,
+)
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
@@ -43,6 +51,7 @@ __all__ = [
     "ExecutionRecord",
     "ISagaStorage",
     "MemorySagaStorage",
+    "OutboxBacklog",
     "OutboxMessage",
     "OutboxRecord",
     "QueryResult",
@@ -54,7 +63,9 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsListOutbox",
     "SupportsLoadMany",
+    "SupportsOutboxBacklog",
 ]
 
 

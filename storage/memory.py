@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
+import orjson
+
 from storage._json import json_copy
 from storage.errors import (
     ConcurrencyError,
@@ -32,12 +34,14 @@ from storage.errors import (
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxClaim,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
     ReplyRecord,
     StepRecord,
+    backlog,
     new_execution_record,
     new_step_record,
 )
@@ -119,6 +123,15 @@ def _copy_record(r: ExecutionRecord) -> ExecutionRecord:
 def _updated_order(record: ExecutionRecord) -> tuple[datetime, bytes]:
     assert record.updated_at is not None
     return record.updated_at, record.id.bytes
+
+
+def _overdue(record: ExecutionRecord, now: datetime) -> bool:
+    deadline = record.reply_deadline
+    return record.status is SagaStatus.PAUSED and deadline is not None and deadline < now
+
+
+def _error_text(error: Mapping[str, Any]) -> str:
+    return orjson.dumps(error, option=orjson.OPT_NON_STR_KEYS).decode().lower()
 
 
 def _created_order(record: ExecutionRecord) -> tuple[datetime, bytes]:
@@ -420,12 +433,30 @@ class MemorySagaStorage:
                 and (q.created_before is None or r.created_at < q.created_before)
                 and (q.updated_after is None or r.updated_at >= q.updated_after)
                 and (q.updated_before is None or r.updated_at < q.updated_before)
+                and (versions is None or r.definition_version in versions)
+                and (q.idempotency_key is None or r.idempotency_key == q.idempotency_key)
+                and (q.overdue is None or _overdue(r, now) is q.overdue)
+                and (needle is None or (r.error is not None and needle in _error_text(r.error)))
             )
 
+        versions = None if q.versions is None else set(q.versions)
+        needle = None if q.error_text is None else q.error_text.lower()
+        now = self._clock()
         found = [r for r in self._executions.values() if match(r)]
+        total = len(found)
+        if q.after is not None:
+            after = (q.after[0], q.after[1].bytes)
+            found = [r for r in found if _created_order(r) < after]
         found.sort(key=_created_order, reverse=True)
         page = found[q.offset : q.offset + q.limit]
-        return QueryResult(rows=[_copy_record(r) for r in page], total=len(found))
+        if q.count_limit is not None:
+            total = min(total, q.count_limit)
+        return QueryResult(rows=[_copy_record(r) for r in page], total=total)
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """Unsent outbox rows and the age of the oldest; see `SupportsOutboxBacklog`."""
+        oldest = min((row.record.created_at for row in self._unsent.values()), default=None)
+        return backlog(len(self._unsent), oldest, self._clock())
 
     async def count_by_status(self) -> dict[SagaStatus, int]:
         """Executions per status; statuses with none are omitted."""
@@ -554,6 +585,14 @@ class MemorySagaStorage:
                     OutboxRecord(r.id, r.execution_id, r.topic, r.key, r.value, dict(r.headers), r.created_at)
                 )
         return fetched
+
+    async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
+        """Every outbox row of one execution, sent or not, oldest first; see `SupportsListOutbox`."""
+        return [
+            dataclasses.replace(row.record, headers=dict(row.record.headers))
+            for row in self._outbox.values()
+            if row.record.execution_id == saga_id
+        ]
 
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
         """Mark rows as published so no relay fetches them again."""

@@ -26,6 +26,7 @@ from typing import Protocol, Self, runtime_checkable
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxClaim,
     OutboxMessage,
     OutboxRecord,
@@ -35,7 +36,14 @@ from storage.records import (
 )
 from storage.status import SagaStatus
 
-__all__ = ["ISagaStorage", "SagaStorage", "SupportsClaimMany", "SupportsLoadMany"]
+__all__ = [
+    "ISagaStorage",
+    "SagaStorage",
+    "SupportsClaimMany",
+    "SupportsListOutbox",
+    "SupportsLoadMany",
+    "SupportsOutboxBacklog",
+]
 
 
 @runtime_checkable
@@ -262,6 +270,28 @@ class SupportsClaimMany(Protocol):
     ) -> list[ExecutionRecord]:
         """`SagaStorage.claim` for each of ``ids``: the records now claimed by ``owner``, in the order of
         ``ids``, each once. Unknown ids and executions another owner's live lease holds are absent."""
+        ...
+
+
+@runtime_checkable
+class SupportsOutboxBacklog(Protocol):
+    """A storage that reports its outbox backlog: optional, like `SupportsLoadMany` (metrics use it)."""
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """How many outbox rows are unsent and how long the oldest has waited (the storage's clock)."""
+        ...
+
+
+@runtime_checkable
+class SupportsListOutbox(Protocol):
+    """A storage that lists an execution's outbox rows: optional, for admin tools.
+
+    The console shows the commands an execution sent, with their headers. No index serves it (one would
+    cost every hot-path insert): an admin read of one execution, not a hot one.
+    """
+
+    async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
+        """Every outbox row written for ``saga_id``, sent or not, oldest first."""
         ...
 
 

@@ -184,8 +184,42 @@ class ExecutionQuery:
     created_before: datetime | None = None
     updated_after: datetime | None = None
     updated_before: datetime | None = None
+    #: Only definition versions among these.
+    versions: Sequence[int] | None = None
+    #: Only the execution started with this idempotency key.
+    idempotency_key: str | None = None
+    #: ``True``: only PAUSED executions whose reply deadline has passed (database clock); ``False``: only
+    #: the others.
+    overdue: bool | None = None
+    #: Only executions whose stored error contains this text (case-insensitive).
+    error_text: str | None = None
+    #: Keyset paging: only rows after this ``(created_at, id)`` in the newest-first order, i.e. the last
+    #: row of the previous page. Unlike ``offset`` it costs the same on the thousandth page as on the first.
+    after: tuple[datetime, uuid.UUID] | None = None
+    #: Count at most this many matches (``total`` then stops there); ``None`` counts them all. A capped
+    #: count stops scanning early on a large table.
+    count_limit: int | None = None
     offset: int = 0
     limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    """What the outbox relays still have to publish (for metrics and the console).
+
+    Attributes:
+        rows: Unsent outbox rows.
+        oldest_age_seconds: How long the oldest of them has waited (``None`` when there are none).
+    """
+
+    rows: int
+    oldest_age_seconds: float | None
+
+
+def backlog(rows: int, oldest: datetime | None, now: datetime) -> OutboxBacklog:
+    """An `OutboxBacklog` from the count, the oldest row's time and the current time on the same clock."""
+    age = None if oldest is None else max(0.0, (now - oldest).total_seconds())
+    return OutboxBacklog(rows=rows, oldest_age_seconds=age)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from saga.cli.output import (
     format_duration,
     format_error,
     format_time,
+    is_overdue,
     print_json,
     render_table,
     reply_to_json,
@@ -116,17 +117,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``kafka-saga list``."""
     config = _read_only(args)
     query = ExecutionQuery(
-        statuses=args.status or None, names=args.name or None, limit=args.limit, offset=args.offset
+        statuses=args.status or None,
+        names=args.name or None,
+        idempotency_key=args.idempotency_key,
+        created_after=args.since,
+        created_before=args.until,
+        overdue=True if args.overdue else None,
+        error_text=args.error,
+        limit=args.limit,
+        offset=args.offset,
     )
     result = _run(config, lambda storage: storage.query(query))
     if args.json:
         _print_page_json(result, args)
         return 0
+    now = datetime.now(UTC)
     rows = [
         (
             str(r.id),
             _saga_label(r),
-            _status_label(r.status),
+            _status_label(r.status) + (" (overdue)" if is_overdue(r, now) else ""),
             r.recovery_attempts,
             format_time(r.created_at),
             format_time(r.updated_at),
@@ -216,7 +226,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("version", record.version),
         ("idempotency", record.idempotency_key),
         ("user", record.user),
-        ("reply due", format_time(record.reply_deadline)),
+        ("reply due", _reply_due(record)),
         ("claimed by", _claim(record)),
         ("error", format_error(record.error, width=None)),
     ]
@@ -281,6 +291,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print("  (none)")
     return 0
+
+
+def _reply_due(record: ExecutionRecord) -> str | None:
+    """When the awaited reply is due, marked ``OVERDUE`` once that has passed."""
+    if record.reply_deadline is None:
+        return None
+    due = f"{format_time(record.reply_deadline)} UTC"
+    now = datetime.now(UTC)
+    if is_overdue(record, now):
+        return f"{due}  OVERDUE by {format_duration(record.reply_deadline, now)}"
+    return due
 
 
 def _claim(record: ExecutionRecord) -> str | None:

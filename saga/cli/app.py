@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-import orjson
 import yaml
 
 from broker import BrokerError
@@ -27,6 +26,7 @@ from saga.config import SagaConfig, load_config
 from saga.config.embedded import CONFIG_ENV, DEFAULT_CONFIG_PATH, EMBEDDED_CONFIG
 from saga.config.model import LoggingConfig
 from saga.errors import SagaBusyError, SagaConfigError, SagaError, SagaStateError
+from saga.observability.logs import JsonFormatter, text_formatter
 from storage import ExecutionNotFoundError, SagaStatus, StorageError
 
 __all__ = ["build_parser", "configure_logging", "main", "resolve_config"]
@@ -110,7 +110,7 @@ def _status(text: str) -> list[SagaStatus]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kafka-saga`` and all its subcommands."""
-    from saga.cli import admin, conformance, demo, worker
+    from saga.cli import admin, conformance, demo, operate, ui, worker
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -154,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--offset", type=_non_negative, default=0, metavar="N", help="skip the first N rows")
 
-    add(
+    p = add(
         "worker",
         worker.run_worker,
         "Run the reply consumer, the outbox relay and the recovery worker until SIGTERM/SIGINT.",
     )
+    p.add_argument("--metrics-port", type=_positive, metavar="PORT", help="serve Prometheus /metrics here")
 
     p = add(
         "demo",
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these statuses (repeat or comma-separate: --status failed,dead_letter)",
     )
     add_paging(p, limit=20)
+    operate.add_list_filters(p)
 
     add_on_one(
         "show", admin.cmd_show, "Show one execution: its steps, attempts, timings, errors and replies."
@@ -195,12 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("stats", admin.cmd_stats, "Count executions by status.", as_json)
 
-    add_on_one(
+    p = add(
         "retry",
-        admin.cmd_retry,
+        operate.cmd_retry,
         "Move a DEAD_LETTER or FAILED execution back to recovery (as FAILED, its recovery attempts "
-        "starting again from 0).",
+        "starting again from 0); with --status (and --name) instead of an ID, every matching one, after "
+        "confirmation.",
+        as_json,
     )
+    p.add_argument(
+        "id", type=execution_id, metavar="ID", nargs="?", help="execution id, or an unambiguous start of one"
+    )
+    p.add_argument("--status", type=_status, action="extend", metavar="STATUS", help="retry all in STATUS")
+    p.add_argument("--name", action="append", metavar="SAGA", help="only this saga (repeatable)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    p = add_on_one(
+        "cancel",
+        operate.cmd_cancel,
+        "Stop an execution going forward and compensate the steps it did (as a failed step would).",
+    )
+    p.add_argument("--reason", metavar="TEXT", help="stored in the execution's error (default: operator)")
 
     add_on_one(
         "replay",
@@ -215,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "FINISHED and ERRORED executions, which recovery never picks up.",
     )
     p.add_argument("attempts", type=_non_negative, metavar="N", help="new number of recovery attempts")
+
+    p = add("ui", ui.cmd_ui, "Serve the web console: executions, timelines and (with a token) actions.")
+    ui.add_arguments(p)
 
     p = add("dead-letter", admin.cmd_dead_letter, "List DEAD_LETTER executions with their errors.", as_json)
     add_paging(p, limit=50)
@@ -250,19 +270,6 @@ def resolve_config(path: str | None) -> SagaConfig:
     return load_config(yaml.safe_load(EMBEDDED_CONFIG), source_name=EMBEDDED_SOURCE)
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(data).decode()
-
-
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is at the time (tests swap it), not the one at creation."""
 
@@ -289,11 +296,11 @@ def configure_logging(config: LoggingConfig) -> None:
     handler = _StderrHandler()
     formatter: logging.Formatter
     if config.format == "json":
-        formatter = _JsonFormatter()
+        formatter = JsonFormatter()
     elif config.format == "text":
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        formatter = text_formatter()
     else:
-        formatter = logging.Formatter(config.format)
+        formatter = text_formatter(config.format)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

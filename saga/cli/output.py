@@ -9,13 +9,14 @@ from typing import Any, TextIO
 
 import orjson
 
-from storage import ExecutionRecord, ReplyRecord, StepRecord
+from storage import ExecutionRecord, ReplyRecord, SagaStatus, StepRecord
 
 __all__ = [
     "execution_to_json",
     "format_duration",
     "format_error",
     "format_time",
+    "is_overdue",
     "print_json",
     "render_table",
     "reply_to_json",
@@ -49,6 +50,12 @@ def format_time(value: datetime | None) -> str | None:
     if value.tzinfo is not None:
         value = value.astimezone(UTC)
     return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def is_overdue(record: ExecutionRecord, now: datetime) -> bool:
+    """Whether a paused execution's reply deadline has passed (recovery then replays or compensates)."""
+    deadline = record.reply_deadline
+    return record.status is SagaStatus.PAUSED and deadline is not None and deadline < now
 
 
 def format_duration(start: datetime | None, end: datetime | None) -> str | None:
@@ -134,6 +141,7 @@ def execution_to_json(record: ExecutionRecord, *, with_state: bool = False) -> d
         "error": dict(record.error) if record.error is not None else None,
         "created_at": _iso(record.created_at),
         "updated_at": _iso(record.updated_at),
+        "overdue": is_overdue(record, datetime.now(UTC)),
     }
     if with_state:
         data["context"] = decode_context(record.state)

@@ -22,6 +22,7 @@ from saga.config.model import (
     ConsumerConfig,
     LoggingConfig,
     MemoryBrokerConfig,
+    MetricsConfig,
     OutboxConfig,
     RecoveryConfig,
     SagaConfig,
@@ -29,6 +30,8 @@ from saga.config.model import (
     StorageConfig,
     TimeoutsConfig,
     TopicsConfig,
+    TracingConfig,
+    UiConfig,
 )
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "ConsumerConfig",
     "LoggingConfig",
     "MemoryBrokerConfig",
+    "MetricsConfig",
     "OutboxConfig",
     "RecoveryConfig",
     "SagaConfig",
@@ -45,6 +49,8 @@ __all__ = [
     "StorageConfig",
     "TimeoutsConfig",
     "TopicsConfig",
+    "TracingConfig",
+    "UiConfig",
     "apply_default_timeout",
     "build_broker_pool",
     "build_manager",

@@ -53,6 +53,10 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "recovery.concurrency": (1, True),
     "storage.pool_size": (1, True),
     "timeouts.default_reply_seconds": (0, False),
+    "metrics.port": (1, True),
+    "metrics.refresh_interval": (0, False),
+    "ui.port": (1, True),
+    "ui.page_size": (1, True),
 }
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "ConsumerConfig",
     "LoggingConfig",
     "MemoryBrokerConfig",
+    "MetricsConfig",
     "OutboxConfig",
     "RecoveryConfig",
     "SagaConfig",
@@ -24,6 +25,8 @@ __all__ = [
     "StorageConfig",
     "TimeoutsConfig",
     "TopicsConfig",
+    "TracingConfig",
+    "UiConfig",
 ]
 
 #: ``storage.url`` value selecting `MemorySagaStorage`.
@@ -209,6 +212,58 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """Prometheus ``/metrics`` of ``kafka-saga worker`` and ``kafka-saga participant``.
+
+    Attributes:
+        port: Serve ``/metrics`` on this port (``None``: no endpoint unless ``--metrics-port`` is given).
+        host: Address to listen on.
+        refresh_interval: Seconds between reads of the outbox backlog and the reply consumer's lag.
+    """
+
+    port: int | None = None
+    host: str = "0.0.0.0"
+    refresh_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingConfig:
+    """OpenTelemetry tracing of ``kafka-saga worker`` (needs the ``kafka-saga[otel]`` extra).
+
+    Attributes:
+        enabled: Record spans through OpenTelemetry's global tracer provider (set it up by running the
+            process under ``opentelemetry-instrument``, or in code before the manager starts).
+    """
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UiConfig:
+    """The web console, ``kafka-saga ui``.
+
+    Attributes:
+        port: HTTP port (``--port`` overrides it).
+        host: Address to listen on.
+        token: Token that enables the actions (retry, replay, cancel, set-attempts); ``None``: read-only.
+            Prefer ``${SAGA_UI_TOKEN}`` over writing it in the file.
+        page_size: Executions per page of the list.
+    """
+
+    port: int = 8080
+    host: str = "127.0.0.1"
+    token: str | None = None
+    page_size: int = 50
+
+    def __repr__(self) -> str:
+        # Written by hand so that logging a configuration never prints the token.
+        token = None if self.token is None else "***"
+        return (
+            f"UiConfig(port={self.port!r}, host={self.host!r}, token={token!r}, page_size={self.page_size!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SagaConfig:
     """A whole, validated configuration.
 
@@ -223,6 +278,9 @@ class SagaConfig:
         recovery: Recovery worker.
         timeouts: Default deadlines.
         logging: Logging of the CLI processes.
+        metrics: Prometheus endpoint of the worker and participant processes.
+        tracing: OpenTelemetry tracing of the worker.
+        ui: The web console.
         source: Where it was read from (a path, or ``None`` for a mapping); used in error messages.
     """
 
@@ -236,6 +294,9 @@ class SagaConfig:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     source: str | None = field(default=None, compare=False)
 
     @property

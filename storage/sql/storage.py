@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 
 import orjson
-from sqlalchemy import URL, ColumnElement, Executable, event, func, make_url, select
+from sqlalchemy import URL, Executable, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from storage.errors import (
@@ -43,14 +43,17 @@ from storage.migrate import connect_args, upgrade_async
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
+    OutboxBacklog,
     OutboxClaim,
     OutboxMessage,
     OutboxRecord,
     QueryResult,
     ReplyRecord,
     StepRecord,
+    backlog,
 )
 from storage.sql import codec
+from storage.sql.admin_query import admin_query, backlog_query, outbox_query
 from storage.sql.combined import OUTBOX_IDS
 from storage.sql.connections import INTEGRITY_ERRORS, ConnectionHolder, ErrorTranslator
 from storage.sql.grouped import (
@@ -395,34 +398,20 @@ class SqlAlchemySagaStorage:
 
     async def query(self, query: ExecutionQuery | None = None) -> QueryResult:
         """Filtered page of executions, newest first, with the total; see `SagaStorage.query`."""
-        q = query or ExecutionQuery()
-        t = self._tables.executions
-        where: list[ColumnElement[bool]] = []
-        if q.statuses is not None:
-            where.append(t.c.status.in_([SagaStatus(s).value for s in q.statuses]))
-        if q.names is not None:
-            where.append(t.c.name.in_(list(q.names)))
-        if q.created_after is not None:
-            where.append(t.c.created_at >= q.created_after)
-        if q.created_before is not None:
-            where.append(t.c.created_at < q.created_before)
-        if q.updated_after is not None:
-            where.append(t.c.updated_at >= q.updated_after)
-        if q.updated_before is not None:
-            where.append(t.c.updated_at < q.updated_before)
-        page = (
-            select(*t.c)
-            .where(*where)
-            .order_by(t.c.created_at.desc(), t.c.id.desc())
-            .offset(q.offset)
-            .limit(q.limit)
-        )
-        total = select(func.count()).select_from(t).where(*where)
+        page, total, params = admin_query(self._tables.executions, self._clock, query or ExecutionQuery())
         with self._guard("query"):
             async with self._db.connect() as session:
-                rows = await session.sa_all(page)
-                ((count,),) = await session.sa_all(total)
+                rows = await session.sa_all(page, params)
+                ((count,),) = await session.sa_all(total, params)
         return QueryResult(rows=[codec.execution_from_row(r) for r in rows], total=count)
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """Unsent outbox rows and the age of the oldest; see `SupportsOutboxBacklog`."""
+        page, params = backlog_query(self._tables.outbox, self._clock)
+        with self._guard("outbox_backlog"):
+            async with self._db.connect() as session:
+                ((count, oldest, now),) = await session.sa_all(page, params)
+        return backlog(int(count), oldest, now)
 
     async def count_by_status(self) -> dict[SagaStatus, int]:
         """Executions per status; statuses with none are omitted."""
@@ -600,6 +589,14 @@ class SqlAlchemySagaStorage:
             async with self._db.connect() as session:
                 rows = await session.all(self._s.fetch_outbox, params)
         return sorted((codec.outbox_from_row(r) for r in rows), key=lambda r: r.id)
+
+    async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
+        """Every outbox row of one execution, sent or not, oldest first; see `SupportsListOutbox`."""
+        stmt = outbox_query(self._tables.outbox, saga_id)
+        with self._guard("list_outbox"):
+            async with self._db.connect() as session:
+                rows = await session.sa_all(stmt)
+        return [codec.outbox_from_row(r) for r in rows]
 
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
         """Mark rows as published so no relay fetches them again.

@@ -181,7 +181,7 @@ def execution(
     return ExecutionRecord(
         id=changes.pop("id", None) or uuid.uuid4(),
         name=name,
-        definition_version=1,
+        definition_version=changes.pop("definition_version", 1),
         status=status,
         state=state,
         **changes,
@@ -362,6 +362,77 @@ async def test_query_filters_paginates_and_counts(harness: Harness, storage: Sag
         SagaStatus.FINISHED: 2,
         SagaStatus.PAUSED: 1,
     }
+
+
+async def test_query_admin_filters(harness: Harness, storage: SagaStorage) -> None:
+    """Idempotency key, version, overdue and error text filters, keyset paging and a capped count."""
+    now = harness.now()
+    late = await storage.create(execution(status=SagaStatus.PAUSED, idempotency_key="order-7"))
+    await harness.set_times(late.id, reply_deadline=now - timedelta(minutes=1))
+    waiting = await storage.create(execution(status=SagaStatus.PAUSED, definition_version=2))
+    await harness.set_times(waiting.id, reply_deadline=now + timedelta(hours=1))
+    broken = await storage.create(
+        execution(
+            status=SagaStatus.DEAD_LETTER,
+            error={"step": "pay", "error": "Card 50%_declined", "type": "compensation"},
+        )
+    )
+    ended = await storage.create(execution(status=SagaStatus.FINISHED))
+    for minute, rec in enumerate([late, waiting, broken, ended]):
+        await harness.set_times(rec.id, created_at=now - timedelta(minutes=10 - minute))
+
+    def ids(result: Any) -> list[uuid.UUID]:
+        return [r.id for r in result.rows]
+
+    assert ids(await storage.query(ExecutionQuery(idempotency_key="order-7"))) == [late.id]
+    assert (await storage.query(ExecutionQuery(idempotency_key="nope"))).total == 0
+    assert ids(await storage.query(ExecutionQuery(versions=[2]))) == [waiting.id]
+    assert ids(await storage.query(ExecutionQuery(overdue=True))) == [late.id]
+    assert ids(await storage.query(ExecutionQuery(overdue=False))) == [ended.id, broken.id, waiting.id]
+    # case-insensitive, and LIKE's wildcards in the text are literal
+    assert ids(await storage.query(ExecutionQuery(error_text="50%_DECL"))) == [broken.id]
+    assert (await storage.query(ExecutionQuery(error_text="50%declined"))).total == 0
+    assert (await storage.query(ExecutionQuery(error_text="pay"))).total == 1
+
+    first = await storage.query(ExecutionQuery(limit=3))
+    assert ids(first) == [ended.id, broken.id, waiting.id] and first.total == 4
+    last = first.rows[-1]
+    assert last.created_at is not None
+    second = await storage.query(ExecutionQuery(limit=3, after=(last.created_at, last.id)))
+    assert ids(second) == [late.id] and second.total == 4  # the total ignores the page position
+    assert (await storage.query(ExecutionQuery(count_limit=2))).total == 2
+    assert (await storage.query(ExecutionQuery(count_limit=10))).total == 4
+
+
+async def test_outbox_backlog(storage: SagaStorage) -> None:
+    from storage import SupportsOutboxBacklog
+
+    assert isinstance(storage, SupportsOutboxBacklog)
+    empty = await storage.outbox_backlog()
+    assert (empty.rows, empty.oldest_age_seconds) == (0, None)
+    await storage.create(execution(), outbox=[message(1), message(2)])
+    waiting = await storage.outbox_backlog()
+    assert waiting.rows == 2
+    assert waiting.oldest_age_seconds is not None and 0.0 <= waiting.oldest_age_seconds < 3600
+    rows = await storage.fetch_outbox(10, owner="relay")
+    await storage.mark_outbox_sent([rows[0].id])
+    assert (await storage.outbox_backlog()).rows == 1
+
+
+async def test_list_outbox(storage: SagaStorage) -> None:
+    from storage import SupportsListOutbox
+
+    assert isinstance(storage, SupportsListOutbox)
+    mine = await storage.create(execution(), outbox=[message(1), message(2)])
+    await storage.create(execution(), outbox=[message(3)])
+    rows = await storage.fetch_outbox(1, owner="relay")
+    await storage.mark_outbox_sent([rows[0].id])
+    listed = await storage.list_outbox(mine.id)
+    assert [(r.topic, r.key, r.value, dict(r.headers)) for r in listed] == [
+        ("payments", b"k1", b"v1", {"n": "1"}),
+        ("payments", b"k2", b"v2", {"n": "2"}),
+    ]
+    assert await storage.list_outbox(uuid.uuid4()) == []
 
 
 async def test_count_by_status_empty(storage: SagaStorage) -> None:

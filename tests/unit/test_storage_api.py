@@ -19,6 +19,7 @@ PUBLIC = [
     "ExecutionRecord",
     "ISagaStorage",
     "MemorySagaStorage",
+    "OutboxBacklog",
     "OutboxMessage",
     "OutboxRecord",
     "QueryResult",
@@ -30,7 +31,9 @@ PUBLIC = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsListOutbox",
     "SupportsLoadMany",
+    "SupportsOutboxBacklog",
 ]
 
 
@@ -54,6 +57,7 @@ def test_adapters_satisfy_the_port() -> None:
         assert isinstance(adapter, storage.SagaStorage)
         assert isinstance(adapter, storage.SupportsLoadMany)
         assert isinstance(adapter, storage.SupportsClaimMany)
+        assert isinstance(adapter, storage.SupportsOutboxBacklog)
 
 
 def test_load_many_is_optional() -> None:
