@@ -1,7 +1,7 @@
 """W3C trace context for sagas: which ``traceparent`` (and ``tracestate``) a saga's commands carry.
 
-A saga started with ``run(..., traceparent=...)`` uses that context; else, when ``opentelemetry-api`` is
-importable (the ``otel`` extra) and a span is current, the current context as OpenTelemetry's propagator
+A saga started with ``run(..., traceparent=...)`` uses that context; else, when the process uses
+OpenTelemetry (``opentelemetry-api``, the ``otel`` extra, already imported) and a span is current, the current context as OpenTelemetry's propagator
 writes it; else a new trace. The execution stores the context in its state document, so every command,
 replay, compensation and decision of the run carries the same trace, whichever process sends it.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,10 @@ def validate_tracestate(value: str) -> str:
 
 
 def _otel_inject() -> Callable[[dict[str, str]], Any] | None:
+    # A process that has not imported OpenTelemetry has no span to continue: looking costs no import,
+    # so a service without tracing never loads it.
+    if "opentelemetry" not in sys.modules:
+        return None
     try:
         from opentelemetry.propagate import inject
     except ImportError:
