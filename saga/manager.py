@@ -377,7 +377,14 @@ class SagaManager(ExecutionDriver):
         elif definition is not None:
             trace = resolve_trace_context(traceparent, tracestate)
             execution = await self._start(
-                definition, context, user, autocommit, idempotency_key, pause_on_disk, trace
+                definition,
+                context,
+                user,
+                autocommit,
+                idempotency_key,
+                pause_on_disk,
+                trace,
+                trace_given=traceparent is not None,
             )
         else:
             raise SagaStateError("run() needs a definition to start or a response to resume")
@@ -406,10 +413,16 @@ class SagaManager(ExecutionDriver):
         idempotency_key: str | None,
         pause_on_disk: bool,
         trace: tuple[str, str | None],
+        *,
+        trace_given: bool,
     ) -> SagaExecution:
         saga = self._definition_for(definition)
         if _tracing.enabled:
-            with _tracing.run_span(saga.name or "") as span:
+            # The run span continues the given context (else the current one) and becomes the saga's
+            # stored context, so decisions sent long after this call still join the trace under it.
+            parent = trace if trace_given else None
+            with _tracing.run_span(saga.name or "", parent=parent) as span:
+                trace = resolve_trace_context()
                 execution = await self._start_saga(
                     saga, context, user, autocommit, idempotency_key, pause_on_disk, trace
                 )

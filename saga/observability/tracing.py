@@ -138,9 +138,20 @@ def _saga_attributes(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_span(saga: str) -> Iterator[Any]:
-    """``saga.run {saga}``: a new execution being started; the caller sets ``saga.execution_id``."""
-    with _tracer.start_as_current_span(f"saga.run {saga}", attributes={"saga.name": saga}) as span:
+def run_span(saga: str, *, parent: tuple[str, str | None] | None = None) -> Iterator[Any]:
+    """``saga.run {saga}``: a new execution being started; the caller sets ``saga.execution_id``.
+
+    ``parent`` is a ``(traceparent, tracestate)`` the caller passed to ``run``; without it the span is a
+    child of the current one, or a new trace's root.
+    """
+    headers = None
+    if parent is not None:
+        headers = {_H_TRACEPARENT: parent[0]}
+        if parent[1] is not None:
+            headers[_H_TRACESTATE] = parent[1]
+    with _tracer.start_as_current_span(
+        f"saga.run {saga}", context=_parent(headers), attributes={"saga.name": saga}
+    ) as span:
         yield span
 
 
