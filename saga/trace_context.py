@@ -2,8 +2,9 @@
 
 A saga started with ``run(..., traceparent=...)`` uses that context; else, when the process uses
 OpenTelemetry (``opentelemetry-api``, the ``otel`` extra, already imported) and a span is current, the
-current context as OpenTelemetry's propagator writes it; else a new trace. The execution stores the context in its state document, so every command,
-replay, compensation and decision of the run carries the same trace, whichever process sends it.
+current context as OpenTelemetry's propagator writes it; else a new trace. The execution stores the
+context in its state document, so every command, replay, compensation and decision of the run carries
+the same trace, whichever process sends it.
 """
 
 from __future__ import annotations
