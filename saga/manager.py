@@ -38,6 +38,7 @@ from saga.driver import AlreadyAppliedError, ExecutionDriver
 from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, SagaStateError
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
+from saga.limits import MAX_INTERVAL_SECONDS, MAX_LEASE_SECONDS, check_seconds
 from saga.messages import SagaResponse
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
@@ -73,6 +74,37 @@ def _check_resolved(value: object, name: str) -> None:
             "the manager in a process wired by a container that provides it "
             "(saga.container.create_container)",
         )
+
+
+#: Longest ``user`` and ``idempotency_key`` (their storage columns hold 255 characters).
+_MAX_HEADER_TEXT = 255
+
+
+def _check_header_text(value: object, name: str) -> str:
+    """``value`` if it can travel as a header and be stored: a valid UTF-8 str of 255 characters or fewer."""
+    if not isinstance(value, str):
+        raise TypeError(f"run(): {name} must be a str, got {type(value).__name__} {value!r}")
+    if len(value) > _MAX_HEADER_TEXT:
+        raise ValueError(f"run(): {name} is {len(value)} characters long; at most {_MAX_HEADER_TEXT} fit")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"run(): {name} is not valid UTF-8 (lone surrogate {value[exc.start]!r} at {exc.start})"
+            ) from None
+    return value
+
+
+def _check_user(user: object) -> str | None:
+    """The user as stored: a string as given, a UUID as its string; anything else raises."""
+    if user is None:
+        return None
+    if isinstance(user, uuid.UUID):
+        return str(user)
+    if not isinstance(user, str):
+        raise TypeError(f"run(): user must be a str or a uuid.UUID, got {type(user).__name__} {user!r}")
+    return _check_header_text(user, "user")
 
 
 class SagaManager(ExecutionDriver):
@@ -133,13 +165,14 @@ class SagaManager(ExecutionDriver):
         _check_resolved(storage, "storage")
         if not service_name:
             raise SagaConfigError("service_name", "must be a non-empty string")
-        for key, value in (
-            ("lease_seconds", lease_seconds),
-            ("relay_interval", relay_interval),
-            ("wait_poll_interval", wait_poll_interval),
+        for key, value, maximum in (
+            ("lease_seconds", lease_seconds, MAX_LEASE_SECONDS),
+            ("relay_interval", relay_interval, MAX_INTERVAL_SECONDS),
+            ("wait_poll_interval", wait_poll_interval, MAX_INTERVAL_SECONDS),
         ):
-            if not value > 0:
-                raise SagaConfigError(key, f"must be > 0, got {value!r}")
+            problem = check_seconds(value, maximum)
+            if problem is not None:
+                raise SagaConfigError(key, problem)
         if reply_concurrency < 1:
             raise SagaConfigError("reply_concurrency", f"must be >= 1, got {reply_concurrency!r}")
         if paused_cache_size < 0:
@@ -277,7 +310,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -292,7 +325,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -307,7 +340,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -321,7 +354,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -334,7 +367,8 @@ class SagaManager(ExecutionDriver):
             definition: Start a new execution of it (registered on the fly if needed).
             context: Initial context of a new execution.
             response: Resume the execution this reply names instead.
-            user: User the saga runs for (forwarded in command headers).
+            user: User the saga runs for (forwarded in command headers): a string, or a UUID stored as its
+                string.
             autocommit: Send commit/reject to the participants by itself when the saga ends; with
                 ``False`` call `commit` / `reject` yourself.
             pause_on_disk: Return as soon as the execution waits for a reply (PAUSED, stored); with
@@ -345,10 +379,23 @@ class SagaManager(ExecutionDriver):
 
         Raises:
             SagaExecutionError: It ended ERRORED/DEAD_LETTER and ``raise_on_error`` is set.
-            SagaContextError: A context value cannot be stored (the execution, if created, is FAILED).
+            SagaStateError: The manager is not set up (``setup()`` or ``async with``): nothing could be
+                sent or received, so nothing is stored.
+            SagaContextError: A context value cannot be stored (nothing is stored).
+            TypeError, ValueError: ``user`` is not a string or UUID, or ``idempotency_key`` is not a
+                string, or either is too long or not valid UTF-8 (nothing is stored).
+            DuplicateIdempotencyKeyError: ``idempotency_key`` already started an execution of another saga.
             SagaBusyError: (resume) Another worker holds the execution's claim; try again later.
             UnknownSagaDefinitionError: (resume) The execution's definition is not registered.
         """
+        if not self._started:
+            raise SagaStateError(
+                "run() on a SagaManager that is not set up: call `await manager.setup()` (or use "
+                "`async with manager`) first"
+            )
+        user = _check_user(user)
+        if idempotency_key is not None:
+            _check_header_text(idempotency_key, "idempotency_key")
         if response is not None:
             execution, _ = await self._process_reply(response, None, wait=not pause_on_disk)
         elif definition is not None:

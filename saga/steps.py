@@ -8,13 +8,13 @@ Steps only hold callbacks and options; running them is the execution's job. Ever
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from saga.context import SagaContext
 from saga.errors import SagaDefinitionError
+from saga.limits import MAX_DURATION_SECONDS, check_seconds
 from saga.messages import SagaRequest, SagaResponse
 from saga.retry import NO_RETRY, RetryPolicy
 from storage.records import StepKind
@@ -252,16 +252,9 @@ class RemoteSagaStep(_ActionStep):
         self.error_fn: ReplyCallback | None = None
         self.failure_fn: RemoteCompensation | None = None
         super().__init__(saga, index, name, fn, retry, compensation_retry)
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            raise SagaDefinitionError(
-                f"timeout of step {self.name!r} must be a positive number of seconds, got {timeout!r}",
-                step=self.name,
-            )
+        problem = None if timeout is None else check_seconds(timeout, MAX_DURATION_SECONDS)
+        if problem is not None:
+            raise SagaDefinitionError(f"timeout of step {self.name!r} {problem}", step=self.name)
         #: Seconds to wait for the reply; ``None`` waits without limit (the saga deadline still applies).
         self.timeout: float | None = None if timeout is None else float(timeout)
 

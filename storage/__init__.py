@@ -15,7 +15,13 @@ from storage.errors import (
     StorageUnavailableError,
 )
 from storage.memory import MemorySagaStorage
-from storage.protocol import ISagaStorage, SagaStorage, SupportsClaimMany, SupportsLoadMany
+from storage.protocol import (
+    ISagaStorage,
+    SagaStorage,
+    SupportsClaimMany,
+    SupportsDefinitionCounts,
+    SupportsLoadMany,
+)
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
@@ -52,6 +58,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsDefinitionCounts",
     "SupportsLoadMany",
 ]
 

@@ -433,6 +433,14 @@ class MemorySagaStorage:
             counts[r.status] = counts.get(r.status, 0) + 1
         return counts
 
+    async def count_by_definition(self) -> dict[tuple[str, int, SagaStatus], int]:
+        """Executions per ``(name, definition version, status)``; combinations with none are omitted."""
+        counts: dict[tuple[str, int, SagaStatus], int] = {}
+        for r in self._executions.values():
+            key = (r.name, r.definition_version, r.status)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     # -- recovery --------------------------------------------------------------------------------------
 
     async def get_sagas_for_recovery(

@@ -265,5 +265,18 @@ class SupportsClaimMany(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsDefinitionCounts(Protocol):
+    """A storage that counts executions per definition version: optional, like `SupportsLoadMany`.
+
+    ``kafka-saga worker`` and ``kafka-saga stats`` use it to show unfinished executions whose definition
+    version the process does not register (their replies wait until it does).
+    """
+
+    async def count_by_definition(self) -> dict[tuple[str, int, SagaStatus], int]:
+        """Executions per ``(name, definition version, status)``; combinations with none are omitted."""
+        ...
+
+
 #: Alias kept for code written against python-cqrs's ``ISagaStorage``.
 ISagaStorage = SagaStorage

@@ -429,6 +429,17 @@ class SqlAlchemySagaStorage:
                 rows = await session.all(self._s.count_by_status)
         return {SagaStatus(status): count for status, count in rows}
 
+    async def count_by_definition(self) -> dict[tuple[str, int, SagaStatus], int]:
+        """Executions per ``(name, definition version, status)``; combinations with none are omitted."""
+        t = self._tables.executions
+        stmt = select(t.c.name, t.c.definition_version, t.c.status, func.count()).group_by(
+            t.c.name, t.c.definition_version, t.c.status
+        )
+        with self._guard("count_by_definition"):
+            async with self._db.connect() as session:
+                rows = await session.all(stmt)
+        return {(name, int(version), SagaStatus(status)): count for name, version, status, count in rows}
+
     # -- recovery --------------------------------------------------------------------------------------
 
     async def get_sagas_for_recovery(

@@ -197,6 +197,7 @@ async def test_background_loop_recovers_running_failed_and_compensating_runs(
 
     failing = Saga("refund").local_step(count("reserve")).on_failure(undo).local_step(refuse).commit()
     crashed = make_manager(storage, pool, clock, owner="crashed")
+    await crashed.setup()
     with pytest.raises(ProcessDied):
         await crashed.run(failing, {"n": 3}, pause_on_disk=True)
     [compensating] = (await storage.query()).rows

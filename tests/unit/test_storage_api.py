@@ -29,6 +29,7 @@ PUBLIC = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsDefinitionCounts",
     "SupportsLoadMany",
 ]
 
@@ -53,6 +54,7 @@ def test_adapters_satisfy_the_port() -> None:
         assert isinstance(adapter, storage.SagaStorage)
         assert isinstance(adapter, storage.SupportsLoadMany)
         assert isinstance(adapter, storage.SupportsClaimMany)
+        assert isinstance(adapter, storage.SupportsDefinitionCounts)
 
 
 def test_load_many_is_optional() -> None:
