@@ -18,6 +18,7 @@ renewed by a heartbeat while callbacks run) does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -35,14 +36,22 @@ from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
 from saga.driver import AlreadyAppliedError, ExecutionDriver
-from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, SagaStateError
+from saga.errors import (
+    MalformedMessageError,
+    SagaBusyError,
+    SagaConfigError,
+    SagaExecutionError,
+    SagaStateError,
+)
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
 from saga.limits import MAX_INTERVAL_SECONDS, MAX_LEASE_SECONDS, check_seconds
 from saga.messages import SagaResponse
+from saga.parking import clear_parked, park_reply, parked_replies
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from storage import (
+    TERMINAL_STATUSES,
     ConcurrencyError,
     DuplicateIdempotencyKeyError,
     ExecutionRecord,
@@ -105,6 +114,20 @@ def _check_user(user: object) -> str | None:
     if not isinstance(user, str):
         raise TypeError(f"run(): user must be a str or a uuid.UUID, got {type(user).__name__} {user!r}")
     return _check_header_text(user, "user")
+
+
+def _same_saga(existing: ExecutionRecord, saga: Saga, idempotency_key: str) -> ExecutionRecord:
+    """``existing`` if it is an execution of ``saga`` (any version): a key names one start of one saga.
+
+    Raises:
+        DuplicateIdempotencyKeyError: The key started an execution of another saga; naming both, so the
+            caller sees why their saga did not start instead of getting the other one's execution back.
+    """
+    if existing.name != saga.name:
+        raise DuplicateIdempotencyKeyError(
+            idempotency_key, existing.id, existing_saga=existing.name, saga=saga.name
+        )
+    return existing
 
 
 class SagaManager(ExecutionDriver):
@@ -375,7 +398,9 @@ class SagaManager(ExecutionDriver):
                 ``False``, wait here until it ends.
             raise_on_error: Raise `SagaExecutionError` when it ends ERRORED or DEAD_LETTER.
             return_execution: Return the `SagaExecution` (else its id).
-            idempotency_key: A second start with the same key returns the first execution.
+            idempotency_key: A second start of the same saga (any version) with the same key returns the
+                first execution; keys are unique across sagas, so a start of another saga with a key
+                already used raises `DuplicateIdempotencyKeyError`.
 
         Raises:
             SagaExecutionError: It ended ERRORED/DEAD_LETTER and ``raise_on_error`` is set.
@@ -433,7 +458,7 @@ class SagaManager(ExecutionDriver):
         if idempotency_key is not None:
             existing = await self.storage.find_by_idempotency_key(idempotency_key)
             if existing is not None:
-                return self._execution(existing)
+                return self._execution(_same_saga(existing, saga, idempotency_key))
         now = self.clock()
         execution = SagaExecution.start(
             saga,
@@ -453,7 +478,8 @@ class SagaManager(ExecutionDriver):
                 execution, wait=not pause_on_disk, with_first_command=idempotency_key is None
             )
         except DuplicateIdempotencyKeyError as exc:
-            return self._execution(await self.storage.load(exc.existing_id))
+            existing = await self.storage.load(exc.existing_id)
+            return self._execution(_same_saga(existing, saga, exc.idempotency_key))
 
     # -- replies ---------------------------------------------------------------------------------------
 
@@ -483,6 +509,62 @@ class SagaManager(ExecutionDriver):
         """
         _, outcome = await self._process_reply(response, message, wait=False)
         return outcome
+
+    async def park_reply(self, response: SagaResponse, *, message: BrokerMessage | None = None) -> bool:
+        """Keep a reply whose execution's definition version is not registered here (see `saga.parking`).
+
+        The reply is stored with the execution, which becomes due for recovery: a process that registers
+        the definition applies it from there. A reply for a finished execution is recorded as stale.
+
+        Returns:
+            Whether the reply was parked (``False``: the execution is terminal).
+
+        Raises:
+            ExecutionNotFoundError: No such execution.
+            SagaBusyError: Another worker holds the execution's claim, or the definition is registered
+                after all (retriable: handling the reply again applies it).
+            ConcurrencyError: The row changed meanwhile (retriable).
+        """
+        record = await self.storage.load(response.execution_id)
+        now = self.clock()
+        if (record.name, record.definition_version) in self.registry:
+            raise SagaBusyError(
+                f"saga {record.name!r} v{record.definition_version} is registered now: apply the reply",
+                execution_id=record.id,
+            )
+        if record.status in TERMINAL_STATUSES:
+            await self.storage.record_reply(
+                ReplyRecord(
+                    record.id,
+                    response.request_id,
+                    int(response.status),
+                    "stale",
+                    reason=f"execution is {record.status}; its definition v{record.definition_version} "
+                    "is not registered in the process that received the reply",
+                )
+            )
+            return False
+        if record.owner is not None and record.lease_until is not None and record.lease_until > now:
+            raise SagaBusyError(f"execution {record.id} is claimed by {record.owner}", execution_id=record.id)
+        if message is None:
+            message = response.to_message(self.reply_topic)
+        await self.storage.save(park_reply(record, message, now))
+        return True
+
+    async def _apply_parked(self, execution_id: uuid.UUID, parked: list[BrokerMessage]) -> SagaExecution:
+        """Apply the replies parked with an execution, oldest first, then drop any left parked."""
+        execution: SagaExecution | None = None
+        for message in parked:
+            try:
+                response = SagaResponse.from_message(message)
+            except MalformedMessageError:  # pragma: no cover - parked only after it decoded once
+                continue
+            execution, _ = await self._process_reply(response, message, wait=False)
+        record = await self.storage.load(execution_id)
+        if parked_replies(record, self.reply_topic):  # none of them was applied: only stale ones
+            with contextlib.suppress(ConcurrencyError):  # another worker moved it on: fine
+                record = await self.storage.save(clear_parked(record))
+        return execution if execution is not None else self._execution(record)
 
     async def _process_reply(
         self, response: SagaResponse, message: BrokerMessage | None, *, wait: bool
@@ -659,6 +741,11 @@ class SagaManager(ExecutionDriver):
             if execution.terminal:
                 await self._release(execution_id)
                 return execution
+            parked = parked_replies(record, self.reply_topic)
+            if parked:  # replies kept while no process registered the definition come first
+                await self._release(execution_id)
+                self._active.discard(execution_id)
+                return await self._apply_parked(execution_id, parked)
             now = self.clock()
             transition = None
             if execution.awaiting is not None:

@@ -292,7 +292,13 @@ class MemorySagaStorage:
     ) -> ExecutionRecord:
         """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
         if record.idempotency_key is not None and record.idempotency_key in self._by_key:
-            raise DuplicateIdempotencyKeyError(record.idempotency_key, self._by_key[record.idempotency_key])
+            existing = self._by_key[record.idempotency_key]
+            raise DuplicateIdempotencyKeyError(
+                record.idempotency_key,
+                existing,
+                existing_saga=self._executions[existing].name,
+                saga=record.name,
+            )
         now = self._clock()
         steps = record.steps if type(record.steps) is tuple else tuple(record.steps)
         clean = record.error is None and _clean_steps(steps)

@@ -253,8 +253,12 @@ class SqlAlchemySagaStorage:
         if record.idempotency_key is not None:
             found = await session.first(self._s.id_by_idempotency_key, {"p_key": record.idempotency_key})
             if found is not None:
-                existing = found[0]
-                raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
+                raise DuplicateIdempotencyKeyError(
+                    record.idempotency_key,
+                    codec.as_uuid(found[0]),
+                    existing_saga=found[1],
+                    saga=record.name,
+                ) from error
         # Otherwise the primary key: the caller expected no execution with this id (version 0).
         raise ConcurrencyError(record.id, 0) from error
 
