@@ -70,6 +70,8 @@ _names = Names(os.environ.get(SUFFIX_ENV, "unset"))
 V1 = stock_saga(_names, 1, timeout=3.0)
 #: Version 2 (same steps; what matters is the version number).
 V2 = stock_saga(_names, 2, timeout=3.0)
+#: The cluster tests' saga: a reply timeout longer than a leader election.
+PATIENT = stock_saga(_names, 1, timeout=30.0)
 
 
 def write_config(
@@ -111,11 +113,16 @@ def cli_env(names: Names) -> dict[str, str]:
 
 def start_worker(apps: Apps, name: str, config: Path, names: Names) -> App:
     """``kafka-saga worker --config CONFIG`` as an OS process the ``apps`` fixture ends."""
+    return start_module(apps, name, names, "saga.cli", "worker", "--config", str(config))
+
+
+def start_module(apps: Apps, name: str, names: Names, module: str, *args: str) -> App:
+    """``python -m MODULE ARGS`` as an OS process the ``apps`` fixture ends."""
     stdout_path = apps.directory / f"{name}.stdout"
     stderr_path = apps.directory / f"{name}.stderr"
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "saga.cli", "worker", "--config", str(config)],
+            [sys.executable, "-m", module, *args],
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=out,
