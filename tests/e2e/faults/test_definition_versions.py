@@ -103,9 +103,6 @@ async def test_replies_of_v1_executions_wait_for_a_v1_process(run: Run) -> None:
     # Only v2 is deployed: its worker reads the v1 replies and its recovery sees the timeouts pass.
     worker_v2 = _stock.start_worker(run.apps, "worker-v2", v2_only, run.names)
     await _stock.wait_worker_ready(run.apps, worker_v2)
-    assert f"{SAGAS} unfinished execution(s) of saga 'stock{run.names.suffix}' v1" in (
-        worker_v2.stderr_path.read_text()
-    ), run.apps.report()
 
     async def settled() -> bool:
         records = [await run.storage.load(i) for i in ids]
@@ -116,6 +113,9 @@ async def test_replies_of_v1_executions_wait_for_a_v1_process(run: Run) -> None:
     records = [await run.storage.load(i) for i in ids]
     assert [r.status for r in records] == [SagaStatus.PAUSED] * SAGAS, run.apps.report()
     assert [r.recovery_attempts for r in records] == [0] * SAGAS
+    assert f"{SAGAS} unfinished execution(s) of saga 'stock{run.names.suffix}' v1" in (
+        worker_v2.stderr_path.read_text()
+    ), run.apps.report()
 
     stats = _stock.run_cli(run.names, "stats", "--config", str(v2_only), "--json")
     assert stats.returncode == 0, stats.stderr

@@ -40,6 +40,8 @@ async def test_a_key_reused_by_another_saga_raises_naming_both(
             service_name=f"idem{suffix}{owner}",
             owner=owner,
         )
+        manager.register(order)  # both services know both sagas, as in one orchestrator
+        manager.register(refund)
         await manager.setup()
         managers.append(manager)
     a, b = managers
