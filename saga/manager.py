@@ -32,6 +32,7 @@ from typing import Any, Literal, overload
 from dependency_injector.wiring import Provide
 
 from broker import BrokerClientPool, BrokerMessage
+from saga.arguments import check_header_text, check_user, same_saga
 from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
@@ -47,11 +48,10 @@ from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
 from saga.limits import MAX_INTERVAL_SECONDS, MAX_LEASE_SECONDS, check_seconds
 from saga.messages import SagaResponse
-from saga.parking import clear_parked, park_reply, parked_replies
+from saga.parking import clear_parked, keep_reply, parked_replies
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from storage import (
-    TERMINAL_STATUSES,
     ConcurrencyError,
     DuplicateIdempotencyKeyError,
     ExecutionRecord,
@@ -83,51 +83,6 @@ def _check_resolved(value: object, name: str) -> None:
             "the manager in a process wired by a container that provides it "
             "(saga.container.create_container)",
         )
-
-
-#: Longest ``user`` and ``idempotency_key`` (their storage columns hold 255 characters).
-_MAX_HEADER_TEXT = 255
-
-
-def _check_header_text(value: object, name: str) -> str:
-    """``value`` if it can travel as a header and be stored: a valid UTF-8 str of 255 characters or fewer."""
-    if not isinstance(value, str):
-        raise TypeError(f"run(): {name} must be a str, got {type(value).__name__} {value!r}")
-    if len(value) > _MAX_HEADER_TEXT:
-        raise ValueError(f"run(): {name} is {len(value)} characters long; at most {_MAX_HEADER_TEXT} fit")
-    if not value.isascii():
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"run(): {name} is not valid UTF-8 (lone surrogate {value[exc.start]!r} at {exc.start})"
-            ) from None
-    return value
-
-
-def _check_user(user: object) -> str | None:
-    """The user as stored: a string as given, a UUID as its string; anything else raises."""
-    if user is None:
-        return None
-    if isinstance(user, uuid.UUID):
-        return str(user)
-    if not isinstance(user, str):
-        raise TypeError(f"run(): user must be a str or a uuid.UUID, got {type(user).__name__} {user!r}")
-    return _check_header_text(user, "user")
-
-
-def _same_saga(existing: ExecutionRecord, saga: Saga, idempotency_key: str) -> ExecutionRecord:
-    """``existing`` if it is an execution of ``saga`` (any version): a key names one start of one saga.
-
-    Raises:
-        DuplicateIdempotencyKeyError: The key started an execution of another saga; naming both, so the
-            caller sees why their saga did not start instead of getting the other one's execution back.
-    """
-    if existing.name != saga.name:
-        raise DuplicateIdempotencyKeyError(
-            idempotency_key, existing.id, existing_saga=existing.name, saga=saga.name
-        )
-    return existing
 
 
 class SagaManager(ExecutionDriver):
@@ -418,9 +373,9 @@ class SagaManager(ExecutionDriver):
                 "run() on a SagaManager that is not set up: call `await manager.setup()` (or use "
                 "`async with manager`) first"
             )
-        user = _check_user(user)
+        user = check_user(user)
         if idempotency_key is not None:
-            _check_header_text(idempotency_key, "idempotency_key")
+            check_header_text(idempotency_key, "idempotency_key")
         if response is not None:
             execution, _ = await self._process_reply(response, None, wait=not pause_on_disk)
         elif definition is not None:
@@ -458,7 +413,7 @@ class SagaManager(ExecutionDriver):
         if idempotency_key is not None:
             existing = await self.storage.find_by_idempotency_key(idempotency_key)
             if existing is not None:
-                return self._execution(_same_saga(existing, saga, idempotency_key))
+                return self._execution(same_saga(existing, saga, idempotency_key))
         now = self.clock()
         execution = SagaExecution.start(
             saga,
@@ -479,7 +434,7 @@ class SagaManager(ExecutionDriver):
             )
         except DuplicateIdempotencyKeyError as exc:
             existing = await self.storage.load(exc.existing_id)
-            return self._execution(_same_saga(existing, saga, exc.idempotency_key))
+            return self._execution(same_saga(existing, saga, exc.idempotency_key))
 
     # -- replies ---------------------------------------------------------------------------------------
 
@@ -525,31 +480,9 @@ class SagaManager(ExecutionDriver):
                 after all (retriable: handling the reply again applies it).
             ConcurrencyError: The row changed meanwhile (retriable).
         """
-        record = await self.storage.load(response.execution_id)
-        now = self.clock()
-        if (record.name, record.definition_version) in self.registry:
-            raise SagaBusyError(
-                f"saga {record.name!r} v{record.definition_version} is registered now: apply the reply",
-                execution_id=record.id,
-            )
-        if record.status in TERMINAL_STATUSES:
-            await self.storage.record_reply(
-                ReplyRecord(
-                    record.id,
-                    response.request_id,
-                    int(response.status),
-                    "stale",
-                    reason=f"execution is {record.status}; its definition v{record.definition_version} "
-                    "is not registered in the process that received the reply",
-                )
-            )
-            return False
-        if record.owner is not None and record.lease_until is not None and record.lease_until > now:
-            raise SagaBusyError(f"execution {record.id} is claimed by {record.owner}", execution_id=record.id)
         if message is None:
             message = response.to_message(self.reply_topic)
-        await self.storage.save(park_reply(record, message, now))
-        return True
+        return await keep_reply(self.storage, self.registry, response, message, self.clock())
 
     async def _apply_parked(self, execution_id: uuid.UUID, parked: list[BrokerMessage]) -> SagaExecution:
         """Apply the replies parked with an execution, oldest first, then drop any left parked."""

@@ -23,11 +23,15 @@ from typing import Any
 import orjson
 
 from broker import BrokerMessage
-from storage import TERMINAL_STATUSES, ExecutionRecord, SupportsDefinitionCounts
+from saga.errors import SagaBusyError
+from saga.messages import SagaResponse
+from saga.registry import SagaRegistry
+from storage import TERMINAL_STATUSES, ExecutionRecord, ReplyRecord, SagaStorage, SupportsDefinitionCounts
 
 __all__ = [
     "MAX_PARKED_REPLIES",
     "clear_parked",
+    "keep_reply",
     "park_reply",
     "parked_replies",
     "unregistered_definitions",
@@ -53,6 +57,43 @@ def park_reply(record: ExecutionRecord, message: BrokerMessage, now: datetime) -
     state[_PARKED] = parked[-MAX_PARKED_REPLIES:]
     due = now if record.reply_deadline is None else min(record.reply_deadline, now)
     return dataclasses.replace(record, state=orjson.dumps(state), reply_deadline=due)
+
+
+async def keep_reply(
+    storage: SagaStorage,
+    registry: SagaRegistry,
+    response: SagaResponse,
+    message: BrokerMessage,
+    now: datetime,
+) -> bool:
+    """`SagaManager.park_reply`: store ``message`` with its execution, unless that cannot be right now.
+
+    Returns ``False`` (and records the reply as stale) when the execution is terminal.
+
+    Raises:
+        ExecutionNotFoundError: No such execution.
+        SagaBusyError: Another worker holds a live claim, or the definition is registered after all.
+        ConcurrencyError: The row changed meanwhile.
+    """
+    record = await storage.load(response.execution_id)
+    if (record.name, record.definition_version) in registry:
+        raise SagaBusyError(
+            f"saga {record.name!r} v{record.definition_version} is registered now: apply the reply",
+            execution_id=record.id,
+        )
+    if record.status in TERMINAL_STATUSES:
+        reason = (
+            f"execution is {record.status}; its definition v{record.definition_version} is not registered "
+            "in the process that received the reply"
+        )
+        await storage.record_reply(
+            ReplyRecord(record.id, response.request_id, int(response.status), "stale", reason=reason)
+        )
+        return False
+    if record.owner is not None and record.lease_until is not None and record.lease_until > now:
+        raise SagaBusyError(f"execution {record.id} is claimed by {record.owner}", execution_id=record.id)
+    await storage.save(park_reply(record, message, now))
+    return True
 
 
 def parked_replies(record: ExecutionRecord, topic: str) -> list[BrokerMessage]:

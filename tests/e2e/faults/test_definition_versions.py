@@ -76,7 +76,8 @@ async def start_v1_sagas(run: Run) -> list[uuid.UUID]:
     """Start the v1 sagas from this process (no reply consumer, no recovery): they pause on disk."""
     v1 = _stock.stock_saga(run.names, 1, timeout=3.0)
     pool = KafkaBrokerPool(bootstrap_servers=run.bootstrap, topic_partitions=4)
-    manager = SagaManager(run.storage, pool, service_name=run.names.orchestrator, consume_replies=False)
+    storage = SqlAlchemySagaStorage(run.url, auto_migrate=False)
+    manager = SagaManager(storage, pool, service_name=run.names.orchestrator, consume_replies=False)
     manager.register(v1)
     await manager.setup()
     try:
@@ -90,8 +91,7 @@ async def start_v1_sagas(run: Run) -> list[uuid.UUID]:
 
         await _stock.eventually(reserved, within=60, what="the reservations", report=run.apps.report)
     finally:
-        # The manager's storage is the test's: stop only the pool (destroy would stop the storage).
-        await pool.stop()
+        await manager.destroy()
     return ids
 
 
