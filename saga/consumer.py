@@ -301,9 +301,9 @@ class ReplyConsumer:
 
         During a rolling deployment a process with only v2 reads replies of v1 executions: they wait with
         their execution until a process that registers v1 applies them (`SagaManager.park_reply`), rather
-        than going to the dead-letter topic, which would strand the saga. A handler that cannot park
-        (no ``park_reply``) sets the reply aside as before. Retriable failures propagate (the record is
-        retried).
+        than going to the dead-letter topic, which would strand the saga. With a handler that cannot park
+        (no ``park_reply``) the reply goes to the dead-letter topic. Retriable failures propagate (the
+        record is retried).
         """
         self.stats["unknown_definition"] += 1
         park = getattr(self.handler, "park_reply", None)

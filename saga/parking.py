@@ -66,7 +66,7 @@ async def keep_reply(
     message: BrokerMessage,
     now: datetime,
 ) -> bool:
-    """`SagaManager.park_reply`: store ``message`` with its execution, unless that cannot be right now.
+    """`SagaManager.park_reply`: store ``message`` with its execution, unless another writer is in the way.
 
     Returns ``False`` (and records the reply as stale) when the execution is terminal.
 
@@ -78,7 +78,7 @@ async def keep_reply(
     record = await storage.load(response.execution_id)
     if (record.name, record.definition_version) in registry:
         raise SagaBusyError(
-            f"saga {record.name!r} v{record.definition_version} is registered now: apply the reply",
+            f"saga {record.name!r} v{record.definition_version} is registered here: apply the reply",
             execution_id=record.id,
         )
     if record.status in TERMINAL_STATUSES:
