@@ -21,6 +21,8 @@ SECURITY_PROTOCOLS = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"
 SASL_MECHANISMS = frozenset({"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"})
 COMPRESSION_TYPES = frozenset({"gzip", "snappy", "lz4", "zstd"})
 OFFSET_RESETS = frozenset({"earliest", "latest"})
+#: Longest ``connect_timeout``: one hour.
+MAX_CONNECT_TIMEOUT = 3600
 
 
 def config_error(name: str, problem: str) -> BrokerConfigError:
@@ -236,5 +238,8 @@ class KafkaSettings:
                 f"({self.heartbeat_interval_ms}) must be lower than session_timeout_ms "
                 f"({self.session_timeout_ms})",
             )
-        if not self.connect_timeout > 0:
-            raise config_error("connect_timeout", f"must be > 0 seconds, got {self.connect_timeout}")
+        if not 0 < self.connect_timeout <= MAX_CONNECT_TIMEOUT:  # also refuses NaN
+            raise config_error(
+                "connect_timeout",
+                f"must be > 0 and <= {MAX_CONNECT_TIMEOUT} seconds, got {self.connect_timeout}",
+            )

@@ -2,10 +2,12 @@
 
 Offsets are committed only after the manager's transaction for the reply committed, so a crash redelivers
 rather than loses; redelivered replies are recognised as duplicates. Bad input never stops the consumer:
-undecodable records, replies naming an unknown execution or definition, and other non-retriable failures
-are logged, counted, copied to the dead-letter topic with a ``saga-dead-letter-reason`` header, and
-committed. Retriable trouble (another worker holds the execution, the database or broker is briefly away)
-is retried with backoff on the same record, without committing past it.
+undecodable records, replies naming an unknown execution, and other non-retriable failures are logged,
+counted, copied to the dead-letter topic with a ``saga-dead-letter-reason`` header, and committed. A reply
+for an execution whose definition version this process does not register is kept with the execution
+(`saga.parking`) for a process that registers it. Retriable trouble (another worker holds the execution,
+the database or broker is briefly away) is retried with backoff on the same record, without committing
+past it.
 
 Records flow through a `KeyedPipeline`: the consumer keeps fetching while earlier replies are applied, one
 execution's replies in order and different executions' concurrently, and offsets are committed in the
@@ -151,9 +153,9 @@ class ReplyConsumer:
         self.concurrency = concurrency
         self.commit_interval = commit_interval
         #: Counters by outcome (``applied``, ``duplicate``, ``stale``, ``unknown_status``) and trouble
-        #: (``malformed``, ``unknown_execution``, ``unknown_definition``, ``unsupported_protocol``,
-        #: ``failed``, ``dead_lettered``,
-        #: ``retries``, ``errors``); ``received`` counts every record handled.
+        #: (``malformed``, ``unknown_execution``, ``unknown_definition``, ``parked`` (kept with an
+        #: execution whose definition is not registered here), ``unsupported_protocol``, ``failed``,
+        #: ``dead_lettered``, ``retries``, ``errors``); ``received`` counts every record handled.
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "received",
@@ -165,6 +167,7 @@ class ReplyConsumer:
                 "unknown_execution",
                 "unknown_definition",
                 "unsupported_protocol",
+                "parked",
                 "failed",
                 "dead_lettered",
                 "retries",
@@ -288,9 +291,7 @@ class ReplyConsumer:
             await self._set_aside(message, "unknown_execution", f"unknown execution {exc.execution_id}")
             return
         except UnknownSagaDefinitionError as exc:
-            await self._set_aside(
-                message, "unknown_definition", f"unknown saga definition {exc.name!r} v{exc.version}"
-            )
+            await self._park(response, message, exc)
             return
         except Exception as exc:
             if _retriable(exc):
@@ -313,6 +314,37 @@ class ReplyConsumer:
             await self._set_aside(message, None, f"error: {type(exc).__name__}: {exc}")
             return
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
+
+    async def _park(
+        self, response: SagaResponse, message: BrokerMessage, exc: UnknownSagaDefinitionError
+    ) -> None:
+        """Keep a reply whose execution's definition this process does not register, with the execution.
+
+        During a rolling deployment a process with only v2 reads replies of v1 executions: they wait with
+        their execution until a process that registers v1 applies them (`SagaManager.park_reply`), rather
+        than going to the dead-letter topic, which would strand the saga. With a handler that cannot park
+        (no ``park_reply``) the reply goes to the dead-letter topic. Retriable failures propagate (the
+        record is retried).
+        """
+        self.stats["unknown_definition"] += 1
+        park = getattr(self.handler, "park_reply", None)
+        if park is None:
+            await self._set_aside(message, None, f"unknown saga definition {exc.name!r} v{exc.version}")
+            return
+        try:
+            parked = await park(response, message=message)
+        except ExecutionNotFoundError as missing:
+            await self._set_aside(message, "unknown_execution", f"unknown execution {missing.execution_id}")
+            return
+        if parked:
+            self.stats["parked"] += 1
+            _log.warning(
+                "reply consumer: execution %s is of saga %r v%d, which this process does not register: its "
+                "reply is kept with it until a process that registers that version applies it",
+                response.execution_id,
+                exc.name,
+                exc.version,
+            )
 
     async def _set_aside(self, message: BrokerMessage, counter: str | None, reason: str) -> None:
         """Dead-letter ``message``; ``counter`` is its stats counter and dead-letter code (else ``error``)."""

@@ -7,9 +7,14 @@ types business code passes around all the time: ``UUID``, ``datetime`` (aware or
 
 JSON cannot tell a UUID from a string, so non-JSON values are written as one-key tagged objects
 (``{"$uuid": "..."}``, ``{"$dt": "..."}``, ``{"$date": "..."}``, ``{"$dec": "..."}``, ``{"$tup": [...]}``,
-``{"$int": "..."}`` for integers beyond 64 bits). A user dict that happens to look like a tag is wrapped in
-``{"$esc": {...}}`` so decoding never mistakes data for a tag. Encoding is one walk over the values that
-builds the JSON-ready structure; orjson does the rest. Nothing here does I/O.
+``{"$int": "..."}`` for integers beyond 64 bits, which decoding still reads although setting one is
+refused). A user dict that happens to look like a tag is wrapped in ``{"$esc": {...}}`` so decoding never
+mistakes data for a tag.
+
+What JSON peers cannot read is refused where it is set, with `SagaContextError` naming the key: strings
+and keys that are not valid UTF-8 (lone surrogates), non-finite floats and Decimals, integers beyond
+signed 64 bits, and containers nested deeper than `MAX_CONTEXT_DEPTH`. Encoding is one walk over the
+values that builds the JSON-ready structure; orjson does the rest. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import orjson
 
 from saga.errors import SagaContextError
 
-__all__ = ["SagaContext", "decode_context", "decode_value", "encode_context", "encode_value"]
+__all__ = [
+    "MAX_CONTEXT_DEPTH",
+    "SagaContext",
+    "decode_context",
+    "decode_value",
+    "encode_context",
+    "encode_value",
+]
 
 _TAG_UUID = "$uuid"
 _TAG_DATETIME = "$dt"
@@ -36,9 +48,14 @@ _TAG_INT = "$int"
 _TAG_ESCAPE = "$esc"
 _TAGS = frozenset({_TAG_UUID, _TAG_DATETIME, _TAG_DATE, _TAG_DECIMAL, _TAG_TUPLE, _TAG_INT, _TAG_ESCAPE})
 
-# orjson serializes integers in [-2**63, 2**64); anything wider is stored as a tagged string.
+#: Integers a context holds: those every JSON peer with 64-bit integers reads (Java ``long``, Go ``int64``,
+#: PostgreSQL ``bigint``), i.e. signed 64-bit. Wider ones are refused where they are set.
 _INT_MIN = -(2**63)
-_INT_MAX = 2**64
+_INT_MAX = 2**63
+#: Deepest nesting of containers in a context value (a top-level list or dict is depth 1). JSON encoders
+#: and peers limit nesting (orjson at 255 levels, counting the tags this encoding adds), so a deeper
+#: value is refused where it is set instead of failing when it is stored or sent.
+MAX_CONTEXT_DEPTH = 64
 
 
 class _Unstorable(Exception):
@@ -50,25 +67,46 @@ class _Unstorable(Exception):
         self.reason = reason
 
 
-def encode_value(value: Any, path: str = "") -> Any:
+def _check_text(text: str, path: str, what: str) -> None:
+    """Refuse a string that is not valid UTF-8 (a lone surrogate): no JSON encoder or peer takes it."""
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise _Unstorable(
+            path, f"{what} has a lone surrogate {text[exc.start]!r} at {exc.start} (not valid UTF-8)"
+        ) from None
+
+
+def encode_value(value: Any, path: str = "", depth: int = 0) -> Any:
     """Return ``value`` as a JSON-ready structure with tagged non-JSON types.
+
+    ``depth`` is the nesting of ``value`` itself (0 for a context's top-level value).
 
     Raises:
         _Unstorable: A value (at ``path``) is not storable.
     """
     t = type(value)
-    if t is str or t is bool or value is None:
+    if t is str:
+        if not value.isascii():
+            _check_text(value, path, "string")
+        return value
+    if t is bool or value is None:
         return value
     if t is int:
-        return value if _INT_MIN <= value < _INT_MAX else {_TAG_INT: str(value)}
+        if _INT_MIN <= value < _INT_MAX:
+            return value
+        raise _Unstorable(path, f"integer {value} does not fit in 64 bits (signed), which JSON peers read")
     if t is float:
         if math.isfinite(value):
             return value
         raise _Unstorable(path, f"non-finite float {value!r} has no JSON form")
     if t is dict or t is SagaContext:
-        return _encode_dict(value, path)
+        return _encode_dict(value, path, depth)
     if t is list:
-        return [encode_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        _check_depth(path, depth)
+        return [encode_value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
     if t is uuid.UUID:
         return {_TAG_UUID: str(value)}
     if t is datetime:
@@ -76,22 +114,34 @@ def encode_value(value: Any, path: str = "") -> Any:
     if t is date:
         return {_TAG_DATE: value.isoformat()}
     if t is Decimal:
-        return {_TAG_DECIMAL: str(value)}
+        return _encode_decimal(value, path)
     if t is tuple:
-        return {_TAG_TUPLE: [encode_value(item, f"{path}[{i}]") for i, item in enumerate(value)]}
-    return _encode_subclass(value, path)
+        _check_depth(path, depth)
+        return {_TAG_TUPLE: [encode_value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]}
+    return _encode_subclass(value, path, depth)
 
 
-def _encode_subclass(value: Any, path: str) -> Any:
+def _check_depth(path: str, depth: int) -> None:
+    if depth >= MAX_CONTEXT_DEPTH:
+        raise _Unstorable(path, f"nested deeper than {MAX_CONTEXT_DEPTH} levels")
+
+
+def _encode_decimal(value: Decimal, path: str) -> dict[str, str]:
+    if not value.is_finite():
+        raise _Unstorable(path, f"Decimal {str(value)!r} is not a finite number")
+    return {_TAG_DECIMAL: str(value)}
+
+
+def _encode_subclass(value: Any, path: str, depth: int) -> Any:
     """Slow path: subclasses of the accepted types (StrEnum, IntEnum, OrderedDict...) lose their subclass."""
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, str):
-        return str.__str__(value)
+        return encode_value(str.__str__(value), path, depth)
     if isinstance(value, int):
-        return encode_value(int(value), path)
+        return encode_value(int(value), path, depth)
     if isinstance(value, float):
-        return encode_value(float(value), path)
+        return encode_value(float(value), path, depth)
     if isinstance(value, datetime):
         return {_TAG_DATETIME: datetime.isoformat(value)}
     if isinstance(value, date):
@@ -99,11 +149,11 @@ def _encode_subclass(value: Any, path: str) -> Any:
     if isinstance(value, uuid.UUID):
         return {_TAG_UUID: str(value)}
     if isinstance(value, Decimal):
-        return {_TAG_DECIMAL: str(value)}
+        return _encode_decimal(value, path)
     if isinstance(value, Mapping):
-        return _encode_dict(value, path)
+        return _encode_dict(value, path, depth)
     if isinstance(value, list | tuple):
-        return encode_value(list(value) if isinstance(value, list) else tuple(value), path)
+        return encode_value(list(value) if isinstance(value, list) else tuple(value), path, depth)
     raise _Unstorable(
         path,
         f"{type(value).__qualname__} is not storable (use JSON types, UUID, datetime, date, Decimal, "
@@ -111,12 +161,14 @@ def _encode_subclass(value: Any, path: str) -> Any:
     )
 
 
-def _encode_dict(value: Mapping[Any, Any], path: str) -> dict[str, Any]:
+def _encode_dict(value: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
+    _check_depth(path, depth)
     out: dict[str, Any] = {}
     for key, item in value.items():
         if type(key) is not str:
             raise _Unstorable(path, f"dict key {key!r} is not a string")
-        out[key] = encode_value(item, f"{path}.{key}" if path else key)
+        _check_text(key, path, f"dict key {key!r}")
+        out[key] = encode_value(item, f"{path}.{key}" if path else key, depth + 1)
     if len(out) == 1 and next(iter(out)) in _TAGS:
         return {_TAG_ESCAPE: out}
     return out
@@ -178,7 +230,16 @@ def encode_context(data: Mapping[str, Any], *, step: str | None = None) -> dict[
         for key, value in data.items():
             t = type(value)
             # Inline fast path for the common scalars; everything else takes the full walk.
-            if t is str or t is bool or value is None or (t is int and _INT_MIN <= value < _INT_MAX):
+            if type(key) is not str:
+                raise _Unstorable(str(key), f"context key {key!r} is not a string")
+            if not key.isascii():
+                _check_text(key, key, "context key")
+            if (
+                (t is str and value.isascii())
+                or t is bool
+                or value is None
+                or (t is int and _INT_MIN <= value < _INT_MAX)
+            ):
                 out[key] = value
             else:
                 out[key] = encode_value(value, key)
@@ -204,6 +265,8 @@ def decode_context(encoded: Mapping[str, Any]) -> SagaContext:
 
 def _context_error(exc: _Unstorable, step: str | None) -> SagaContextError:
     key = exc.path.split(".", 1)[0].split("[", 1)[0]
+    if not key.isascii():  # a key with a lone surrogate is named with it escaped, so logs can print it
+        key = key.encode("utf-8", "backslashreplace").decode()
     where = f" (set in step {step!r})" if step else ""
     return SagaContextError(f"context value {exc.path!r}{where}: {exc.reason}", key=key, step=step)
 
@@ -244,8 +307,15 @@ class SagaContext(MutableMapping[str, Any]):
             else:
                 for key, value in data.items():
                     t = type(value)
-                    if type(key) is str and (
-                        (t is int and _INT_MIN <= value < _INT_MAX) or t is str or t is bool or value is None
+                    if (
+                        type(key) is str
+                        and key.isascii()
+                        and (
+                            (t is int and _INT_MIN <= value < _INT_MAX)
+                            or (t is str and value.isascii())
+                            or t is bool
+                            or value is None
+                        )
                     ):
                         entries[key] = value  # what __setitem__ does with a plain value, without the call
                     else:
@@ -261,8 +331,18 @@ class SagaContext(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         if type(key) is not str:
             raise SagaContextError(f"context keys must be strings, got {key!r}", key=str(key))
+        if not key.isascii():
+            try:
+                _check_text(key, key, "context key")
+            except _Unstorable as exc:
+                raise _context_error(exc, None) from None
         t = type(value)
-        if (t is int and _INT_MIN <= value < _INT_MAX) or t is str or t is bool or value is None:
+        if (
+            (t is int and _INT_MIN <= value < _INT_MAX)
+            or (t is str and value.isascii())
+            or t is bool
+            or value is None
+        ):
             self._data[key] = value
             if self._nested:
                 self._nested.pop(key, None)
@@ -339,13 +419,13 @@ _set_slot = object.__setattr__
 
 
 def _put_nested(ctx: SagaContext, key: str, value: Any) -> None:
-    """Store a value that is not a plain scalar, once it proved storable (floats: finite)."""
+    """Store a value that is not a plain scalar, once it proved storable (floats finite, strings UTF-8)."""
     try:
         encode_value(value, key)
     except _Unstorable as exc:
         raise _context_error(exc, None) from None
     ctx._data[key] = value
-    if type(value) is float:
+    if type(value) is float or type(value) is str:
         ctx._nested.pop(key, None)
     else:
         ctx._nested[key] = None

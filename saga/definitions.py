@@ -8,7 +8,6 @@ the manager's registry, never by import path.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
 
@@ -19,6 +18,7 @@ from saga.errors import (
     SagaDefinitionError,
     SagaNotCommittedException,
 )
+from saga.limits import MAX_DURATION_SECONDS, check_seconds
 from saga.retry import NO_RETRY, RetryPolicy
 from saga.steps import (
     ConditionalSagaStep,
@@ -75,13 +75,9 @@ class Saga:
             raise SagaDefinitionError(f"saga name must be a non-empty string, got {name!r}")
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise SagaDefinitionError(f"saga version must be a positive int, got {version!r}")
-        if deadline is not None and (
-            isinstance(deadline, bool)
-            or not isinstance(deadline, int | float)
-            or not math.isfinite(deadline)
-            or deadline <= 0
-        ):
-            raise SagaDefinitionError(f"saga deadline must be a positive number of seconds, got {deadline!r}")
+        problem = None if deadline is None else check_seconds(deadline, MAX_DURATION_SECONDS)
+        if problem is not None:
+            raise SagaDefinitionError(f"saga deadline {problem}")
         if compensation_retry is not None and not isinstance(compensation_retry, RetryPolicy):
             raise SagaDefinitionError(f"compensation_retry must be a RetryPolicy, got {compensation_retry!r}")
         self._name = name

@@ -18,6 +18,7 @@ renewed by a heartbeat while callbacks run) does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -32,16 +33,25 @@ from dependency_injector.wiring import Provide
 
 from broker import BrokerClientPool, BrokerMessage
 from saga import execution_steps as _steps
+from saga.arguments import check_header_text, check_user, same_saga
 from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
 from saga.driver import AlreadyAppliedError, ExecutionDriver
-from saga.errors import SagaBusyError, SagaConfigError, SagaExecutionError, SagaStateError
+from saga.errors import (
+    MalformedMessageError,
+    SagaBusyError,
+    SagaConfigError,
+    SagaExecutionError,
+    SagaStateError,
+)
 from saga.execution import SagaExecution
 from saga.hooks import SagaHooks
+from saga.limits import MAX_INTERVAL_SECONDS, MAX_LEASE_SECONDS, check_seconds
 from saga.messages import AWAITED_REQUEST_ID, SagaResponse
 from saga.observability import logs as _logs
 from saga.observability import tracing as _tracing
+from saga.parking import clear_parked, keep_reply, parked_replies
 from saga.registry import SagaRegistry
 from saga.relay import OutboxRelay
 from saga.trace_context import resolve_trace_context
@@ -137,13 +147,14 @@ class SagaManager(ExecutionDriver):
         _check_resolved(storage, "storage")
         if not service_name:
             raise SagaConfigError("service_name", "must be a non-empty string")
-        for key, value in (
-            ("lease_seconds", lease_seconds),
-            ("relay_interval", relay_interval),
-            ("wait_poll_interval", wait_poll_interval),
+        for key, value, maximum in (
+            ("lease_seconds", lease_seconds, MAX_LEASE_SECONDS),
+            ("relay_interval", relay_interval, MAX_INTERVAL_SECONDS),
+            ("wait_poll_interval", wait_poll_interval, MAX_INTERVAL_SECONDS),
         ):
-            if not value > 0:
-                raise SagaConfigError(key, f"must be > 0, got {value!r}")
+            problem = check_seconds(value, maximum)
+            if problem is not None:
+                raise SagaConfigError(key, problem)
         if reply_concurrency < 1:
             raise SagaConfigError("reply_concurrency", f"must be >= 1, got {reply_concurrency!r}")
         if paused_cache_size < 0:
@@ -281,7 +292,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -298,7 +309,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -315,7 +326,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -331,7 +342,7 @@ class SagaManager(ExecutionDriver):
         context: SagaContext | Mapping[str, Any] | None = None,
         *,
         response: SagaResponse | None = None,
-        user: str | None = None,
+        user: str | uuid.UUID | None = None,
         autocommit: bool = True,
         pause_on_disk: bool = False,
         raise_on_error: bool = True,
@@ -347,7 +358,8 @@ class SagaManager(ExecutionDriver):
             context: Initial context of a new execution.
             response: Resume the execution this reply names instead. A reply built without a request id
                 (Minos-style) answers the request the execution awaits.
-            user: User the saga runs for (forwarded in command headers).
+            user: User the saga runs for (forwarded in command headers): a string, or a UUID stored as its
+                string.
             autocommit: Send commit/reject to the participants by itself when the saga ends; with
                 ``False`` call `commit` / `reject` yourself. Given with ``response``, it holds from that
                 reply on.
@@ -355,19 +367,34 @@ class SagaManager(ExecutionDriver):
                 ``False``, wait here until it ends.
             raise_on_error: Raise `SagaExecutionError` when it ends ERRORED or DEAD_LETTER.
             return_execution: Return the `SagaExecution` (else its id).
-            idempotency_key: A second start with the same key returns the first execution.
+            idempotency_key: A second start of the same saga (any version) with the same key returns the
+                first execution; keys are unique across sagas, so a start of another saga with a key
+                already used raises `DuplicateIdempotencyKeyError`.
             traceparent: W3C trace context every command of the new execution carries (with
-                ``tracestate``); by default the current OpenTelemetry context when ``opentelemetry-api``
-                is installed and a span is current, else a new trace.
+                ``tracestate``); by default the current OpenTelemetry context when the process uses
+                OpenTelemetry and a span is current, else a new trace.
             tracestate: W3C vendor trace state sent with ``traceparent``.
 
         Raises:
             SagaExecutionError: It ended ERRORED/DEAD_LETTER and ``raise_on_error`` is set.
-            SagaContextError: A context value cannot be stored (the execution, if created, is FAILED).
+            SagaStateError: The manager is not set up (``setup()`` or ``async with``): nothing could be
+                sent or received, so nothing is stored.
+            SagaContextError: A context value cannot be stored (nothing is stored).
+            TypeError, ValueError: ``user`` is not a string or UUID, or ``idempotency_key`` is not a
+                string, or either is too long or not valid UTF-8 (nothing is stored).
+            DuplicateIdempotencyKeyError: ``idempotency_key`` already started an execution of another saga.
             SagaBusyError: (resume) Another worker holds the execution's claim; try again later.
             ValueError: ``traceparent`` or ``tracestate`` is malformed (names which and why).
             UnknownSagaDefinitionError: (resume) The execution's definition is not registered.
         """
+        if not self._started:
+            raise SagaStateError(
+                "run() on a SagaManager that is not set up: call `await manager.setup()` (or use "
+                "`async with manager`) first"
+            )
+        user = check_user(user)
+        if idempotency_key is not None:
+            check_header_text(idempotency_key, "idempotency_key")
         if response is not None:
             if response.request_id == AWAITED_REQUEST_ID:
                 response = (await self.get(response.execution_id)).correlate(response)
@@ -443,7 +470,7 @@ class SagaManager(ExecutionDriver):
         if idempotency_key is not None:
             existing = await self.storage.find_by_idempotency_key(idempotency_key)
             if existing is not None:
-                return self._execution(existing)
+                return self._execution(same_saga(existing, saga, idempotency_key))
         now = self.clock()
         execution = SagaExecution.start(
             saga,
@@ -467,7 +494,8 @@ class SagaManager(ExecutionDriver):
                 execution, wait=not pause_on_disk, with_first_command=idempotency_key is None
             )
         except DuplicateIdempotencyKeyError as exc:
-            return self._execution(await self.storage.load(exc.existing_id))
+            existing = await self.storage.load(exc.existing_id)
+            return self._execution(same_saga(existing, saga, exc.idempotency_key))
 
     # -- replies ---------------------------------------------------------------------------------------
 
@@ -511,6 +539,40 @@ class SagaManager(ExecutionDriver):
             return outcome
         _, outcome = await self._process_reply(response, message, wait=False)
         return outcome
+
+    async def park_reply(self, response: SagaResponse, *, message: BrokerMessage | None = None) -> bool:
+        """Keep a reply whose execution's definition version is not registered here (see `saga.parking`).
+
+        The reply is stored with the execution, which becomes due for recovery: a process that registers
+        the definition applies it from there. A reply for a finished execution is recorded as stale.
+
+        Returns:
+            Whether the reply was parked (``False``: the execution is terminal).
+
+        Raises:
+            ExecutionNotFoundError: No such execution.
+            SagaBusyError: Another worker holds the execution's claim, or the definition is registered
+                after all (retriable: handling the reply again applies it).
+            ConcurrencyError: The row changed meanwhile (retriable).
+        """
+        if message is None:
+            message = response.to_message(self.reply_topic)
+        return await keep_reply(self.storage, self.registry, response, message, self.clock())
+
+    async def _apply_parked(self, execution_id: uuid.UUID, parked: list[BrokerMessage]) -> SagaExecution:
+        """Apply the replies parked with an execution, oldest first, then drop any left parked."""
+        execution: SagaExecution | None = None
+        for message in parked:
+            try:
+                response = SagaResponse.from_message(message)
+            except MalformedMessageError:  # pragma: no cover - parked only after it decoded once
+                continue
+            execution, _ = await self._process_reply(response, message, wait=False)
+        record = await self.storage.load(execution_id)
+        if parked_replies(record, self.reply_topic):  # none of them was applied: only stale ones
+            with contextlib.suppress(ConcurrencyError):  # another worker moved it on: fine
+                record = await self.storage.save(clear_parked(record))
+        return execution if execution is not None else self._execution(record)
 
     async def _process_reply(
         self,
@@ -739,6 +801,11 @@ class SagaManager(ExecutionDriver):
             if execution.terminal:
                 await self._release(execution_id)
                 return execution
+            parked = parked_replies(record, self.reply_topic)
+            if parked:  # replies kept while no process registered the definition come first
+                await self._release(execution_id)
+                self._active.discard(execution_id)
+                return await self._apply_parked(execution_id, parked)
             now = self.clock()
             transition = None
             if execution.awaiting is not None:

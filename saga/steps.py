@@ -7,7 +7,6 @@ Steps only hold callbacks and options; running them is the execution's job. Ever
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +33,7 @@ from saga.errors import (
     SagaStepException,
     UndefinedOnExecuteException,
 )
+from saga.limits import MAX_DURATION_SECONDS, check_seconds
 from saga.retry import NO_RETRY, RetryPolicy
 from storage.records import StepKind
 
@@ -321,16 +321,9 @@ class RemoteSagaStep(_ActionStep):
         if on_failure is not None:
             self.on_failure(on_failure)
         self._set_policies()
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            raise SagaDefinitionError(
-                f"timeout of step {self.name!r} must be a positive number of seconds, got {timeout!r}",
-                step=self.name,
-            )
+        problem = None if timeout is None else check_seconds(timeout, MAX_DURATION_SECONDS)
+        if problem is not None:
+            raise SagaDefinitionError(f"timeout of step {self.name!r} {problem}", step=self.name)
         #: Seconds to wait for the reply; ``None`` waits without limit (the saga deadline still applies).
         self.timeout: float | None = None if timeout is None else float(timeout)
         if saga is not None:

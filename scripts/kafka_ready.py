@@ -9,7 +9,7 @@ consumer in a consumer group reads it back and commits its offset.
 
 Usage::
 
-    python3 scripts/kafka_ready.py 127.0.0.1:19092 [--timeout 90] [--quick]
+    python3 scripts/kafka_ready.py 127.0.0.1:19092 [--timeout 90] [--quick] [--replicas 3]
 
 ``--quick`` only fetches cluster metadata (used to tell whether something already answers on a
 port). Exit status 0 when ready; 1 with a message on stderr when the deadline passes; 2 when
@@ -46,41 +46,49 @@ async def _metadata(bootstrap: str, request_timeout_s: float) -> int:
         await admin.close()
 
 
-async def _ensure_topic(bootstrap: str) -> None:
+async def _ensure_topic(bootstrap: str, replicas: int) -> str:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
+    topic = TOPIC if replicas == 1 else f"{TOPIC}-rf{replicas}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
-        if TOPIC in await admin.list_topics():
-            return
+        if replicas > 1:
+            brokers = len((await admin.describe_cluster()).get("brokers", []))
+            if brokers < replicas:
+                raise RuntimeError(f"{brokers} of {replicas} brokers in the cluster metadata")
+        if topic in await admin.list_topics():
+            return topic
         try:
-            response = await admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=1)])
+            response = await admin.create_topics(
+                [NewTopic(topic, num_partitions=1, replication_factor=replicas)]
+            )
         except TopicAlreadyExistsError:
-            return
+            return topic
         for _topic, code, *_rest in getattr(response, "topic_errors", []):
             if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS
-                raise RuntimeError(f"CreateTopics for {TOPIC!r} failed with error code {code}")
+                raise RuntimeError(f"CreateTopics for {topic!r} failed with error code {code}")
+        return topic
     finally:
         await admin.close()
 
 
-async def _round_trip(bootstrap: str) -> None:
+async def _round_trip(bootstrap: str, replicas: int) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    await _ensure_topic(bootstrap)
+    topic = await _ensure_topic(bootstrap, replicas)
     payload = uuid.uuid4().hex.encode()
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", request_timeout_ms=10_000
     )
     await producer.start()
     try:
-        metadata = await producer.send_and_wait(TOPIC, payload, key=b"ready")
+        metadata = await producer.send_and_wait(topic, payload, key=b"ready")
     finally:
         await producer.stop()
 
-    tp = TopicPartition(TOPIC, metadata.partition)
+    tp = TopicPartition(topic, metadata.partition)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=GROUP,
@@ -103,7 +111,7 @@ async def _round_trip(bootstrap: str) -> None:
         await consumer.stop()
 
 
-async def _wait(bootstrap: str, limit_s: float, quick: bool) -> None:
+async def _wait(bootstrap: str, limit_s: float, quick: bool, replicas: int = 1) -> None:
     deadline = time.monotonic() + limit_s
     attempt = 0
     last_error: BaseException | None = None
@@ -114,7 +122,7 @@ async def _wait(bootstrap: str, limit_s: float, quick: bool) -> None:
             if quick:
                 await asyncio.wait_for(_metadata(bootstrap, max(remaining, 1.0)), max(remaining, 1.0))
             else:
-                await asyncio.wait_for(_round_trip(bootstrap), max(remaining, 1.0))
+                await asyncio.wait_for(_round_trip(bootstrap, replicas), max(remaining, 1.0))
             return
         except Exception as exc:  # any failure means "not ready yet": retry until the deadline
             last_error = exc
@@ -134,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bootstrap", help="host:port of the broker, e.g. 127.0.0.1:19092")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds before giving up (90)")
     parser.add_argument("--quick", action="store_true", help="only check that metadata is served")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="cluster check: this many brokers in the metadata and a topic replicated on all of them (1)",
+    )
     args = parser.parse_args(argv)
     try:
         import aiokafka  # noqa: F401
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # aiokafka logs every refused connection at ERROR while the broker is still starting.
     logging.basicConfig(level=logging.CRITICAL)
     try:
-        asyncio.run(_wait(args.bootstrap, args.timeout, args.quick))
+        asyncio.run(_wait(args.bootstrap, args.timeout, args.quick, args.replicas))
     except TimeoutError as exc:
         _log(f"ERROR: {exc}")
         return 1

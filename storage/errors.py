@@ -77,12 +77,37 @@ class ExecutionAlreadyExistsError(ConcurrencyError, ValueError):
 
 
 class DuplicateIdempotencyKeyError(StorageError):
-    """An execution with this idempotency key already exists."""
+    """An execution with this idempotency key already exists.
 
-    def __init__(self, idempotency_key: str, existing_id: uuid.UUID) -> None:
-        super().__init__(f"idempotency key {idempotency_key!r} already started execution {existing_id}")
+    Idempotency keys are unique across sagas: a key names one start of one saga. When the names are
+    known, the message says which saga holds the key and which one asked for it again.
+
+    Attributes:
+        idempotency_key: The key.
+        existing_id: The execution it started.
+        existing_saga: That execution's saga name, when known.
+        saga: The saga name of the start that was refused, when known.
+    """
+
+    def __init__(
+        self,
+        idempotency_key: str,
+        existing_id: uuid.UUID,
+        *,
+        existing_saga: str | None = None,
+        saga: str | None = None,
+    ) -> None:
+        held = f" of saga {existing_saga!r}" if existing_saga is not None else ""
+        message = f"idempotency key {idempotency_key!r} already started execution {existing_id}{held}"
+        if saga is not None and saga != existing_saga:
+            message += (
+                f"; it cannot start saga {saga!r} too (use a key of its own, e.g. prefixed by the saga)"
+            )
+        super().__init__(message)
         self.idempotency_key = idempotency_key
         self.existing_id = existing_id
+        self.existing_saga = existing_saga
+        self.saga = saga
 
 
 class DuplicateReplyError(StorageError):

@@ -306,7 +306,13 @@ class MemorySagaStorage:
     ) -> ExecutionRecord:
         """Insert a new execution (``version=1``) and its outbox rows; see `SagaStorage.create`."""
         if record.idempotency_key is not None and record.idempotency_key in self._by_key:
-            raise DuplicateIdempotencyKeyError(record.idempotency_key, self._by_key[record.idempotency_key])
+            existing = self._by_key[record.idempotency_key]
+            raise DuplicateIdempotencyKeyError(
+                record.idempotency_key,
+                existing,
+                existing_saga=self._executions[existing].name,
+                saga=record.name,
+            )
         now = self._clock()
         steps = record.steps if type(record.steps) is tuple else tuple(record.steps)
         clean = record.error is None and _clean_steps(steps)
@@ -463,6 +469,14 @@ class MemorySagaStorage:
         counts: dict[SagaStatus, int] = {}
         for r in self._executions.values():
             counts[r.status] = counts.get(r.status, 0) + 1
+        return counts
+
+    async def count_by_definition(self) -> dict[tuple[str, int, SagaStatus], int]:
+        """Executions per ``(name, definition version, status)``; combinations with none are omitted."""
+        counts: dict[tuple[str, int, SagaStatus], int] = {}
+        for r in self._executions.values():
+            key = (r.name, r.definition_version, r.status)
+            counts[key] = counts.get(key, 0) + 1
         return counts
 
     # -- recovery --------------------------------------------------------------------------------------

@@ -292,6 +292,18 @@ class SupportsListOutbox(Protocol):
 
     async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
         """Every outbox row written for ``saga_id``, sent or not, oldest first."""
+
+
+@runtime_checkable
+class SupportsDefinitionCounts(Protocol):
+    """A storage that counts executions per definition version: optional, like `SupportsLoadMany`.
+
+    ``kafka-saga worker`` and ``kafka-saga stats`` use it to show unfinished executions whose definition
+    version the process does not register (their replies wait until it does).
+    """
+
+    async def count_by_definition(self) -> dict[tuple[str, int, SagaStatus], int]:
+        """Executions per ``(name, definition version, status)``; combinations with none are omitted."""
         ...
 
 

@@ -27,8 +27,9 @@ from saga.cli.output import (
     reply_to_json,
     step_to_json,
 )
-from saga.config import SagaConfig, build_storage
+from saga.config import SagaConfig, build_storage, import_sagas
 from saga.manager import SagaManager
+from saga.parking import unregistered_definitions
 from storage import (
     TERMINAL_STATUSES,
     ExecutionQuery,
@@ -319,14 +320,36 @@ def _claim(record: ExecutionRecord) -> str | None:
 def cmd_stats(args: argparse.Namespace) -> int:
     """``kafka-saga stats``."""
     config = _read_only(args)
-    counts = _run(config, lambda storage: storage.count_by_status())
+    registered = [(saga.name, saga.version) for saga in import_sagas(config) if saga.name is not None]
+
+    async def fetch(storage: SagaStorage) -> tuple[dict[SagaStatus, int], dict[tuple[str, int], int]]:
+        counts = await storage.count_by_status()
+        # Without sagas in the configuration there is nothing to compare with.
+        waiting = await unregistered_definitions(storage, registered) if registered else {}
+        return counts, waiting
+
+    counts, waiting = _run(config, fetch)
     total = sum(counts.values())
     if args.json:
-        print_json({"counts": {s.value: counts.get(s, 0) for s in SagaStatus}, "total": total})
+        unregistered = [{"saga": n, "version": v, "count": c} for (n, v), c in sorted(waiting.items())]
+        print_json(
+            {
+                "counts": {s.value: counts.get(s, 0) for s in SagaStatus},
+                "total": total,
+                "unregistered": unregistered,
+            }
+        )
         return 0
     rows = [(_status_label(s), counts.get(s, 0)) for s in SagaStatus]
     rows.append(("TOTAL", total))
     print(render_table(("STATUS", "COUNT"), rows))
+    if waiting:
+        print()
+        print("Unfinished executions whose definition version the configuration does not register")
+        print("(their replies wait with them until a process that registers the version runs):")
+        print(
+            render_table(("SAGA", "VERSION", "COUNT"), [(n, v, c) for (n, v), c in sorted(waiting.items())])
+        )
     return 0
 
 

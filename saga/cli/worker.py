@@ -23,6 +23,7 @@ from saga.config import SagaConfig, build_manager, build_recovery_worker
 from saga.heap import freeze_startup_heap
 from saga.manager import SagaManager
 from saga.observability.metrics import SagaMetrics
+from saga.parking import unregistered_definitions
 from saga.recovery import SagaRecoveryWorker
 
 __all__ = ["run_worker", "serve"]
@@ -50,6 +51,22 @@ def run_worker(args: argparse.Namespace) -> int:
     manager = build_manager(config, hooks=hooks, consume_replies=True)
     configure_logging(config.logging)
     return asyncio.run(serve(config, manager, metrics=metrics, metrics_port=port))
+
+
+async def _warn_unregistered(manager: SagaManager) -> None:
+    """Warn about unfinished executions of this worker's sagas in versions it does not register."""
+    names = {saga.name for saga in manager.registry if saga.name}
+    try:
+        waiting = await unregistered_definitions(manager.storage, manager.registry.keys(), names=names)
+    except Exception as exc:  # a warning is not worth failing the start for
+        _log.warning("could not count executions of unregistered definition versions: %s", exc)
+        return
+    for (name, version), count in sorted(waiting.items()):
+        _say(
+            f"warning: {count} unfinished execution(s) of saga {name!r} v{version}, which this worker does "
+            f"not register: their replies wait with them until a process that registers v{version} "
+            "runs (see README, deploying a new definition version)"
+        )
 
 
 def _say(message: str) -> None:
@@ -97,6 +114,7 @@ async def serve(
         except BaseException:
             await manager.destroy()  # setup may have started the storage before the broker failed
             raise
+        await _warn_unregistered(manager)
         recovery = None
         if config.recovery.enabled:
             recovery = build_recovery_worker(manager, config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -32,12 +33,14 @@ from broker.errors import BrokerConfigError
 from broker.settings import KafkaSettings
 from saga.config.model import SagaConfig
 from saga.errors import SagaConfigError
+from saga.limits import MAX_DURATION_SECONDS, MAX_INTERVAL_SECONDS, MAX_LEASE_SECONDS
 
 __all__ = ["interpolate", "load_config", "read_config_file"]
 
 _REFERENCE = re.compile(r"\$(\$|\{([^}]*)\}|\{)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_YAML12_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Lower bounds of numeric keys: (minimum, inclusive).
@@ -57,6 +60,22 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "metrics.refresh_interval": (0, False),
     "ui.port": (1, True),
     "ui.page_size": (1, True),
+}
+
+
+# Upper bounds of numeric keys (inclusive), so that no value overflows a timestamp or a sleep later.
+_MAXIMUMS: dict[str, float] = {
+    "broker.memory.partitions": 10_000,
+    "consumer.concurrency": 100_000,
+    "outbox.relay_interval": MAX_INTERVAL_SECONDS,
+    "recovery.interval": MAX_INTERVAL_SECONDS,
+    "recovery.batch_size": 100_000,
+    "recovery.max_recovery_attempts": 1_000_000,
+    "recovery.stale_after_seconds": MAX_DURATION_SECONDS,
+    "recovery.lease_seconds": MAX_LEASE_SECONDS,
+    "recovery.concurrency": 10_000,
+    "storage.pool_size": 1_000,
+    "timeouts.default_reply_seconds": MAX_DURATION_SECONDS,
 }
 
 
@@ -279,6 +298,8 @@ def _value(raw: Any, tp: Any, key: str, ctx: _Context) -> Any:
             raise ctx.error(key, "missing value")
         return str(raw)
     value = _scalar(raw, tp, key, ctx)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ctx.error(key, f"must be a finite number, got {_describe(value)}")
     minimum = _MINIMUMS.get(key)
     if minimum is not None:
         bound, inclusive = minimum
@@ -286,6 +307,10 @@ def _value(raw: Any, tp: Any, key: str, ctx: _Context) -> Any:
             shown = int(bound) if float(bound).is_integer() else bound
             rule = f"at least {shown}" if inclusive else f"greater than {shown}"
             raise ctx.error(key, f"must be {rule}, got {value!r}")
+    maximum = _MAXIMUMS.get(key)
+    if maximum is not None and value > maximum:
+        shown = int(maximum) if float(maximum).is_integer() else maximum
+        raise ctx.error(key, f"must be at most {shown}, got {value!r}")
     return value
 
 
@@ -297,6 +322,8 @@ def _scalar(raw: Any, tp: Any, key: str, ctx: _Context) -> Any:
             parsed = raw
         if isinstance(parsed, bool | int | float):
             raw = parsed
+    if tp is not bool and isinstance(raw, str) and _YAML12_NUMBER.fullmatch(raw):
+        raw = float(raw)  # YAML 1.2 reads 1e12 as a number; PyYAML (YAML 1.1) leaves it a string
     if tp is bool:
         if isinstance(raw, bool):
             return raw
@@ -304,7 +331,7 @@ def _scalar(raw: Any, tp: Any, key: str, ctx: _Context) -> Any:
     if tp is int:
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
-        if isinstance(raw, float) and raw.is_integer():
+        if isinstance(raw, float) and math.isfinite(raw) and raw.is_integer():
             return int(raw)
         raise ctx.error(key, f"expected an integer, got {_describe(raw)}")
     if tp is float:

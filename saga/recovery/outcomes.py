@@ -23,7 +23,8 @@ __all__ = ["RecoveryOutcome", "RecoveryReport", "RecoveryResult", "RecoveryStats
 #: ``dead_lettered``: that failure used the last attempt, the execution is DEAD_LETTER;
 #: ``busy``: another worker holds it, nothing counted;
 #: ``outage``: the database was unreachable, nothing counted;
-#: ``released``: claimed but not started because the worker was stopping (claim released).
+#: ``released``: claimed but not started because the worker was stopping, or because its definition
+#: version is not registered in this process (claim released, nothing counted).
 RecoveryOutcome = Literal["recovered", "failed", "dead_lettered", "busy", "outage", "released"]
 
 

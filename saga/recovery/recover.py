@@ -2,7 +2,8 @@
 
 A failure counts one recovery attempt and leaves the execution ``FAILED`` (python-cqrs semantics); the
 failure that reaches the limit moves it to ``DEAD_LETTER`` with a structured error so a person looks at it.
-A busy execution or a database outage counts nothing (see the package docstring for why).
+A busy execution, a database outage or a definition version this process does not register counts nothing
+(see the package docstring for why).
 `SagaRecoveryWorker` uses `recover_one`, which returns every outcome instead of raising.
 """
 
@@ -13,7 +14,7 @@ import logging
 import uuid
 from typing import Any, Protocol
 
-from saga.errors import SagaBusyError, SagaError
+from saga.errors import SagaBusyError, SagaError, UnknownSagaDefinitionError
 from saga.execution import SagaExecution
 from saga.hooks import SagaEvent, SagaHooks, call_hook
 from saga.recovery.outcomes import RecoveryResult
@@ -105,6 +106,11 @@ async def recover_one(manager: RecoveryTarget, saga_id: uuid.UUID, max_attempts:
     except SagaBusyError:
         _log.info("execution %s: recovery skipped: another worker is advancing it", saga_id)
         return RecoveryResult(saga_id, "busy")
+    except UnknownSagaDefinitionError as exc:
+        # Not a failed attempt: the execution waits for a process that registers its definition version
+        # (the manager released the claim without touching it).
+        _log.debug("execution %s: recovery skipped: %s", saga_id, exc)
+        return RecoveryResult(saga_id, "released")
     except Exception as exc:
         if is_outage(exc):
             _log.warning("execution %s: recovery interrupted, database unavailable: %s", saga_id, exc)

@@ -115,7 +115,7 @@ class Statements:
     load: Select[Any] = field(init=False)
     load_many: Select[Any] = field(init=False)
     by_idempotency_key: Select[Any] = field(init=False)
-    id_by_idempotency_key: Select[uuid.UUID] = field(init=False)
+    id_by_idempotency_key: Select[uuid.UUID, str] = field(init=False)
     increment_attempts: Update = field(init=False)
     increment_attempts_status: Update = field(init=False)
     set_attempts: Update = field(init=False)
@@ -197,7 +197,7 @@ class Statements:
         self.load = select(*every).where(t.c.id == _p("id"))
         self.load_many = select(*every).where(self._one_of(t.c.id, t.c.id.type))
         self.by_idempotency_key = select(*every).where(t.c.idempotency_key == _p("key"))
-        self.id_by_idempotency_key = select(t.c.id).where(t.c.idempotency_key == _p("key"))
+        self.id_by_idempotency_key = select(t.c.id, t.c.name).where(t.c.idempotency_key == _p("key"))
 
         by_id = t.c.id == _p("id")
         self.increment_attempts = (

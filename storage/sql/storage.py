@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 
 import orjson
-from sqlalchemy import URL, Executable, event, make_url
+from sqlalchemy import URL, Executable, event, func, make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from storage.errors import (
@@ -258,8 +258,12 @@ class SqlAlchemySagaStorage:
         if record.idempotency_key is not None:
             found = await session.first(self._s.id_by_idempotency_key, {"p_key": record.idempotency_key})
             if found is not None:
-                existing = found[0]
-                raise DuplicateIdempotencyKeyError(record.idempotency_key, codec.as_uuid(existing)) from error
+                raise DuplicateIdempotencyKeyError(
+                    record.idempotency_key,
+                    codec.as_uuid(found[0]),
+                    existing_saga=found[1],
+                    saga=record.name,
+                ) from error
         # Otherwise the primary key: the caller expected no execution with this id (version 0).
         raise ExecutionAlreadyExistsError(record.id) from error
 
@@ -419,6 +423,17 @@ class SqlAlchemySagaStorage:
             async with self._db.connect() as session:
                 rows = await session.all(self._s.count_by_status)
         return {SagaStatus(status): count for status, count in rows}
+
+    async def count_by_definition(self) -> dict[tuple[str, int, SagaStatus], int]:
+        """Executions per ``(name, definition version, status)``; combinations with none are omitted."""
+        t = self._tables.executions
+        stmt = select(t.c.name, t.c.definition_version, t.c.status, func.count()).group_by(
+            t.c.name, t.c.definition_version, t.c.status
+        )
+        with self._guard("count_by_definition"):
+            async with self._db.connect() as session:
+                rows = await session.all(stmt)
+        return {(name, int(version), SagaStatus(status)): count for name, version, status, count in rows}
 
     # -- recovery --------------------------------------------------------------------------------------
 

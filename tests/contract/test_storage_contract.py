@@ -32,6 +32,7 @@ from storage import (
     SagaStorage,
     StepRecord,
     SupportsClaimMany,
+    SupportsDefinitionCounts,
     SupportsLoadMany,
 )
 from storage.records import OutboxClaim
@@ -314,6 +315,35 @@ async def test_idempotency_key_is_unique(storage: SagaStorage) -> None:
     assert await storage.find_by_idempotency_key("other") is None
     assert len(await unsent(storage)) == 0
     assert (await storage.query()).total == 1
+
+
+async def test_idempotency_key_taken_by_another_saga_names_both(storage: SagaStorage) -> None:
+    """Keys are unique across sagas: reusing one for another saga is refused, naming both sagas."""
+    order = await storage.create(execution(name="order", idempotency_key="42"))
+    with pytest.raises(DuplicateIdempotencyKeyError) as info:
+        await storage.create(execution(name="refund", idempotency_key="42"), outbox=[message()])
+    assert info.value.existing_id == order.id
+    assert (info.value.existing_saga, info.value.saga) == ("order", "refund")
+    assert "'order'" in str(info.value) and "'refund'" in str(info.value)
+    found = await storage.find_by_idempotency_key("42")
+    assert found is not None and found.name == "order"
+    assert len(await unsent(storage)) == 0
+    assert (await storage.query()).total == 1
+
+
+async def test_count_by_definition(storage: SagaStorage) -> None:
+    assert isinstance(storage, SupportsDefinitionCounts)
+    await storage.create(execution(name="order", status=SagaStatus.PAUSED))
+    await storage.create(execution(name="order", status=SagaStatus.PAUSED))
+    await storage.create(
+        dataclasses.replace(execution(name="order", status=SagaStatus.PAUSED), definition_version=2)
+    )
+    await storage.create(execution(name="refund", status=SagaStatus.FINISHED))
+    assert await storage.count_by_definition() == {
+        ("order", 1, SagaStatus.PAUSED): 2,
+        ("order", 2, SagaStatus.PAUSED): 1,
+        ("refund", 1, SagaStatus.FINISHED): 1,
+    }
 
 
 async def test_query_filters_paginates_and_counts(harness: Harness, storage: SagaStorage) -> None:

@@ -278,6 +278,7 @@ def test_stats(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
             "dead_letter": 1,
         },
         "total": 6,
+        "unregistered": [],
     }
 
 

@@ -12,7 +12,16 @@ import pytest
 
 from broker import BrokerConnectionError, BrokerMessage, InMemoryBrokerPool
 from broker.memory import partition_for_key
-from saga import Saga, SagaBusyError, SagaContext, SagaManager, SagaRequest, SagaResponse, SagaStatus
+from saga import (
+    Saga,
+    SagaBusyError,
+    SagaContext,
+    SagaManager,
+    SagaRecoveryWorker,
+    SagaRequest,
+    SagaResponse,
+    SagaStatus,
+)
 from saga.consumer import H_DEAD_LETTER_REASON, ReplyConsumer
 from saga.messages import H_EXECUTION_ID, H_KIND, H_REQUEST_ID, H_STATUS, SagaCommand
 from saga.relay import OutboxRelay
@@ -185,24 +194,41 @@ async def test_consumer_survives_fetch_errors(pool: InMemoryBrokerPool) -> None:
     assert not consumer.running
 
 
-async def test_unknown_definition_reply_is_dead_lettered(
+async def test_unknown_definition_reply_is_kept_until_the_definition_is_registered(
     pool: InMemoryBrokerPool, storage: MemorySagaStorage
 ) -> None:
+    elsewhere = Saga("elsewhere").remote_step(send("x")).commit()
     starter = SagaManager(storage, pool, consume_replies=False, relay_outbox=False)
-    paused = await starter.run(Saga("elsewhere").remote_step(send("x")).commit(), pause_on_disk=True)
+    await starter.setup()
+    paused = await starter.run(elsewhere, pause_on_disk=True)
     assert paused.awaiting is not None
     reply = SagaResponse(None, 200, paused.id, paused.awaiting.request_id, "svc").to_message("orchReply")
     stranger = SagaManager(storage, pool, service_name="orch", relay_outbox=False, owner="stranger")
     await pool.publisher().send(reply)
     await stranger.setup()
     try:
-        await eventually(lambda: len(pool.topic_messages("orchDeadLetter")) == 1)
+        await eventually(lambda: stranger.consumer is not None and stranger.consumer.stats["parked"] == 1)
         assert stranger.consumer is not None and stranger.consumer.stats["unknown_definition"] == 1
+        # Recovery here skips it without counting an attempt.
+        async with SagaRecoveryWorker(stranger, interval=0.01, max_recovery_attempts=1) as worker:
+            await eventually(lambda: worker.stats.released >= 2)
+        assert pool.topic_messages("orchDeadLetter") == []
+        kept = await storage.load(paused.id)
+        assert kept.status is SagaStatus.PAUSED and kept.recovery_attempts == 0
+        # A process that registers the definition applies the kept reply.
+        owner = SagaManager(storage, pool, service_name="orch", relay_outbox=False, consume_replies=False)
+        owner.register(elsewhere)
+        await owner.setup()
+        async with SagaRecoveryWorker(owner, interval=0.01):
+            await eventually(lambda: _status(storage, paused.id, SagaStatus.FINISHED))
     finally:
         await stranger.destroy()
-    [dead] = pool.topic_messages("orchDeadLetter")
-    assert dead.headers[H_DEAD_LETTER_REASON] == "unknown saga definition 'elsewhere' v1"
-    assert (await storage.load(paused.id)).status is SagaStatus.PAUSED
+    [applied] = await storage.list_replies(paused.id)
+    assert applied.outcome == "applied"
+
+
+async def _status(storage: MemorySagaStorage, execution_id: uuid.UUID, status: SagaStatus) -> bool:
+    return (await storage.load(execution_id)).status is status
 
 
 async def test_relay_publishes_stored_outbox_rows(

@@ -113,7 +113,7 @@ async def test_every_record_of_a_local_run_matches_the_reference_and_rebuilds() 
         .local_step(setter("a", 1))
         .local_step(setter("when", NOW))
         .local_step(appender("items", {"id": uuid.UUID(int=3), "qty": Decimal("1.5")}))
-        .local_step(appender("items", (date(2024, 2, 29), 2**70)))
+        .local_step(appender("items", (date(2024, 2, 29), 2**63 - 1)))
         .local_step(setter("a", "changed"), name="change_a")
         .commit()
     )
@@ -124,7 +124,7 @@ async def test_every_record_of_a_local_run_matches_the_reference_and_rebuilds() 
     assert ex.status is SagaStatus.FINISHED
     assert ex.context["items"] == [
         {"id": uuid.UUID(int=3), "qty": Decimal("1.5")},
-        (date(2024, 2, 29), 2**70),
+        (date(2024, 2, 29), 2**63 - 1),
     ]
 
 

@@ -110,6 +110,7 @@ async def test_unknown_definition_on_resume_leaves_the_execution_untouched(
     paused = await starter.run(saga, pause_on_disk=True)
     before = await storage.load(paused.id)
     other = quiet_manager(storage, InMemoryBrokerPool(), owner="other")
+    await other.setup()
     assert paused.awaiting is not None
     response = SagaResponse(None, 200, paused.id, paused.awaiting.request_id, "svc")
     with pytest.raises(UnknownSagaDefinitionError, match="'known_elsewhere' version 1") as info:
@@ -184,6 +185,7 @@ async def test_heartbeat_keeps_the_claim_during_a_long_step(pool: InMemoryBroker
 async def test_lost_claim_stops_without_saving(pool: InMemoryBrokerPool) -> None:
     storage = MemorySagaStorage()
     manager = quiet_manager(storage, pool, lease_seconds=0.09)
+    await manager.setup()
 
     async def long_step(ctx: SagaContext) -> None:
         [record] = (await storage.query()).rows
@@ -220,6 +222,7 @@ async def test_hooks_are_called_and_a_raising_hook_changes_nothing(
         on_dead_lettered=record,
     )
     manager = quiet_manager(storage, pool, hooks=hooks)
+    await manager.setup()
     saga = (
         Saga("hooked", compensation_retry=RetryPolicy(max_attempts=1))
         .local_step(add("a", 1))
@@ -318,6 +321,7 @@ async def test_recover_resumes_a_crashed_run_and_compensating_runs(
 ) -> None:
     clock = FakeClock()
     manager = quiet_manager(storage, pool, clock=clock)
+    await manager.setup()
     calls: list[str] = []
 
     class Crash(BaseException):
@@ -371,6 +375,7 @@ async def test_recover_paused_overdue_replays_then_compensates(
 ) -> None:
     clock = FakeClock()
     manager = quiet_manager(storage, pool, clock=clock)
+    await manager.setup()
     saga = (
         Saga("overdue")
         .local_step(add("a", 1))
@@ -396,6 +401,7 @@ async def test_retry_moves_dead_letter_back_for_recovery(
     pool: InMemoryBrokerPool, storage: MemorySagaStorage
 ) -> None:
     manager = quiet_manager(storage, pool)
+    await manager.setup()
     broken = {"on": True}
 
     def undo(ctx: SagaContext) -> None:
@@ -423,6 +429,7 @@ async def test_recover_failed_run_that_was_waiting_resends_its_command(
     pool: InMemoryBrokerPool, storage: MemorySagaStorage
 ) -> None:
     manager = quiet_manager(storage, pool)
+    await manager.setup()
 
     def bad_reply(ctx: SagaContext, response: SagaResponse) -> SagaContext:
         ctx.things = [object()] if response.content == "bad" else ["fine"]
@@ -458,6 +465,7 @@ async def test_destroy_releases_waiters_with_the_stored_execution(
 async def test_waiter_notices_progress_made_by_another_process(pool: InMemoryBrokerPool) -> None:
     storage = MemorySagaStorage()
     waiting = SagaManager(storage, pool, consume_replies=False, relay_outbox=False, wait_poll_interval=0.02)
+    await waiting.setup()
     worker = SagaManager(storage, pool, relay_outbox=False, owner="worker", service_name="saga")
     saga = Saga("elsewhere").remote_step(send("far")).commit()
     waiting.register(saga)
@@ -492,6 +500,7 @@ async def test_duplicate_reply_race_is_reported_as_duplicate(
     pool: InMemoryBrokerPool, storage: MemorySagaStorage
 ) -> None:
     manager = quiet_manager(storage, pool)
+    await manager.setup()
     paused = await manager.run(Saga("race").remote_step(send("x")).commit(), pause_on_disk=True)
     assert paused.awaiting is not None
     response = SagaResponse(None, 200, paused.id, paused.awaiting.request_id, "svc")
@@ -508,6 +517,7 @@ async def test_recover_refuses_an_execution_this_process_is_driving(
     pool: InMemoryBrokerPool, storage: MemorySagaStorage
 ) -> None:
     manager = quiet_manager(storage, pool)
+    await manager.setup()
     started = asyncio.Event()
     release = asyncio.Event()
 

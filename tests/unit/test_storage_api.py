@@ -31,6 +31,7 @@ PUBLIC = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsDefinitionCounts",
     "SupportsListOutbox",
     "SupportsLoadMany",
     "SupportsOutboxBacklog",
@@ -58,6 +59,7 @@ def test_adapters_satisfy_the_port() -> None:
         assert isinstance(adapter, storage.SupportsLoadMany)
         assert isinstance(adapter, storage.SupportsClaimMany)
         assert isinstance(adapter, storage.SupportsOutboxBacklog)
+        assert isinstance(adapter, storage.SupportsDefinitionCounts)
 
 
 def test_load_many_is_optional() -> None:
