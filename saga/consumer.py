@@ -326,11 +326,12 @@ class ReplyConsumer:
         (no ``park_reply``) the reply goes to the dead-letter topic. Retriable failures propagate (the
         record is retried).
         """
-        self.stats["unknown_definition"] += 1
         park = getattr(self.handler, "park_reply", None)
         if park is None:
-            await self._set_aside(message, None, f"unknown saga definition {exc.name!r} v{exc.version}")
+            reason = f"unknown saga definition {exc.name!r} v{exc.version}"
+            await self._set_aside(message, "unknown_definition", reason)
             return
+        self.stats["unknown_definition"] += 1
         try:
             parked = await park(response, message=message)
         except ExecutionNotFoundError as missing:
