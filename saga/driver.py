@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from broker import BrokerClientPool, BrokerError, BrokerMessage
@@ -20,7 +21,7 @@ from saga.consumer import dead_letter_message
 from saga.errors import SagaBusyError, SagaContextError
 from saga.execution import SagaExecution, Transition
 from saga.hooks import SagaHooks
-from saga.messages import SagaResponse
+from saga.messages import SagaResponse, SagaResponseStatus
 from saga.registry import SagaRegistry
 from storage import (
     TERMINAL_STATUSES,
@@ -34,8 +35,9 @@ from storage import (
     StorageError,
     SupportsClaimMany,
     SupportsLoadMany,
+    SupportsOutboxOutcomes,
 )
-from storage.records import OutboxClaim, OutboxMessage, ReplyOutcome
+from storage.records import OutboxClaim, OutboxMessage, OutboxRecord, ReplyOutcome
 
 if TYPE_CHECKING:
     from saga.relay import OutboxRelay
@@ -212,6 +214,7 @@ class ExecutionDriver:
             if self._beat is None:
                 self._start_beat()
         written: list[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = []
+        saved_at = 0.0
         storage = self.storage
         clock = self.clock
         try:
@@ -230,6 +233,8 @@ class ExecutionDriver:
                     await asyncio.sleep(transition.retry_after)
                     transition = None
                     continue
+                if transition.outbox and transition.status is _PAUSED:
+                    transition = await self._refuse_oversized(execution, last, transition)
                 if transition.persist and reply is not None and transition.outcome == "applied":
                     status = transition.status
                     if status is _RUNNING or status is _COMPENSATING:
@@ -271,6 +276,8 @@ class ExecutionDriver:
                                 written.append((outbox, None))
                     except DuplicateReplyError as exc:
                         raise AlreadyAppliedError(str(exc)) from exc
+                    if outbox:
+                        saved_at = time.monotonic()
                     execution.record_version = last.version
                     execution.updated_at = last.updated_at
                     reply = None
@@ -281,7 +288,13 @@ class ExecutionDriver:
         finally:
             driving.pop(execution_id, None)
         return await self._settle(
-            execution, last, saved=last is not stored, written=written, wait=wait, release=release
+            execution,
+            last,
+            saved=last is not stored,
+            written=written,
+            wait=wait,
+            release=release,
+            saved_at=saved_at,
         )
 
     async def _settle(
@@ -293,6 +306,7 @@ class ExecutionDriver:
         written: Sequence[tuple[Sequence[OutboxMessage], OutboxClaim | None]],
         wait: bool,
         release: bool,
+        saved_at: float,
     ) -> SagaExecution:
         """After a drive stopped: give the claim back if still held, publish, and tell who waits."""
         execution_id = execution.id
@@ -309,7 +323,7 @@ class ExecutionDriver:
         elif release and last.owner is not None:
             await self._release(execution_id)
         if written:
-            await self._flush_outbox(written)
+            await self._flush_outbox(written, execution_id=execution_id, saved_at=saved_at)
         if execution.terminal:
             self._resolve_waiters(execution)
         return execution
@@ -351,7 +365,12 @@ class ExecutionDriver:
         try:
             transition = await execution.advance(now)
             paused = None
-            if transition.status is _PAUSED and transition.outbox and transition.retry_after is None:
+            if (
+                transition.status is _PAUSED
+                and transition.outbox
+                and transition.retry_after is None
+                and self._oversized(transition.outbox) is None  # else the drive fails the step
+            ):
                 paused = execution.to_record(step=transition.step)  # no owner: created released
         except Exception as exc:
             await self._fail(execution, await create(record), exc)
@@ -362,7 +381,13 @@ class ExecutionDriver:
         claim = OutboxClaim(self.owner, self.lease_seconds)
         stored = await create(paused, transition.outbox, claim)
         return await self._settle(
-            execution, stored, saved=True, written=[(transition.outbox, claim)], wait=wait, release=False
+            execution,
+            stored,
+            saved=True,
+            written=[(transition.outbox, claim)],
+            wait=wait,
+            release=False,
+            saved_at=time.monotonic(),
         )
 
     async def _guard(
@@ -584,33 +609,93 @@ class ExecutionDriver:
         return False
 
     async def _flush_outbox(
-        self, written: Sequence[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = ()
+        self,
+        written: Sequence[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = (),
+        *,
+        execution_id: uuid.UUID | None = None,
+        saved_at: float | None = None,
     ) -> None:
         """Publish the outbox rows just stored; the relay covers failures.
 
         Rows written under an `OutboxClaim` are published from the messages in hand and marked sent by the
         ids the save reported: two round trips (send, mark) and no ``fetch_outbox``. Otherwise, and for a
         while after a publish failed (so rows it left behind go out with the next publish once their
-        lease is over, as before), one `publish_outbox` pass sweeps every unsent row instead.
-        """
-        from saga.relay import publish_outbox
+        lease is over), one `publish_outbox` pass sweeps every unsent row instead.
 
+        Fencing: the messages in hand are current when the save returns; they are published from memory
+        only while their claim's lease is young (``saved_at``): a process that stalled for longer leaves
+        them to the relay, which publishes a command only while its execution still awaits it. Delayed
+        rows (a retry's backoff) are the relay's too: it is woken when they fall due. With a publisher
+        that reports each record's outcome, a record refused for good fails its own step and one that
+        failed transiently backs off on its own (`saga.relay.settle_outcomes`).
+        """
+        from saga.relay import publish_outbox, settle_outcomes
+
+        fresh = saved_at is None or time.monotonic() - saved_at < self.lease_seconds / 2
         try:
-            if written and all(claim is not None for _, claim in written) and not self._sweeping():
+            if written and fresh and all(claim is not None for _, claim in written) and not self._sweeping():
                 messages: list[BrokerMessage] = []
                 ids: list[int] = []
+                held: list[OutboxMessage] = []
+                due_later: float | None = None
                 for outbox, claim in written:
                     assert claim is not None
-                    messages.extend(
-                        BrokerMessage(topic=m.topic, key=m.key, value=m.value, headers=m.headers)
-                        for m in outbox
+                    for message, row_id in zip(outbox, claim.ids, strict=True):
+                        if message.delay is not None:
+                            due_later = max(due_later or 0.0, message.delay)
+                            continue
+                        messages.append(
+                            BrokerMessage(
+                                topic=message.topic,
+                                key=message.key,
+                                value=message.value,
+                                headers=message.headers,
+                            )
+                        )
+                        ids.append(row_id)
+                        held.append(message)
+                if due_later is not None:
+                    self._wake_relay_after(due_later)
+                if not messages:
+                    return
+                publisher = self.broker_pool.publisher()
+                send_each = getattr(publisher, "send_each", None)
+                storage = self.storage
+                if (
+                    send_each is None
+                    or execution_id is None
+                    or not isinstance(storage, SupportsOutboxOutcomes)
+                ):
+                    await publisher.send_batch(messages)
+                    self._mark_sent_soon(ids)
+                    return
+                outcomes = await send_each(messages)
+                self._mark_sent_soon([i for i, outcome in zip(ids, outcomes, strict=True) if outcome is None])
+                failed = [
+                    (_row(row_id, execution_id, message), outcome)
+                    for row_id, message, outcome in zip(ids, held, outcomes, strict=True)
+                    if outcome is not None
+                ]
+                if failed:
+                    await settle_outcomes(
+                        storage,
+                        [row for row, _ in failed],
+                        [outcome for _, outcome in failed],
+                        on_rejected=self._publish_rejected,
                     )
-                    ids.extend(claim.ids)
-                await self.broker_pool.publisher().send_batch(messages)
-                self._mark_sent_soon(ids)
+                    if self.relay is not None:
+                        self.relay.wake()
+            elif written and not fresh:
+                _log.warning(
+                    "outbox rows stored %.1fs ago are left to the relay", time.monotonic() - (saved_at or 0)
+                )
             else:
                 await publish_outbox(
-                    self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
+                    self.storage,
+                    self.broker_pool,
+                    owner=self.owner,
+                    lease_seconds=self.lease_seconds,
+                    on_rejected=self._publish_rejected,
                 )
         except (BrokerError, StorageError) as exc:
             _log.warning("publishing outbox rows failed (%s); the outbox relay will retry", exc)
@@ -618,6 +703,96 @@ class ExecutionDriver:
             self._sweep_until = self.clock() + timedelta(seconds=2 * self.lease_seconds)
             if self.relay is not None:
                 self.relay.wake()
+
+    def _wake_relay_after(self, seconds: float) -> None:
+        """Have the relay look for due rows once a delayed row falls due (its own interval covers a miss)."""
+        relay = self.relay
+        if relay is not None:
+            asyncio.get_running_loop().call_later(seconds + 0.05, relay.wake)
+
+    def _oversized(self, outbox: Sequence[OutboxMessage]) -> tuple[OutboxMessage, dict[str, object]] | None:
+        """A command of ``outbox`` larger than the broker pool sends, with its ``publish_rejected`` error.
+
+        Checked before the command is stored whenever the pool tells its limit (``max_message_size``), so
+        a command that can never be sent fails its step at once instead of waiting in the outbox.
+        """
+        pool = self.broker_pool
+        limit = getattr(pool, "max_message_size", None)
+        if not isinstance(limit, int):
+            return None
+        for message in outbox:
+            if message.request_id is None:
+                continue
+            rough = len(message.value) + len(message.key or b"")
+            rough += sum(len(k) + len(v) for k, v in message.headers.items())
+            if 4 * rough + 1024 < limit:  # far below (headers are ASCII or UTF-8: at most 4 bytes a char)
+                continue
+            measure = getattr(pool, "message_size", None)
+            broker_message = BrokerMessage(
+                topic=message.topic, key=message.key, value=message.value, headers=message.headers
+            )
+            try:
+                size = int(measure(broker_message)) if callable(measure) else rough
+            except (TypeError, ValueError):
+                continue  # unencodable: the publish refuses it
+            if size > limit:
+                return message, {
+                    "type": "publish_rejected",
+                    "error": f"the command is {size} bytes, over the broker's limit of {limit} bytes",
+                    "reason": "record_too_large",
+                    "topic": message.topic,
+                    "size": size,
+                    "limit": limit,
+                }
+        return None
+
+    async def _refuse_oversized(
+        self, execution: SagaExecution, last: ExecutionRecord, transition: Transition
+    ) -> Transition:
+        """Fail the step of a command too large to publish, before anything is stored: the step's retry
+        policy, then compensation, take over as for a 500 reply (error ``publish_rejected``)."""
+        while transition.outbox and transition.status is _PAUSED:
+            found = self._oversized(transition.outbox)
+            if found is None:
+                break
+            message, error = found
+            assert message.request_id is not None
+            _log.warning("execution %s: %s", execution.id, error["error"])
+            refusal = SagaResponse(
+                content=error,
+                status=SagaResponseStatus.SYSTEM_ERROR,
+                execution_id=execution.id,
+                request_id=message.request_id,
+            )
+            transition = await self._guard(execution, last, execution.apply_reply(refusal, self.clock()))
+        return transition
+
+    async def _publish_rejected(self, row: OutboxRecord, error: Mapping[str, object]) -> bool:
+        """Fail the step of a stored command the broker refused for good, as a 500 reply of its own.
+
+        Returns whether that is settled (applied, or the execution moved past the request already);
+        ``False`` (another worker holds the execution, or it failed) leaves the row queued for a later try.
+        """
+        assert row.request_id is not None
+        refusal = SagaResponse(
+            content=dict(error),
+            status=SagaResponseStatus.SYSTEM_ERROR,
+            execution_id=row.execution_id,
+            request_id=row.request_id,
+        )
+        try:
+            outcome = await self.handle_reply(refusal)
+        except SagaBusyError:
+            return False
+        except ExecutionNotFoundError:
+            return True
+        except Exception as exc:
+            _log.warning(
+                "execution %s: failing the step of a refused command failed: %s", row.execution_id, exc
+            )
+            return False
+        _log.info("execution %s: refused command's step failed (%s)", row.execution_id, outcome)
+        return True
 
     def _mark_sent_soon(self, ids: Sequence[int]) -> None:
         """Mark published outbox rows sent in the background, many publishes per statement.
@@ -804,3 +979,25 @@ class ExecutionDriver:
 
         async def recover(self, execution_id: uuid.UUID) -> SagaExecution:
             """Provided by `SagaManager`."""
+
+        async def handle_reply(
+            self, response: SagaResponse, *, message: BrokerMessage | None = None
+        ) -> ReplyOutcome:
+            """Provided by `SagaManager`."""
+
+
+def _row(row_id: int, execution_id: uuid.UUID, message: OutboxMessage) -> OutboxRecord:
+    """The stored row of a message this process wrote and holds (for `saga.relay.settle_outcomes`)."""
+    return OutboxRecord(
+        row_id,
+        execution_id,
+        message.topic,
+        message.key,
+        message.value,
+        message.headers,
+        _EPOCH,
+        message.request_id,
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

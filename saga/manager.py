@@ -211,6 +211,7 @@ class SagaManager(ExecutionDriver):
                 owner=self.owner,
                 interval=self.relay_interval,
                 lease_seconds=self.lease_seconds,
+                on_rejected=self._publish_rejected,
             )
             await self.relay.start()
         self._started = True

@@ -15,7 +15,14 @@ from storage.errors import (
     StorageUnavailableError,
 )
 from storage.memory import MemorySagaStorage
-from storage.protocol import ISagaStorage, SagaStorage, SupportsClaimMany, SupportsLoadMany
+from storage.protocol import (
+    ISagaStorage,
+    SagaStorage,
+    SupportsClaimMany,
+    SupportsDatabaseTime,
+    SupportsLoadMany,
+    SupportsOutboxOutcomes,
+)
 from storage.records import (
     ExecutionQuery,
     ExecutionRecord,
@@ -52,7 +59,9 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsDatabaseTime",
     "SupportsLoadMany",
+    "SupportsOutboxOutcomes",
 ]
 
 

@@ -214,7 +214,8 @@ async def test_claim_of_one_execution_by_many_workers_has_one_winner(database_ur
 
 
 async def test_single_statement_writes_are_one_statement_each(database_url: str, schema: str) -> None:
-    """create/save without outbox or reply: one autocommit statement, no BEGIN/COMMIT around it."""
+    """create/save without outbox or reply: one autocommit statement, no BEGIN/COMMIT around it (a save is a
+    ``WITH``: its update and the cancel of commands it moved past)."""
     from storage import ExecutionRecord, OutboxMessage, SagaStatus
 
     await upgrade_async(database_url, schema=schema)
@@ -227,7 +228,7 @@ async def test_single_statement_writes_are_one_statement_each(database_url: str,
         saved = await storage.save(dataclasses.replace(created, state=b"1"))
         await storage.save(dataclasses.replace(saved, state=b"2"))
         await asyncio.sleep(0.01)  # asyncpg calls query loggers soon after, not during, the query
-        assert queries == ["INSERT", "UPDATE", "UPDATE"]
+        assert queries == ["INSERT", "WITH", "WITH"]
 
 
 async def _log_queries(storage: SqlAlchemySagaStorage) -> list[str]:

@@ -29,7 +29,9 @@ PUBLIC = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsDatabaseTime",
     "SupportsLoadMany",
+    "SupportsOutboxOutcomes",
 ]
 
 
