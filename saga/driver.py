@@ -401,7 +401,12 @@ class ExecutionDriver:
             raise
 
     async def _fail(self, execution: SagaExecution, last: ExecutionRecord, exc: Exception) -> None:
-        """Store FAILED over the last good state (the step that broke runs again on recovery)."""
+        """Store FAILED over the last good state (the step that broke runs again on recovery).
+
+        Raises:
+            ConcurrencyError: The execution changed since ``last`` (another worker moved it on); nothing
+                was written.
+        """
         if isinstance(exc, SagaContextError) and exc.execution_id is None:
             exc.execution_id = execution.id
         error = {"step": getattr(exc, "step", None), "error": str(exc), "type": type(exc).__name__}
@@ -416,6 +421,11 @@ class ExecutionDriver:
             execution.mark_stored(stored)
             execution.status = SagaStatus.FAILED
             execution.error = error
+        except ConcurrencyError as fenced:
+            # Another worker moved the execution on since ``last``: this run's failure is void, and saying
+            # so (instead of the step's error) keeps recovery from counting it as a failed attempt.
+            _log.warning("execution %s: not marked FAILED: another worker moved it on", execution.id)
+            raise fenced from exc
         except Exception:
             _log.exception(
                 "execution %s: could not be marked FAILED; recovery will find it by its lease", execution.id
@@ -430,13 +440,17 @@ class ExecutionDriver:
             record, definition, reply_topic=self.reply_topic, hooks=self.hooks, clock=self.clock
         )
 
-    async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
+    async def _claim(
+        self, execution_id: uuid.UUID, *, keep_on_error: bool = False
+    ) -> tuple[ExecutionRecord, SagaExecution]:
         """Take the claim and rebuild the execution; `SagaBusyError` if anyone else is advancing it.
 
         Every task of a process claims under the same owner, which storage cannot tell apart, so the id is
         reserved in ``_active`` before the first await: a second task of this process (the recovery
         worker and the reply consumer racing) then gets `SagaBusyError` instead of a claim of its own.
-        On success the caller owns the reservation and must discard it when done (`_claimed`).
+        On success the caller owns the reservation and must discard it when done (`_claimed`). With
+        ``keep_on_error`` a claim taken for an execution that cannot be rebuilt is kept, for the caller's
+        bookkeeping (recovery counts the failure under it).
         """
         if execution_id in self._active or execution_id in self._driving:
             raise SagaBusyError(
@@ -453,7 +467,8 @@ class ExecutionDriver:
             try:
                 return record, self._execution(record)
             except Exception:
-                await self._release(execution_id)
+                if not keep_on_error:
+                    await self._release(execution_id)
                 raise
         except BaseException:
             self._active.discard(execution_id)
@@ -941,6 +956,7 @@ class ExecutionDriver:
             return  # someone is advancing it; the next poll looks again
         except Exception as exc:
             _log.warning("execution %s: recovering an overdue reply failed: %s", execution_id, exc)
+            await self._release(execution_id)  # recover keeps the claim for a caller that counts
             return
         finally:
             self._overdue.pop(execution_id, None)

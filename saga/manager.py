@@ -600,7 +600,9 @@ class SagaManager(ExecutionDriver):
         * PAUSED and not overdue, or terminal: nothing (the claim is released).
 
         Returns the execution as it now stands (PAUSED, terminal, ...). Recovery attempts are not counted
-        here: the worker increments them when this raises.
+        here: the worker counts them when this raises. When it raises the claim is kept (if still held),
+        so that the caller's bookkeeping is fenced by it; the caller releases it (the worker's fenced save
+        of FAILED does).
 
         Raises:
             SagaBusyError: Another worker (or a task of this process) is advancing it.
@@ -608,7 +610,7 @@ class SagaManager(ExecutionDriver):
             ExecutionNotFoundError: No such execution.
             StorageError, BrokerError: Infrastructure trouble; retry later.
         """
-        record, execution = await self._claim(execution_id)
+        record, execution = await self._claim(execution_id, keep_on_error=True)
         try:  # _claim reserved the id in _active: every way out must give it back
             if execution.terminal:
                 await self._release(execution_id)
@@ -627,8 +629,5 @@ class SagaManager(ExecutionDriver):
             elif execution.status in (SagaStatus.FAILED, SagaStatus.CREATED):
                 await execution.resume()
             return await self._drive(execution, record, transition=transition)
-        except Exception:
-            await self._release(execution_id)
-            raise
         finally:
             self._active.discard(execution_id)

@@ -548,6 +548,7 @@ def _save_values() -> dict[str, Any]:
         "p_error": None,
         "p_owner": None,
         "p_lease_until": None,
+        "p_awaiting_request": None,
     }
 
 
@@ -589,7 +590,7 @@ async def test_upgrade_from_revision_1_keeps_rows_and_adds_recovery_attempts(
 
     conn = await _connect(database_url, schema)
     try:
-        assert await conn.fetchval("SELECT version_num FROM saga_alembic_version") == "0003_recoverable_index"
+        assert await conn.fetchval("SELECT version_num FROM saga_alembic_version") == "0004_fencing"
         indexes = {
             r["indexname"]: r["indexdef"]
             for r in await conn.fetch(
