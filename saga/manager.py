@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, overload
 
 from dependency_injector.wiring import Provide
 
 from broker import BrokerClientPool, BrokerMessage
+from saga.clock import DatabaseClock
 from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
@@ -58,10 +58,6 @@ _log = logging.getLogger(__name__)
 
 def _default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-#: The default clock: timezone-aware UTC now (a C-level partial: it is called on every step).
-_utc_now: Callable[[], datetime] = functools.partial(datetime.now, UTC)
 
 
 def _check_resolved(value: object, name: str) -> None:
@@ -99,7 +95,9 @@ class SagaManager(ExecutionDriver):
         wait_poll_interval: While ``run(pause_on_disk=False)`` waits, how often the manager re-reads the
             waiting executions (all in one query) to notice progress made by another process (and to act
             on an overdue reply).
-        clock: Source of "now" (timezone-aware); tests pass a controllable one.
+        clock: Source of "now" (timezone-aware); default the database's clock (`saga.clock.DatabaseClock`,
+            so deadlines and leases are set on the clock they are compared on); tests pass a controllable
+            one.
         paused_cache_size: How many executions this manager paused keep their record in memory, so that
             applying their reply needs no claim statement (see `handle_reply`); 0 turns that off.
 
@@ -159,7 +157,8 @@ class SagaManager(ExecutionDriver):
         self.consumer_group = consumer_group or f"{service_name}-orchestrator"
         self.reply_concurrency = reply_concurrency
         self.wait_poll_interval = wait_poll_interval
-        self.clock: Callable[[], datetime] = clock or _utc_now
+        # Default: the database's clock (saga.clock), which every deadline and lease is compared on.
+        self.clock: Callable[[], datetime] = clock or DatabaseClock()
         self.consumer: ReplyConsumer | None = None
         self.relay: OutboxRelay | None = None
         self._lease = timedelta(seconds=self.lease_seconds)
@@ -192,6 +191,8 @@ class SagaManager(ExecutionDriver):
             return
         self._closing = False
         await self.storage.start()
+        if isinstance(self.clock, DatabaseClock):
+            await self.clock.sync(self.storage)
         await self.broker_pool.start()
         if self.consume_replies:
             await self.broker_pool.ensure_topics([self.reply_topic, self.dead_letter_topic])
