@@ -430,7 +430,9 @@ async def orchestrator(config: Mapping[str, Any]) -> None:
     # Settings this version of the pool does not know are left out (a run against an older one).
     known = {f.name for f in dataclasses.fields(KafkaSettings)}
     overrides = {k: v for k, v in config.get("kafka", {}).items() if k in known}
-    pool = KafkaBrokerPool(bootstrap_servers=config["bootstrap"], client_id=f"fault-{config['name']}", **overrides)
+    pool = KafkaBrokerPool(
+        bootstrap_servers=config["bootstrap"], client_id=f"fault-{config['name']}", **overrides
+    )
     manager = SagaManager(
         storage,
         pool,
