@@ -45,12 +45,16 @@ from broker import BrokerMessage, KafkaBrokerPool
 from broker.settings import KafkaSettings
 from saga import RetryPolicy, Saga, SagaContext, SagaManager, SagaRecoveryWorker, SagaRequest
 from saga.messages import SagaCommand, SagaResponse, SagaResponseStatus, control_topic, encode_json
-from storage import SqlAlchemySagaStorage
+from storage import SagaStatus, SqlAlchemySagaStorage
 from storage.migrate import upgrade_async
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-#: The participant's service name (decisions go to its control topic).
-SERVICE = "faultparticipant"
+
+
+def service(suffix: str) -> str:
+    """The participant's service name (decisions go to its control topic)."""
+    return f"faultp{suffix}"
+
 
 _log = logging.getLogger("fault")
 
@@ -61,7 +65,7 @@ SCHEMA = [
         received_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())""",
     """CREATE TABLE fault_local_runs (
         id BIGSERIAL PRIMARY KEY, execution_id UUID NOT NULL, step TEXT NOT NULL, pid INTEGER NOT NULL,
-        started_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), ended_at TIMESTAMPTZ)""",
+        started_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())""",
 ]
 
 
@@ -106,10 +110,8 @@ def sagas(suffix: str, engine: AsyncEngine | None) -> list[Saga]:
                 )
             ).scalar_one()
         time.sleep(float(os.environ.get("FAULT_SLOW_STEP", "0")))
-        async with engine.begin() as conn:
-            await conn.execute(
-                text("UPDATE fault_local_runs SET ended_at = clock_timestamp() WHERE id = :id"), {"id": run}
-            )
+        # No await after the sleep: a worker that resumes goes straight to its save, as a stalled one does.
+        del run
 
     retry = RetryPolicy(
         max_attempts=3,
@@ -251,6 +253,19 @@ async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[dict[str, A
         return [dict(r._mapping) for r in await conn.execute(text(sql), params)]
 
 
+async def stalled(database_url: str, suffix: str, saga: str, context: Mapping[str, Any]) -> uuid.UUID:
+    """Store an execution as a crashed process leaves it: RUNNING, unclaimed, nothing run yet."""
+    from saga.execution import SagaExecution
+
+    (definition,) = [s for s in sagas(suffix, None) if s.name == saga]
+    execution = SagaExecution.start(
+        definition, dict(context), reply_topic=f"faultorch{suffix}Reply", now=datetime.now(UTC)
+    )
+    async with SqlAlchemySagaStorage(database_url, auto_migrate=False) as storage:
+        await storage.create(dataclasses.replace(execution.to_record(), status=SagaStatus.RUNNING))
+    return execution.id
+
+
 async def execution_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
     return await rows(
         engine,
@@ -279,12 +294,11 @@ async def participant(config: Mapping[str, Any]) -> None:
     pool = KafkaBrokerPool(bootstrap_servers=config["bootstrap"], client_id="fault-participant")
     await pool.start()
     command_topics = list(topics(config["suffix"]).values())
-    await pool.ensure_topics([*command_topics, control_topic(SERVICE)])
+    control = control_topic(service(config["suffix"]))
+    await pool.ensure_topics([*command_topics, control])
     fail_first: dict[str, int] = config.get("fail_first", {})
     seen: dict[tuple[str, uuid.UUID], int] = {}
-    subscriber = pool.subscriber(
-        [*command_topics, control_topic(SERVICE)], group_id=f"fault-{config['suffix']}"
-    )
+    subscriber = pool.subscriber([*command_topics, control], group_id=f"fault-{config['suffix']}")
     publisher = pool.publisher()
     await subscriber.start()
     stop = _stop_event()
@@ -335,7 +349,7 @@ async def _serve(
         status=SagaResponseStatus(status),
         execution_id=command.execution_id,
         request_id=command.request_id,
-        service_name=SERVICE,
+        service_name=service(suffix),
     )
     await publisher.send(reply.to_message(command.reply_topic))
 
