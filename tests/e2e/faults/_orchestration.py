@@ -44,7 +44,7 @@ from sqlalchemy.pool import NullPool
 from broker import BrokerMessage, KafkaBrokerPool
 from broker.settings import KafkaSettings
 from saga import RetryPolicy, Saga, SagaContext, SagaManager, SagaRecoveryWorker, SagaRequest
-from saga.messages import SagaCommand, SagaResponse, SagaResponseStatus, control_topic, encode_json
+from saga.messages import SagaCommand, SagaResponse, SagaResponseStatus, control_topic
 from storage import SagaStatus, SqlAlchemySagaStorage
 from storage.migrate import upgrade_async
 
@@ -65,7 +65,7 @@ SCHEMA = [
         received_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())""",
     """CREATE TABLE fault_local_runs (
         id BIGSERIAL PRIMARY KEY, execution_id UUID NOT NULL, step TEXT NOT NULL, pid INTEGER NOT NULL,
-        started_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())""",
+        started_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), ended_at TIMESTAMPTZ)""",
 ]
 
 
@@ -109,9 +109,18 @@ def sagas(suffix: str, engine: AsyncEngine | None) -> list[Saga]:
                     {"e": context["execution"], "p": os.getpid()},
                 )
             ).scalar_one()
-        time.sleep(float(os.environ.get("FAULT_SLOW_STEP", "0")))
-        # No await after the sleep: a worker that resumes goes straight to its save, as a stalled one does.
-        del run
+        seconds = float(os.environ.get("FAULT_SLOW_STEP", "0"))
+        if os.environ.get("FAULT_SLOW_ASYNC"):
+            await asyncio.sleep(seconds)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE fault_local_runs SET ended_at = clock_timestamp() WHERE id = :id"),
+                    {"id": run},
+                )
+        else:
+            # No await after the sleep: a worker that resumes goes straight to its save, as a stalled one
+            # does.
+            time.sleep(seconds)
 
     retry = RetryPolicy(
         max_attempts=3,
@@ -297,6 +306,7 @@ async def participant(config: Mapping[str, Any]) -> None:
     control = control_topic(service(config["suffix"]))
     await pool.ensure_topics([*command_topics, control])
     fail_first: dict[str, int] = config.get("fail_first", {})
+    delays: dict[str, float] = config.get("reply_delay", {})
     seen: dict[tuple[str, uuid.UUID], int] = {}
     subscriber = pool.subscriber([*command_topics, control], group_id=f"fault-{config['suffix']}")
     publisher = pool.publisher()
@@ -306,7 +316,7 @@ async def participant(config: Mapping[str, Any]) -> None:
     while not stop.is_set():
         messages = await subscriber.getmany(timeout=0.2)
         for message in messages:
-            await _serve(engine, publisher, message, fail_first, seen, config["suffix"])
+            await _serve(engine, publisher, message, fail_first, seen, config["suffix"], delays)
         if messages:
             await subscriber.commit(messages)
     await subscriber.stop()
@@ -321,6 +331,7 @@ async def _serve(
     fail_first: Mapping[str, int],
     seen: dict[tuple[str, uuid.UUID], int],
     suffix: str,
+    delays: Mapping[str, float],
 ) -> None:
     kind = message.headers.get("saga-kind", "?")
     if kind != "command":
@@ -344,14 +355,31 @@ async def _serve(
         step,
         status,
     )
-    reply = SagaResponse(
+    if delays.get(step):
+        asyncio.get_running_loop().call_later(delays[step], _send_later, publisher, command, status, suffix)
+        return
+    await publisher.send(_reply(command, status, suffix).to_message(command.reply_topic))
+
+
+def _send_later(publisher: Any, command: SagaCommand, status: int, suffix: str) -> None:
+    task = asyncio.get_running_loop().create_task(
+        publisher.send(_reply(command, status, suffix).to_message(command.reply_topic))
+    )
+    _LATER.add(task)
+    task.add_done_callback(_LATER.discard)
+
+
+_LATER: set[asyncio.Task[None]] = set()
+
+
+def _reply(command: SagaCommand, status: int, suffix: str) -> SagaResponse:
+    return SagaResponse(
         content={"ok": status == 200},
         status=SagaResponseStatus(status),
         execution_id=command.execution_id,
         request_id=command.request_id,
         service_name=service(suffix),
     )
-    await publisher.send(reply.to_message(command.reply_topic))
 
 
 async def _record(
@@ -406,14 +434,6 @@ def skew_wall_clock(seconds: float) -> None:
         kwdefaults = clock_module.DatabaseClock.__init__.__kwdefaults__
         if kwdefaults is not None and "fallback" in kwdefaults:
             kwdefaults["fallback"] = skewed
-    statements = sys.modules.get("storage.sql.statements")
-    if statements is not None:
-        original = statements.Clock.__init__
-
-        def init(self: Any, *, server: bool, source: Any = None) -> None:
-            original(self, server=server, source=source or skewed)
-
-        statements.Clock.__init__ = init
 
 
 def crash_before_publish(times: int) -> None:
