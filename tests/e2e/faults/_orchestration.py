@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -212,6 +212,15 @@ class Procs:
     async def wait_for(self, condition: Callable[[], bool], within: float, what: str) -> None:
         deadline = time.monotonic() + within
         while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not within {within} s\n{self.report()}")
+            await asyncio.sleep(0.1)
+
+    async def wait_for_async(
+        self, condition: Callable[[], Awaitable[bool]], within: float, what: str
+    ) -> None:
+        deadline = time.monotonic() + within
+        while not await condition():
             if time.monotonic() > deadline:
                 pytest.fail(f"{what}: not within {within} s\n{self.report()}")
             await asyncio.sleep(0.1)
