@@ -104,7 +104,8 @@ def sagas(suffix: str, engine: AsyncEngine | None) -> list[Saga]:
             run = (
                 await conn.execute(
                     text(
-                        "INSERT INTO fault_local_runs (execution_id, step, pid) VALUES (:e, 'slow', :p) RETURNING id"
+                        "INSERT INTO fault_local_runs (execution_id, step, pid)"
+                        " VALUES (:e, 'slow', :p) RETURNING id"
                     ),
                     {"e": context["execution"], "p": os.getpid()},
                 )
@@ -120,7 +121,7 @@ def sagas(suffix: str, engine: AsyncEngine | None) -> list[Saga]:
         else:
             # No await after the sleep: a worker that resumes goes straight to its save, as a stalled one
             # does.
-            time.sleep(seconds)
+            time.sleep(seconds)  # noqa: ASYNC251
 
     retry = RetryPolicy(
         max_attempts=3,
@@ -404,7 +405,8 @@ async def _record(
     async with engine.begin() as conn:
         await conn.execute(
             text(
-                "INSERT INTO fault_commands (topic, kind, execution_id, request_id, idempotency_key, step, replied, pid)"
+                "INSERT INTO fault_commands"
+                " (topic, kind, execution_id, request_id, idempotency_key, step, replied, pid)"
                 " VALUES (:t, :k, :e, :r, :i, :s, :st, :p)"
             ),
             {

@@ -26,6 +26,10 @@ pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.e2e]
 #: Over the producer's default ``max_request_size`` (1 MiB) and the broker's default ``message.max.bytes``.
 POISON = 1_100_000
 NORMAL = 5
+#: Commands delivered to the participant, per execution.
+DELIVERED = (
+    "SELECT execution_id::text AS e, count(*) AS n FROM fault_commands WHERE kind = 'command' GROUP BY 1"
+)
 
 
 def _runs(poison: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -66,7 +70,7 @@ async def test_a_command_over_the_producer_limit_fails_its_run_and_stores_nothin
         assert outbox == [{"n": 0}]  # never stored
         commands = await rows(
             engine,
-            "SELECT execution_id::text AS e, count(*) AS n FROM fault_commands WHERE kind = 'command' GROUP BY 1",
+            DELIVERED,
         )
         delivered = {r["e"]: r["n"] for r in commands}
         assert runs["poison"]["id"] not in delivered
@@ -99,7 +103,8 @@ async def test_commands_the_broker_refuses_fail_only_their_own_step(
             assert error["type"] == "publish_rejected" and error["reason"] == reason, error
         refused = await rows(
             engine,
-            "SELECT outcome, error->>'reason' AS reason FROM saga_outbox WHERE execution_id IN (:a, :b) ORDER BY id",
+            "SELECT outcome, error->>'reason' AS reason FROM saga_outbox"
+            " WHERE execution_id IN (:a, :b) ORDER BY id",
             a=runs["too_large"]["id"],
             b=runs["bad_topic"]["id"],
         )
@@ -108,7 +113,7 @@ async def test_commands_the_broker_refuses_fail_only_their_own_step(
         assert unsent == [{"n": 0}]
         commands = await rows(
             engine,
-            "SELECT execution_id::text AS e, count(*) AS n FROM fault_commands WHERE kind = 'command' GROUP BY 1",
+            DELIVERED,
         )
         delivered = {r["e"]: r["n"] for r in commands}
         assert sorted(delivered.get(runs[f"normal{n}"]["id"], 0) for n in range(NORMAL)) == [1] * NORMAL
