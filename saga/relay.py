@@ -94,14 +94,15 @@ async def publish_outbox(
 
 
 async def settle_outcomes(
-    storage: SupportsOutboxOutcomes,
+    storage: SagaStorage,
     rows: Sequence[OutboxRecord],
     outcomes: Sequence[BrokerError | None],
     *,
     on_rejected: RejectionHandler | None,
     backoff: RetryPolicy = ROW_BACKOFF,
 ) -> None:
-    """Record each row's publish outcome (see `publish_outbox`)."""
+    """Record each row's publish outcome (see `publish_outbox`); ``storage`` has `SupportsOutboxOutcomes`."""
+    assert isinstance(storage, SupportsOutboxOutcomes)
     sent: list[int] = []
     rejected: dict[int, Mapping[str, Any]] = {}
     delays: dict[int, float] = {}
@@ -129,7 +130,7 @@ async def settle_outcomes(
             transient = outcome
             delays[row.id] = backoff.jittered_delay(row.attempts + 1)
     if sent:
-        await storage.mark_outbox_sent(sent)  # type: ignore[attr-defined]
+        await storage.mark_outbox_sent(sent)
     if rejected:
         await storage.reject_outbox(rejected)
     if delays:
