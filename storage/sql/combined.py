@@ -51,6 +51,7 @@ from sqlalchemy import (
     TableValuedAlias,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     func,
@@ -164,15 +165,27 @@ def cancel_moved_past(outbox: Table, e: CTE) -> CTE:
     Rows the same statement inserts are not seen (one snapshot for every part of a statement), so a
     save's own new command stays. The rows are found through the partial index on ``execution_id`` over
     unsent rows: a probe that finds nothing once the commands went out.
+
+    The rows are picked ``FOR UPDATE SKIP LOCKED``, once (``= ANY(ARRAY(...))``, see
+    `storage.sql.statements.Statements._picked`): a row another statement holds is being marked sent
+    (published) or claimed by a relay that read it while it was still current, and waiting for it would
+    order this statement's execution locks before that row's lock while a sent-mark of many rows takes
+    them in another order (a deadlock).
     """
+    unsent = outbox.alias("u")
+    pick = (
+        select(unsent.c.id)
+        .where(
+            unsent.c.execution_id == e.c.id,
+            unsent.c.sent_at.is_(None),
+            unsent.c.request_id.is_not(None),
+            unsent.c.request_id.is_distinct_from(e.c.awaiting_request),
+        )
+        .with_for_update(skip_locked=True, of=unsent)
+    )
     return (
         update(outbox)
-        .where(
-            outbox.c.execution_id == e.c.id,
-            outbox.c.sent_at.is_(None),
-            outbox.c.request_id.is_not(None),
-            outbox.c.request_id.is_distinct_from(e.c.awaiting_request),
-        )
+        .where(outbox.c.id == any_(func.array(pick.scalar_subquery())))
         .values(sent_at=func.now(type_=UtcDateTime()), outcome=literal("cancelled", String()))
         .cte("c")
     )
