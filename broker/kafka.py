@@ -20,10 +20,11 @@ from typing import Any, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from broker.errors import BrokerClosedError, BrokerConfigError, BrokerConnectionError, BrokerError
 from broker.headers import decode_headers, encode_headers
-from broker.kafka_errors import translate_error
+from broker.kafka_errors import record_error, translate_error
 from broker.kafka_options import client_options, consumer_options, producer_options
 from broker.message import BrokerMessage
 from broker.settings import KafkaSettings
@@ -126,6 +127,78 @@ class KafkaPublisher:
                     retriable=True,
                 ) from failure
             raise self._pool._translate(failure, action) from failure
+
+    async def send_each(self, messages: Sequence[BrokerMessage]) -> list[BrokerError | None]:
+        """Publish several records and report each one's outcome: ``None`` once acknowledged, else its error.
+
+        Unlike `send_batch`, one record's failure does not concern the others: a record the broker refuses
+        for good (too large, invalid or unauthorised topic, unencodable: ``BrokerError.rejection`` says
+        which) fails alone, and the records after it are still sent. Transient failures (broker down,
+        leader moving) come back as retriable errors for the caller to retry those records only.
+
+        Raises:
+            BrokerClosedError: The pool is stopped (nothing was sent).
+        """
+        if not messages:
+            return []
+        pool = self._pool
+        producer = pool._producer_or_raise()
+        outcomes: list[BrokerError | None] = [None] * len(messages)
+        refused_topics: dict[str, BaseException] = {}
+        for topic in pool._unknown_topics(messages):
+            try:
+                await pool._ensure_known([topic])
+            except BrokerError as exc:  # this topic's records fail, the others go on
+                refused_topics[topic] = exc.__cause__ or exc
+        limit = pool.settings.max_request_size
+        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        for index, message in enumerate(messages):
+            action = f"publish to {message.topic!r}"
+            refused = refused_topics.get(message.topic)
+            if refused is not None:
+                outcomes[index] = record_error(refused, action)
+                continue
+            try:
+                headers = encode_headers(message.headers)
+                futures.append(
+                    (
+                        index,
+                        await producer.send(
+                            message.topic, value=message.value, key=message.key, headers=headers
+                        ),
+                    )
+                )
+            except Exception as exc:
+                outcomes[index] = self._record_error(exc, action, message, limit)
+        replace = False
+        for index, future in futures:
+            error = await _outcome(future)
+            if error is None:
+                continue
+            message = messages[index]
+            action = f"publish to {message.topic!r}"
+            if isinstance(error, _PRODUCER_STATE_ERRORS):
+                replace = True
+                outcomes[index] = BrokerConnectionError(
+                    f"{action} failed: {type(error).__name__}; the producer was replaced, retry the send",
+                    retriable=True,
+                )
+            else:
+                outcomes[index] = self._record_error(error, action, message, None)
+        if replace:
+            await pool._replace_producer(producer)
+        return outcomes
+
+    def _record_error(
+        self, exc: BaseException, action: str, message: BrokerMessage, limit: int | None
+    ) -> BrokerError:
+        error = pool_error = self._pool._translate(exc, action)
+        if not isinstance(pool_error, BrokerClosedError):
+            error = record_error(exc, action)
+        if error.rejection == "record_too_large":
+            error.size = message_size(message)
+            error.limit = limit
+        return error
 
 
 class KafkaSubscriber:
@@ -343,6 +416,19 @@ class KafkaBrokerPool:
     def __repr__(self) -> str:
         return f"KafkaBrokerPool({self.settings.bootstrap_servers!r})"
 
+    @property
+    def max_message_size(self) -> int:
+        """The largest record the producer sends (``max_request_size``), as `message_size` counts it."""
+        return self.settings.max_request_size
+
+    def message_size(self, message: BrokerMessage) -> int:
+        """The size of ``message`` as the producer checks it against `max_message_size`.
+
+        Raises:
+            TypeError: A header is not a string.
+        """
+        return message_size(message)
+
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -543,6 +629,15 @@ class KafkaBrokerPool:
                     )
                 await asyncio.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, _MAX_CONNECT_BACKOFF)
+
+
+def message_size(message: BrokerMessage) -> int:
+    """The record's size as aiokafka estimates it before refusing one over ``max_request_size``."""
+    return int(
+        DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            message.key, message.value, encode_headers(message.headers)
+        )
+    )
 
 
 async def _outcome(future: asyncio.Future[Any]) -> BaseException | None:

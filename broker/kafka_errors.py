@@ -13,7 +13,7 @@ from aiokafka import errors as kafka_errors
 
 from broker.errors import BrokerClosedError, BrokerConfigError, BrokerConnectionError, BrokerError
 
-__all__ = ["translate_error"]
+__all__ = ["record_error", "translate_error"]
 
 # Exceptions that mean the client is closed: retrying the same object cannot help.
 _CLOSED: tuple[type[BaseException], ...] = (
@@ -85,3 +85,33 @@ def translate_error(exc: BaseException, action: str) -> BrokerError:
     if isinstance(exc, OSError):
         return BrokerConnectionError(message, retriable=True)
     return BrokerError(message, retriable=False)
+
+
+#: aiokafka exceptions that refuse one record for good, and the `BrokerError.rejection` they mean.
+_REJECTIONS: tuple[tuple[type[BaseException], str], ...] = (
+    (kafka_errors.MessageSizeTooLargeError, "record_too_large"),
+    (kafka_errors.RecordListTooLargeError, "record_too_large"),
+    (kafka_errors.InvalidTopicError, "invalid_topic"),
+    (kafka_errors.TopicAuthorizationFailedError, "topic_authorization_failed"),
+)
+
+
+def record_error(exc: BaseException, action: str) -> BrokerError:
+    """`translate_error` for the failure of one record's send, with ``rejection`` set when the broker
+    refuses that record for good (see `broker.errors`); encoding errors (``TypeError``, ``ValueError``,
+    ``UnicodeError``) are ``unencodable``."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, TypeError | ValueError | UnicodeError) and not isinstance(
+        exc, kafka_errors.KafkaError
+    ):
+        error = BrokerError(f"{action} failed: {exc}", retriable=False)
+        error.rejection = "unencodable"
+        return error
+    error = translate_error(exc, action)
+    for kind, rejection in _REJECTIONS:
+        if isinstance(exc, kind):
+            error.rejection = rejection
+            error.retriable = False
+            break
+    return error

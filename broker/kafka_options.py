@@ -68,6 +68,7 @@ def producer_options(settings: KafkaSettings) -> dict[str, Any]:
         "compression_type": settings.compression_type,
         "linger_ms": settings.linger_ms,
         "max_batch_size": settings.max_batch_size,
+        "max_request_size": settings.max_request_size,
         "partitioner": KeyHashPartitioner(),  # Kafka's default partitioning, cheaper (broker.partitioner)
     }
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from broker.errors import BrokerClosedError, BrokerConfigError
+from broker.errors import BrokerClosedError, BrokerConfigError, BrokerError
 from broker.headers import decode_headers, encode_headers
 from broker.message import BrokerMessage
 
@@ -75,8 +75,35 @@ class InMemoryPublisher:
         self._pool._check_open()
         for message in messages:
             _check_message(message)
+            self._pool._check_size(message)
         for message in messages:
             self._pool._append(message)
+
+    async def send_each(self, messages: Sequence[BrokerMessage]) -> list[BrokerError | None]:
+        """Append each message on its own: one outcome per message, ``None`` once appended.
+
+        A malformed message, or one over the pool's ``max_message_size``, fails alone with
+        ``BrokerError.rejection`` set, as Kafka's producer refuses it (see `KafkaPublisher.send_each`).
+        """
+        await asyncio.sleep(0)
+        self._pool._check_open()
+        outcomes: list[BrokerError | None] = []
+        for message in messages:
+            try:
+                _check_message(message)
+                self._pool._check_size(message)
+            except BrokerError as exc:
+                exc.rejection = exc.rejection or "invalid_topic"
+                outcomes.append(exc)
+                continue
+            except (TypeError, ValueError) as exc:
+                error = BrokerError(f"publish to {message.topic!r} failed: {exc}", retriable=False)
+                error.rejection = "unencodable"
+                outcomes.append(error)
+                continue
+            self._pool._append(message)
+            outcomes.append(None)
+        return outcomes
 
 
 class InMemorySubscriber:
@@ -274,12 +301,15 @@ class InMemoryBrokerPool:
 
     Args:
         partitions: Partitions of every topic this pool creates.
+        max_message_size: Refuse messages larger than this many bytes (`message_size`), as Kafka's
+            producer refuses those over its ``max_request_size``; ``None``: no limit.
     """
 
-    def __init__(self, *, partitions: int = 4) -> None:
+    def __init__(self, *, partitions: int = 4, max_message_size: int | None = None) -> None:
         if partitions < 1:
             raise BrokerConfigError(f"partitions must be >= 1, got {partitions}")
         self.partitions = partitions
+        self.max_message_size = max_message_size
         self._topics: dict[str, list[list[_Record]]] = {}
         self._round_robin: dict[str, int] = {}
         self._groups: dict[str, _Group] = {}
@@ -408,6 +438,24 @@ class InMemoryBrokerPool:
 
     def _log(self, tp: TopicPartition) -> list[_Record]:
         return self._topics[tp[0]][tp[1]]
+
+    def message_size(self, message: BrokerMessage) -> int:
+        """The bytes a message counts against ``max_message_size``: key, value, header names and values."""
+        headers = sum(len(k.encode()) + len(v.encode()) for k, v in message.headers.items())
+        return len(message.value) + len(message.key or b"") + headers
+
+    def _check_size(self, message: BrokerMessage) -> None:
+        limit = self.max_message_size
+        if limit is None:
+            return
+        size = self.message_size(message)
+        if size > limit:
+            error = BrokerError(
+                f"publish to {message.topic!r} failed: the record is {size} bytes, over the limit of {limit}",
+                retriable=False,
+            )
+            error.rejection, error.size, error.limit = "record_too_large", size, limit
+            raise error
 
     def _append(self, message: BrokerMessage) -> None:
         self._check_open()

@@ -54,6 +54,9 @@ class KafkaSettings:
         compression_type: ``gzip``, ``snappy``, ``lz4``, ``zstd`` or ``None``.
         linger_ms: How long the producer waits to fill a batch; 0 sends as soon as possible.
         max_batch_size: Producer batch size in bytes, per partition.
+        max_request_size: Largest record the producer sends, in bytes (as aiokafka estimates its size).
+            The orchestrator checks a command against it before storing it, so a command that can never
+            be sent fails its step at once instead of sitting in the outbox.
         request_timeout_ms: Bound on each request to the broker, including a send's acknowledgement.
         retry_backoff_ms: Pause between retries of a failed request.
         topic_partitions: Partitions of topics the pool creates.
@@ -85,6 +88,7 @@ class KafkaSettings:
     compression_type: str | None = None
     linger_ms: int = 0
     max_batch_size: int = 16384
+    max_request_size: int = 1048576
     request_timeout_ms: int = 30000
     retry_backoff_ms: int = 100
     topic_partitions: int = 4
@@ -218,6 +222,7 @@ class KafkaSettings:
         minimums = {
             "linger_ms": 0,
             "max_batch_size": 1,
+            "max_request_size": 1,
             "request_timeout_ms": 1,
             "retry_backoff_ms": 0,
             "topic_partitions": 1,

@@ -10,18 +10,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from broker import BrokerClientPool, BrokerError, BrokerMessage
+from broker import BrokerClientPool, BrokerMessage
 from saga.consumer import dead_letter_message
 from saga.errors import SagaBusyError, SagaContextError
 from saga.execution import SagaExecution, Transition
 from saga.hooks import SagaHooks
-from saga.messages import SagaResponse
-from saga.observability import tracing as _tracing
+from saga.messages import SagaResponse, SagaResponseStatus
+from saga.publishing import CommandPublishing
 from saga.registry import SagaRegistry
 from saga.step_support import announce_start
 from storage import (
@@ -78,7 +79,7 @@ class AlreadyAppliedError(Exception):
     """The reply's dedup row already exists: another worker applied that reply first."""
 
 
-class ExecutionDriver:
+class ExecutionDriver(CommandPublishing):
     """Drives executions to their next pause or end (mixed into `SagaManager`)."""
 
     storage: SagaStorage
@@ -214,6 +215,7 @@ class ExecutionDriver:
             if self._beat is None:
                 self._start_beat()
         written: list[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = []
+        saved_at = 0.0
         storage = self.storage
         clock = self.clock
         try:
@@ -232,6 +234,8 @@ class ExecutionDriver:
                     await asyncio.sleep(transition.retry_after)
                     transition = None
                     continue
+                if transition.outbox and transition.status is _PAUSED:
+                    transition = await self._refuse_oversized(execution, last, transition)
                 if transition.persist and reply is not None and transition.outcome == "applied":
                     status = transition.status
                     if status is _RUNNING or status is _COMPENSATING:
@@ -273,6 +277,8 @@ class ExecutionDriver:
                                 written.append((outbox, None))
                     except DuplicateReplyError as exc:
                         raise AlreadyAppliedError(str(exc)) from exc
+                    if outbox:
+                        saved_at = time.monotonic()
                     execution.record_version = last.version
                     execution.updated_at = last.updated_at
                     reply = None
@@ -283,7 +289,13 @@ class ExecutionDriver:
         finally:
             driving.pop(execution_id, None)
         return await self._settle(
-            execution, last, saved=last is not stored, written=written, wait=wait, release=release
+            execution,
+            last,
+            saved=last is not stored,
+            written=written,
+            wait=wait,
+            release=release,
+            saved_at=saved_at,
         )
 
     async def _settle(
@@ -295,6 +307,7 @@ class ExecutionDriver:
         written: Sequence[tuple[Sequence[OutboxMessage], OutboxClaim | None]],
         wait: bool,
         release: bool,
+        saved_at: float,
     ) -> SagaExecution:
         """After a drive stopped: give the claim back if still held, publish, and tell who waits."""
         execution_id = execution.id
@@ -311,7 +324,7 @@ class ExecutionDriver:
         elif release and last.owner is not None:
             await self._release(execution_id)
         if written:
-            await self._flush_outbox(written)
+            await self._flush_outbox(written, execution_id=execution_id, saved_at=saved_at)
         if execution.terminal:
             self._resolve_waiters(execution)
         return execution
@@ -355,7 +368,12 @@ class ExecutionDriver:
         try:
             transition = await execution.advance(now)
             paused = None
-            if transition.status is _PAUSED and transition.outbox and transition.retry_after is None:
+            if (
+                transition.status is _PAUSED
+                and transition.outbox
+                and transition.retry_after is None
+                and self._oversized(transition.outbox) is None  # else the drive fails the step
+            ):
                 paused = execution.to_record(step=transition.step)  # no owner: created released
         except Exception as exc:
             await self._fail(execution, await create(record), exc)
@@ -366,7 +384,13 @@ class ExecutionDriver:
         claim = OutboxClaim(self.owner, self.lease_seconds)
         stored = await create(paused, transition.outbox, claim)
         return await self._settle(
-            execution, stored, saved=True, written=[(transition.outbox, claim)], wait=wait, release=False
+            execution,
+            stored,
+            saved=True,
+            written=[(transition.outbox, claim)],
+            wait=wait,
+            release=False,
+            saved_at=time.monotonic(),
         )
 
     async def _guard(
@@ -380,7 +404,12 @@ class ExecutionDriver:
             raise
 
     async def _fail(self, execution: SagaExecution, last: ExecutionRecord, exc: Exception) -> None:
-        """Store FAILED over the last good state (the step that broke runs again on recovery)."""
+        """Store FAILED over the last good state (the step that broke runs again on recovery).
+
+        Raises:
+            ConcurrencyError: The execution changed since ``last`` (another worker moved it on); nothing
+                was written.
+        """
         if isinstance(exc, SagaContextError) and exc.execution_id is None:
             exc.execution_id = execution.id
         error = {"step": getattr(exc, "step", None), "error": str(exc), "type": type(exc).__name__}
@@ -395,6 +424,11 @@ class ExecutionDriver:
             execution.mark_stored(stored)
             execution.status = SagaStatus.FAILED
             execution.error = error
+        except ConcurrencyError as fenced:
+            # Another worker moved the execution on since ``last``: this run's failure is void, and saying
+            # so (instead of the step's error) keeps recovery from counting it as a failed attempt.
+            _log.warning("execution %s: not marked FAILED: another worker moved it on", execution.id)
+            raise fenced from exc
         except Exception:
             _log.exception(
                 "execution %s: could not be marked FAILED; recovery will find it by its lease", execution.id
@@ -409,13 +443,17 @@ class ExecutionDriver:
             record, definition, reply_topic=self.reply_topic, hooks=self.hooks, clock=self.clock
         )
 
-    async def _claim(self, execution_id: uuid.UUID) -> tuple[ExecutionRecord, SagaExecution]:
+    async def _claim(
+        self, execution_id: uuid.UUID, *, keep_on_error: bool = False
+    ) -> tuple[ExecutionRecord, SagaExecution]:
         """Take the claim and rebuild the execution; `SagaBusyError` if anyone else is advancing it.
 
         Every task of a process claims under the same owner, which storage cannot tell apart, so the id is
         reserved in ``_active`` before the first await: a second task of this process (the recovery
         worker and the reply consumer racing) then gets `SagaBusyError` instead of a claim of its own.
-        On success the caller owns the reservation and must discard it when done (`_claimed`).
+        On success the caller owns the reservation and must discard it when done (`_claimed`). With
+        ``keep_on_error`` a claim taken for an execution that cannot be rebuilt is kept, for the caller's
+        bookkeeping (recovery counts the failure under it).
         """
         if execution_id in self._active or execution_id in self._driving:
             raise SagaBusyError(
@@ -432,7 +470,8 @@ class ExecutionDriver:
             try:
                 return record, self._execution(record)
             except Exception:
-                await self._release(execution_id)
+                if not keep_on_error:
+                    await self._release(execution_id)
                 raise
         except BaseException:
             self._active.discard(execution_id)
@@ -578,54 +617,26 @@ class ExecutionDriver:
             supported = known[1][capability] = _probe(storage, capability)
         return supported
 
-    def _sweeping(self) -> bool:
-        until = self._sweep_until
-        if until is None:
-            return False
-        if self.clock() < until:
-            return True
-        self._sweep_until = None
-        return False
-
-    async def _flush_outbox(
-        self, written: Sequence[tuple[Sequence[OutboxMessage], OutboxClaim | None]] = ()
-    ) -> None:
-        """Publish the outbox rows just stored; the relay covers failures.
-
-        Rows written under an `OutboxClaim` are published from the messages in hand and marked sent by the
-        ids the save reported: two round trips (send, mark) and no ``fetch_outbox``. Otherwise, and for a
-        while after a publish failed (so rows it left behind go out with the next publish once their
-        lease is over, as before), one `publish_outbox` pass sweeps every unsent row instead.
-        """
-        from saga.relay import publish_outbox
-
-        try:
-            if written and all(claim is not None for _, claim in written) and not self._sweeping():
-                messages: list[BrokerMessage] = []
-                ids: list[int] = []
-                for outbox, claim in written:
-                    assert claim is not None
-                    messages.extend(
-                        BrokerMessage(topic=m.topic, key=m.key, value=m.value, headers=m.headers)
-                        for m in outbox
-                    )
-                    ids.extend(claim.ids)
-                if _tracing.enabled:
-                    with _tracing.publish_spans(messages):
-                        await self.broker_pool.publisher().send_batch(messages)
-                else:
-                    await self.broker_pool.publisher().send_batch(messages)
-                self._mark_sent_soon(ids)
-            else:
-                await publish_outbox(
-                    self.storage, self.broker_pool, owner=self.owner, lease_seconds=self.lease_seconds
-                )
-        except (BrokerError, StorageError) as exc:
-            _log.warning("publishing outbox rows failed (%s); the outbox relay will retry", exc)
-            # The rows stay claimed by us until their lease ends; sweep for a while after that.
-            self._sweep_until = self.clock() + timedelta(seconds=2 * self.lease_seconds)
-            if self.relay is not None:
-                self.relay.wake()
+    async def _refuse_oversized(
+        self, execution: SagaExecution, last: ExecutionRecord, transition: Transition
+    ) -> Transition:
+        """Fail the step of a command too large to publish, before anything is stored: the step's retry
+        policy, then compensation, take over as for a 500 reply (error ``publish_rejected``)."""
+        while transition.outbox and transition.status is _PAUSED:
+            found = self._oversized(transition.outbox)
+            if found is None:
+                break
+            message, error = found
+            assert message.request_id is not None
+            _log.warning("execution %s: %s", execution.id, error["error"])
+            refusal = SagaResponse(
+                content=error,
+                status=SagaResponseStatus.SYSTEM_ERROR,
+                execution_id=execution.id,
+                request_id=message.request_id,
+            )
+            transition = await self._guard(execution, last, execution.apply_reply(refusal, self.clock()))
+        return transition
 
     def _mark_sent_soon(self, ids: Sequence[int]) -> None:
         """Mark published outbox rows sent in the background, many publishes per statement.
@@ -774,6 +785,7 @@ class ExecutionDriver:
             return  # someone is advancing it; the next poll looks again
         except Exception as exc:
             _log.warning("execution %s: recovering an overdue reply failed: %s", execution_id, exc)
+            await self._release(execution_id)  # recover keeps the claim for a caller that counts
             return
         finally:
             self._overdue.pop(execution_id, None)

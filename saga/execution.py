@@ -74,6 +74,7 @@ _RECORD_FIELDS = (
     "error",
     "created_at",
     "updated_at",
+    "awaiting_request",
 )
 if tuple(f.name for f in dataclasses.fields(ExecutionRecord)) != _RECORD_FIELDS:  # pragma: no cover
     raise ImportError("storage.ExecutionRecord fields changed: update SagaExecution.to_record")
@@ -411,6 +412,7 @@ class SagaExecution(_minos.MinosExecutionAPI):
             self.error,
             self.created_at,
             self.updated_at,
+            None if awaiting is None else awaiting.request_id,
         )
 
     def _restore_context(self) -> None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, overload
 
 from dependency_injector.wiring import Provide
@@ -34,6 +33,7 @@ from dependency_injector.wiring import Provide
 from broker import BrokerClientPool, BrokerMessage
 from saga import execution_steps as _steps
 from saga.arguments import check_header_text, check_user, same_saga
+from saga.clock import DatabaseClock
 from saga.consumer import DEFAULT_REPLY_CONCURRENCY, ReplyConsumer
 from saga.context import SagaContext
 from saga.definitions import Saga
@@ -74,10 +74,6 @@ def _default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-#: The default clock: timezone-aware UTC now (a C-level partial: it is called on every step).
-_utc_now: Callable[[], datetime] = functools.partial(datetime.now, UTC)
-
-
 def _check_resolved(value: object, name: str) -> None:
     # dependency-injector markers (Provide[...], Provider[...], Closing[...]) all carry this class flag.
     if getattr(type(value), "__IS_MARKER__", False):
@@ -113,7 +109,9 @@ class SagaManager(ExecutionDriver):
         wait_poll_interval: While ``run(pause_on_disk=False)`` waits, how often the manager re-reads the
             waiting executions (all in one query) to notice progress made by another process (and to act
             on an overdue reply).
-        clock: Source of "now" (timezone-aware); tests pass a controllable one.
+        clock: Source of "now" (timezone-aware); default the database's clock (`saga.clock.DatabaseClock`,
+            so deadlines and leases are set on the clock they are compared on); tests pass a controllable
+            one.
         paused_cache_size: How many executions this manager paused keep their record in memory, so that
             applying their reply needs no claim statement (see `handle_reply`); 0 turns that off.
 
@@ -174,7 +172,8 @@ class SagaManager(ExecutionDriver):
         self.consumer_group = consumer_group or f"{service_name}-orchestrator"
         self.reply_concurrency = reply_concurrency
         self.wait_poll_interval = wait_poll_interval
-        self.clock: Callable[[], datetime] = clock or _utc_now
+        # Default: the database's clock (saga.clock), which every deadline and lease is compared on.
+        self.clock: Callable[[], datetime] = clock or DatabaseClock()
         self.consumer: ReplyConsumer | None = None
         self.relay: OutboxRelay | None = None
         self._lease = timedelta(seconds=self.lease_seconds)
@@ -207,6 +206,8 @@ class SagaManager(ExecutionDriver):
             return
         self._closing = False
         await self.storage.start()
+        if isinstance(self.clock, DatabaseClock):
+            await self.clock.sync(self.storage)
         await self.broker_pool.start()
         if self.consume_replies:
             await self.broker_pool.ensure_topics([self.reply_topic, self.dead_letter_topic])
@@ -226,6 +227,7 @@ class SagaManager(ExecutionDriver):
                 owner=self.owner,
                 interval=self.relay_interval,
                 lease_seconds=self.lease_seconds,
+                on_rejected=self._publish_rejected,
             )
             await self.relay.start()
         self._started = True
@@ -774,7 +776,9 @@ class SagaManager(ExecutionDriver):
         * PAUSED and not overdue, or terminal: nothing (the claim is released).
 
         Returns the execution as it now stands (PAUSED, terminal, ...). Recovery attempts are not counted
-        here: the worker increments them when this raises.
+        here: the worker counts them when this raises. When it raises the claim is kept (if still held),
+        so that the caller's bookkeeping is fenced by it; the caller releases it (the worker's fenced save
+        of FAILED does).
 
         Raises:
             SagaBusyError: Another worker (or a task of this process) is advancing it.
@@ -796,7 +800,7 @@ class SagaManager(ExecutionDriver):
         return await self._recover(execution_id)
 
     async def _recover(self, execution_id: uuid.UUID) -> SagaExecution:
-        record, execution = await self._claim(execution_id)
+        record, execution = await self._claim(execution_id, keep_on_error=True)
         try:  # _claim reserved the id in _active: every way out must give it back
             if execution.terminal:
                 await self._release(execution_id)
@@ -820,8 +824,5 @@ class SagaManager(ExecutionDriver):
             elif execution.status in (SagaStatus.FAILED, SagaStatus.CREATED):
                 await execution.resume()
             return await self._drive(execution, record, transition=transition)
-        except Exception:
-            await self._release(execution_id)
-            raise
         finally:
             self._active.discard(execution_id)

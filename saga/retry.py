@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["NO_RETRY", "RetryPolicy"]
@@ -57,7 +59,17 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait before the try that follows ``attempts`` tries (``attempts`` >= 1)."""
-        return float(min(self.max_delay, self.initial_delay * self.backoff ** max(attempts - 1, 0)))
+        exponent = min(max(attempts - 1, 0), 1000)
+        try:
+            grown = self.initial_delay * self.backoff**exponent
+        except OverflowError:
+            grown = math.inf
+        return float(min(self.max_delay, grown))
+
+    def jittered_delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
+        """`delay`, half of it fixed and half random, so many retries started together spread out."""
+        delay = self.delay(attempts)
+        return delay / 2 + delay / 2 * rand()
 
 
 #: The policy of steps that set none: one try.

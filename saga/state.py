@@ -215,11 +215,15 @@ def compact(data: bytes) -> bytes:
     return memoryview(data).tobytes()
 
 
-def outbox_message(command: SagaCommand) -> OutboxMessage:
-    """The outbox row of a command (encodes its content; raises ``TypeError`` for non-JSON content)."""
+def outbox_message(command: SagaCommand, *, delay: float | None = None) -> OutboxMessage:
+    """The outbox row of a command (encodes its content; raises ``TypeError`` for non-JSON content).
+
+    The row carries the command's request id, so storage publishes it only while the execution awaits
+    that request; ``delay`` makes it due that many seconds later (a retry's backoff).
+    """
     message = command.to_message()
     return OutboxMessage(
-        topic=message.topic, key=message.key, value=compact(message.value), headers=message.headers
+        message.topic, message.key, compact(message.value), message.headers, command.request_id, delay
     )
 
 

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
+#: Error type of a step whose command the broker refused for good (never published).
+PUBLISH_REJECTED = "publish_rejected"
+
 ActionStep = LocalSagaStep | RemoteSagaStep
 
 _log = logging.getLogger("saga.execution")
@@ -146,8 +149,19 @@ def context_error(exc: SagaContextError, step: str) -> SagaContextError:
 
 
 def reply_error(step: str, response: SagaResponse) -> dict[str, Any]:
-    """Structured error of a non-200 reply."""
+    """Structured error of a non-200 reply.
+
+    The orchestrator's own 500 for a command the broker refused (``publish_rejected``, see
+    `saga.relay.rejection_error`) keeps that shape: type, reason, size and limit.
+    """
     status = int(response.status)
+    content = response.content
+    if (
+        response.service_name is None
+        and isinstance(content, dict)
+        and content.get("type") == PUBLISH_REJECTED
+    ):
+        return {"step": step, "status": status, **content}
     return {
         "step": step,
         "error": f"participant {response.service_name or '?'} replied {status}",
@@ -243,16 +257,20 @@ def new_request(
     attempt: int,
     record: int,
     path: tuple[int, ...],
+    delay: float | None = None,
 ) -> tuple[AwaitedRequest, OutboxMessage]:
     """A fresh request (new id and idempotency key) and its outbox row.
 
     A run without a trace context (started without the manager, or stored without one) starts a trace
-    here; it is saved with the request, so the run's later commands carry the same one.
+    here; it is saved with the request, so the run's later commands carry the same one. With ``delay`` (a
+    retry's backoff) the row is due that many seconds later and the reply's timeout counts from then.
     """
     if ex.traceparent is None:
         ex.traceparent = new_traceparent()
     request_id = random_uuid()
     timeout = step.timeout
+    if delay is not None and timeout is not None:
+        timeout += delay
     awaiting = AwaitedRequest(
         request_id=request_id,
         idempotency_key=str(request_id),
@@ -273,7 +291,7 @@ def new_request(
         traceparent=ex.traceparent,
         tracestate=ex.tracestate,
     )
-    return awaiting, outbox_message(command)
+    return awaiting, outbox_message(command, delay=delay)
 
 
 def as_request(value: Any, step: str) -> SagaRequest:
@@ -297,10 +315,16 @@ def running(step: str) -> Transition:
 async def resend(
     ex: SagaExecution, step: RemoteSagaStep, awaiting: AwaitedRequest, now: datetime
 ) -> Transition:
-    """Answer a failed reply with a new request (new id and key) for the same step or compensation."""
+    """Answer a failed reply with a new request (new id and key) for the same step or compensation.
+
+    The new command waits out the retry policy's delay before it is published: its outbox row is due
+    then (on the database's clock, so a restart in between keeps the schedule).
+    """
     request = SagaRequest(awaiting.target, awaiting.content)
+    policy = step.retry if awaiting.phase == "execute" else compensation_policy(ex, step)
+    delay = policy.delay(awaiting.attempt) or None
     new, message = new_request(
-        ex, step, request, awaiting.phase, now, awaiting.attempt + 1, awaiting.record, awaiting.path
+        ex, step, request, awaiting.phase, now, awaiting.attempt + 1, awaiting.record, awaiting.path, delay
     )
     update_record(ex, awaiting.record, "waiting", attempts=new.attempt, request_id=new.request_id)
     ex.awaiting = new

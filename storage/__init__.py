@@ -20,10 +20,12 @@ from storage.protocol import (
     ISagaStorage,
     SagaStorage,
     SupportsClaimMany,
+    SupportsDatabaseTime,
     SupportsDefinitionCounts,
     SupportsListOutbox,
     SupportsLoadMany,
     SupportsOutboxBacklog,
+    SupportsOutboxOutcomes,
 )
 from storage.records import (
     ExecutionQuery,
@@ -64,10 +66,12 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsDatabaseTime",
     "SupportsDefinitionCounts",
     "SupportsListOutbox",
     "SupportsLoadMany",
     "SupportsOutboxBacklog",
+    "SupportsOutboxOutcomes",
 ]
 
 

@@ -117,6 +117,7 @@ def _copy_record(r: ExecutionRecord) -> ExecutionRecord:
         _copy_mapping(r.error),
         r.created_at,
         r.updated_at,
+        r.awaiting_request,
     )
 
 
@@ -147,6 +148,9 @@ class _OutboxRow:
     sent_at: datetime | None = None
     claimed_by: str | None = None
     claimed_until: datetime | None = None
+    attempts: int = 0
+    outcome: str | None = None
+    error: Mapping[str, Any] | None = None
 
 
 class MemorySagaStorage:
@@ -166,6 +170,8 @@ class MemorySagaStorage:
         self._outbox: dict[int, _OutboxRow] = {}
         #: The unsent rows only, in id order: what `fetch_outbox` scans (sent rows are never looked at).
         self._unsent: dict[int, _OutboxRow] = {}
+        #: The unsent commands (rows with a request id) by execution: what a save's cancel looks at.
+        self._unsent_commands: dict[uuid.UUID, dict[int, _OutboxRow]] = {}
         self._outbox_ids = itertools.count(1)
         self._command_replies: dict[str, bytes] = {}
 
@@ -204,13 +210,15 @@ class MemorySagaStorage:
         now: datetime,
         claim: OutboxClaim | None,
     ) -> None:
-        if claim is None:
-            claimed_by, claimed_until = None, None
-        else:
-            claimed_by, claimed_until = claim.owner, now + timedelta(seconds=claim.lease_seconds)
         for message in outbox:
             row_id = next(self._outbox_ids)
-            self._outbox[row_id] = self._unsent[row_id] = _OutboxRow(
+            if message.delay is not None:  # due later, for a relay: unclaimed, not before its delay
+                claimed_by, claimed_until = None, now + timedelta(seconds=message.delay)
+            elif claim is None:
+                claimed_by, claimed_until = None, None
+            else:
+                claimed_by, claimed_until = claim.owner, now + timedelta(seconds=claim.lease_seconds)
+            row = _OutboxRow(
                 OutboxRecord(
                     row_id,
                     execution_id,
@@ -219,13 +227,40 @@ class MemorySagaStorage:
                     message.value,
                     dict(message.headers),
                     now,
+                    message.request_id,
                 ),
                 None,
                 claimed_by,
                 claimed_until,
             )
+            self._outbox[row_id] = self._unsent[row_id] = row
+            if message.request_id is not None:
+                self._unsent_commands.setdefault(execution_id, {})[row_id] = row
             if claim is not None:
                 claim.ids.append(row_id)
+
+    def _cancel_moved_past(self, execution_id: uuid.UUID, awaiting: uuid.UUID | None, now: datetime) -> None:
+        """Cancel the execution's unsent commands of requests other than ``awaiting`` (see `save`)."""
+        commands = self._unsent_commands.get(execution_id)
+        if not commands:
+            return
+        for row_id, row in list(commands.items()):
+            if row.record.request_id != awaiting:
+                row.sent_at, row.outcome = now, "cancelled"
+                del commands[row_id]
+                self._unsent.pop(row_id, None)
+        if not commands:
+            del self._unsent_commands[execution_id]
+
+    def _done(self, row: _OutboxRow) -> None:
+        """Take a row out of the unsent indexes."""
+        record = self._unsent.pop(row.record.id, None)
+        if record is not None and row.record.request_id is not None:
+            commands = self._unsent_commands.get(row.record.execution_id)
+            if commands is not None:
+                commands.pop(row.record.id, None)
+                if not commands:
+                    del self._unsent_commands[row.record.execution_id]
 
     def _add_reply(self, reply: ReplyRecord, now: datetime) -> None:
         if reply.received_at is None:
@@ -337,6 +372,7 @@ class MemorySagaStorage:
             None if record.error is None else _copy_mapping(record.error),
             now,
             now,
+            record.awaiting_request,
         )
         # One hash of the id for the check and the insert (setdefault never replaces a stored row).
         if self._executions.setdefault(record.id, stored) is not stored:
@@ -412,8 +448,10 @@ class MemorySagaStorage:
             None if record.error is None else _copy_mapping(record.error),
             current.created_at,
             now,
+            record.awaiting_request,
         )
         self._executions[record.id] = stored
+        self._cancel_moved_past(record.id, record.awaiting_request, now)
         if outbox:
             self._append_outbox(record.id, outbox, now, outbox_claim)
         if reply is not None:
@@ -584,20 +622,36 @@ class MemorySagaStorage:
     async def fetch_outbox(
         self, limit: int = 100, *, owner: str | None = None, lease_seconds: float = 30.0
     ) -> list[OutboxRecord]:
-        """Claim up to ``limit`` unsent rows, oldest first, for ``lease_seconds``."""
+        """Claim up to ``limit`` due, current unsent rows, oldest first, for ``lease_seconds``."""
         now = self._clock()
         until = now + timedelta(seconds=lease_seconds)
+        executions = self._executions
         fetched: list[OutboxRecord] = []
         for row in self._unsent.values():  # insertion order is id order
             if len(fetched) >= limit:
                 break
-            if row.claimed_until is None or row.claimed_until < now:
-                row.claimed_by, row.claimed_until = owner, until
-                r = row.record
-                # Headers are the one mutable part: the caller gets its own copy.
-                fetched.append(
-                    OutboxRecord(r.id, r.execution_id, r.topic, r.key, r.value, dict(r.headers), r.created_at)
+            if row.claimed_until is not None and row.claimed_until >= now:
+                continue
+            r = row.record
+            if r.request_id is not None:
+                execution = executions.get(r.execution_id)
+                if execution is None or execution.awaiting_request != r.request_id:
+                    continue  # its execution moved past the request: never published
+            row.claimed_by, row.claimed_until = owner, until
+            # Headers are the one mutable part: the caller gets its own copy.
+            fetched.append(
+                OutboxRecord(
+                    r.id,
+                    r.execution_id,
+                    r.topic,
+                    r.key,
+                    r.value,
+                    dict(r.headers),
+                    r.created_at,
+                    r.request_id,
+                    row.attempts,
                 )
+            )
         return fetched
 
     async def list_outbox(self, saga_id: uuid.UUID) -> list[OutboxRecord]:
@@ -613,9 +667,46 @@ class MemorySagaStorage:
         now = self._clock()
         unsent = self._unsent
         for row_id in ids:
-            row = unsent.pop(row_id, None)
+            row = unsent.get(row_id)
             if row is not None:
                 row.sent_at = now
+                self._done(row)
+
+    async def defer_outbox(self, delays: Mapping[int, float]) -> None:
+        """Release rows that failed transiently, each due again after its delay; see
+        `SupportsOutboxOutcomes`."""
+        now = self._clock()
+        for row_id, delay in delays.items():
+            row = self._unsent.get(row_id)
+            if row is not None:
+                row.attempts += 1
+                row.claimed_by, row.claimed_until = None, now + timedelta(seconds=delay)
+
+    async def reject_outbox(self, errors: Mapping[int, Mapping[str, Any]]) -> None:
+        """Mark rows refused for good, with their errors; see `SupportsOutboxOutcomes`."""
+        now = self._clock()
+        for row_id, error in errors.items():
+            row = self._outbox.get(row_id)
+            if row is not None:
+                row.sent_at = row.sent_at or now
+                row.outcome, row.error = "rejected", _copy_mapping(error)
+                self._done(row)
+
+    async def database_time(self) -> datetime:
+        """The storage's clock (the one every write and comparison uses); see `SupportsDatabaseTime`."""
+        return self._clock()
+
+    def outbox_outcomes(
+        self, execution_id: uuid.UUID
+    ) -> list[tuple[int, str | None, Mapping[str, Any] | None]]:
+        """Test helper: ``(id, outcome, error)`` of every outbox row of an execution, oldest first;
+        outcome ``sent``, ``cancelled``, ``rejected`` or ``None`` (unsent)."""
+        out = []
+        for row in self._outbox.values():
+            if row.record.execution_id == execution_id:
+                outcome = row.outcome or ("sent" if row.sent_at is not None else None)
+                out.append((row.record.id, outcome, row.error))
+        return out
 
     # -- participant side ------------------------------------------------------------------------------
 

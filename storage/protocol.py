@@ -12,6 +12,12 @@ every backend:
   one transaction: all of it or none of it.
 * Claims give one worker at a time the right to advance an execution: a claim succeeds only when the row is
   unowned, owned by the same worker, or its lease has expired.
+* Fencing: an outbox command (a row with a ``request_id``) is published only while its execution awaits that
+  request (``awaiting_request``): ``fetch_outbox`` skips rows of requests left behind, and every ``save``
+  cancels, in its own transaction, the unsent commands of the execution whose request the saved record no
+  longer awaits. A delayed row (``OutboxMessage.delay``) is not fetched before it is due.
+* One clock: every time storage writes or compares comes from one source, the database's (PostgreSQL
+  ``now()``; SQLite and memory: the storage's clock, injectable in tests).
 * Missing ids raise `ExecutionNotFoundError` naming the id.
 * The recovery methods keep python-cqrs's names, signatures and defaults so code written for it ports over.
 """
@@ -19,9 +25,10 @@ every backend:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from storage.records import (
     ExecutionQuery,
@@ -40,9 +47,11 @@ __all__ = [
     "ISagaStorage",
     "SagaStorage",
     "SupportsClaimMany",
+    "SupportsDatabaseTime",
     "SupportsListOutbox",
     "SupportsLoadMany",
     "SupportsOutboxBacklog",
+    "SupportsOutboxOutcomes",
 ]
 
 
@@ -120,6 +129,10 @@ class SagaStorage(Protocol):
         With ``outbox_claim``, the outbox rows are written claimed by its owner for its lease and their ids
         are appended to ``outbox_claim.ids`` once committed, so the caller can publish and mark them sent
         with no `fetch_outbox` (see `OutboxClaim`); without it they are written unclaimed, for any relay.
+        A delayed row is written unclaimed either way (it is due later, for a relay).
+
+        In the same transaction the execution's unsent commands whose ``request_id`` is not the record's
+        ``awaiting_request`` are cancelled (never published): the execution moved past them.
 
         Raises:
             ConcurrencyError: The stored version moved on; nothing was written.
@@ -225,7 +238,11 @@ class SagaStorage(Protocol):
     async def fetch_outbox(
         self, limit: int = 100, *, owner: str | None = None, lease_seconds: float = 30.0
     ) -> list[OutboxRecord]:
-        """Unsent outbox rows, oldest first, claimed for ``lease_seconds`` so two relays skip each other."""
+        """Unsent outbox rows, oldest first, claimed for ``lease_seconds`` so two relays skip each other.
+
+        Only rows that are due (no live claim, no pending delay) and current: a command whose execution no
+        longer awaits its request is left out.
+        """
         ...
 
     async def mark_outbox_sent(self, ids: Sequence[int]) -> None:
@@ -240,6 +257,34 @@ class SagaStorage(Protocol):
 
     async def put_command_reply(self, idempotency_key: str, reply: bytes) -> None:
         """Remember the reply of a handled command (first write wins)."""
+        ...
+
+
+@runtime_checkable
+class SupportsOutboxOutcomes(Protocol):
+    """A storage that keeps per-row publish outcomes: optional, like `SupportsLoadMany`.
+
+    The relay backs off each row that failed transiently on its own and takes rows the broker refuses for
+    good out of the queue, so no row blocks another; without it a failed batch stays claimed until its
+    lease ends. Both adapters here implement it.
+    """
+
+    async def defer_outbox(self, delays: Mapping[int, float]) -> None:
+        """Release each unsent row of ``delays``, not due again before that many seconds from now (the
+        storage's clock), with its ``attempts`` counted up by one."""
+        ...
+
+    async def reject_outbox(self, errors: Mapping[int, Mapping[str, Any]]) -> None:
+        """Mark each row of ``errors`` done for good (never fetched again) with its structured error."""
+        ...
+
+
+@runtime_checkable
+class SupportsDatabaseTime(Protocol):
+    """A storage that tells its clock's time, so the orchestrator sets deadlines on the same clock."""
+
+    async def database_time(self) -> datetime:
+        """The current time of the clock the storage's statements use (timezone-aware)."""
         ...
 
 

@@ -87,6 +87,9 @@ class ExecutionRecord:
         error: Structured error of a failed, errored or dead-lettered execution.
         created_at: Set by storage on create.
         updated_at: Set by storage on every write (the database clock).
+        awaiting_request: For an execution waiting for a reply: the request id it awaits. Storage
+            publishes an outbox command only while its execution awaits the command's request, and a save
+            that moves past a request cancels that request's unsent rows (see `SagaStorage.save`).
     """
 
     id: uuid.UUID
@@ -105,16 +108,32 @@ class ExecutionRecord:
     error: Mapping[str, Any] | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    awaiting_request: uuid.UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
-    """A record to publish, written in the same transaction as the state that produced it."""
+    """A record to publish, written in the same transaction as the state that produced it.
+
+    Attributes:
+        topic: Where it goes.
+        key: Partitioning key.
+        value: Payload.
+        headers: Header names and values.
+        request_id: For a command, the request it carries: storage publishes the row only while its
+            execution awaits that request (``ExecutionRecord.awaiting_request``). ``None`` for messages
+            that are not fenced by a request (decisions).
+        delay: Seconds before the row is due (a retry's backoff), counted on the database's clock. A
+            delayed row is written unclaimed, for a relay to publish once due; its writer does not publish
+            it itself.
+    """
 
     topic: str
     key: bytes | None
     value: bytes
     headers: Mapping[str, str] = field(default_factory=dict)
+    request_id: uuid.UUID | None = None
+    delay: float | None = None
 
 
 @dataclass(slots=True)
@@ -142,7 +161,11 @@ class OutboxClaim:
 
 @dataclass(frozen=True, slots=True)
 class OutboxRecord:
-    """A stored outbox row, unsent until ``mark_outbox_sent``."""
+    """A stored outbox row, unsent until ``mark_outbox_sent``.
+
+    ``request_id`` is the command's request (see `OutboxMessage`); ``attempts`` counts the publishes that
+    failed transiently so far (`SagaStorage.defer_outbox`), which the relay's backoff grows with.
+    """
 
     id: int
     execution_id: uuid.UUID
@@ -151,6 +174,8 @@ class OutboxRecord:
     value: bytes
     headers: Mapping[str, str]
     created_at: datetime
+    request_id: uuid.UUID | None = None
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +294,7 @@ def new_execution_record(
     error: Mapping[str, Any] | None = None,
     created_at: datetime | None = None,
     updated_at: datetime | None = None,
+    awaiting_request: uuid.UUID | None = None,
 ) -> ExecutionRecord:
     """``ExecutionRecord(...)``: the same arguments and result, for hot paths (see above)."""
     self = _ExecutionRecordShadow()
@@ -288,6 +314,7 @@ def new_execution_record(
     self.error = error
     self.created_at = created_at
     self.updated_at = updated_at
+    self.awaiting_request = awaiting_request
     self.__class__ = ExecutionRecord
     return self  # type: ignore[no-any-return]
 

@@ -19,7 +19,12 @@ What is not a failure. `SagaBusyError` (another worker, or another task of this 
 execution) is skipped without counting. A database outage (a retriable `StorageError`, or an ``OSError``)
 is not counted either: it is not the execution's fault, and counting it would dead-letter healthy sagas
 during a long outage. The claim's lease runs out and the execution is retried once the database answers;
-the worker backs off meanwhile. Everything else counts, as in python-cqrs.
+the worker backs off meanwhile. Nor is a lost race: a `ConcurrencyError`, or an execution that another
+worker holds or has moved on by the time the failure is counted, means someone else moved it on. The
+count itself is fenced: a version-checked save of the execution as the worker read it, so a worker that
+stalled past its lease never writes FAILED or DEAD_LETTER over another worker's progress, and nothing moves
+a terminal execution back. Everything else counts, as in python-cqrs (whose unconditional
+``increment_recovery_attempts`` and ``set_recovery_attempts`` stay on the storage for callers).
 
 Modules: `saga.recovery.outcomes` (results, reports, counters), `saga.recovery.recover` (`recover_saga` and
 its bookkeeping) and `saga.recovery.worker` (`SagaRecoveryWorker`).

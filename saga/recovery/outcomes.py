@@ -21,7 +21,7 @@ __all__ = ["RecoveryOutcome", "RecoveryReport", "RecoveryResult", "RecoveryStats
 #: ``recovered``: the manager resumed it (it may now be PAUSED, FINISHED, ERRORED...);
 #: ``failed``: recovery raised, one attempt was counted and the execution is FAILED;
 #: ``dead_lettered``: that failure used the last attempt, the execution is DEAD_LETTER;
-#: ``busy``: another worker holds it, nothing counted;
+#: ``busy``: another worker holds it or moved it on meanwhile, nothing counted;
 #: ``outage``: the database was unreachable, nothing counted;
 #: ``released``: claimed but not started because the worker was stopping, or because its definition
 #: version is not registered in this process (claim released, nothing counted).

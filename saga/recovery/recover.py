@@ -3,7 +3,11 @@
 A failure counts one recovery attempt and leaves the execution ``FAILED`` (python-cqrs semantics); the
 failure that reaches the limit moves it to ``DEAD_LETTER`` with a structured error so a person looks at it.
 A busy execution, a database outage or a definition version this process does not register counts nothing
-(see the package docstring for why).
+(see the package docstring for why), and neither does a lost race: the bookkeeping is fenced by the
+version (and claim) the worker read, so a worker that stalled past its lease while another finished the
+saga never writes FAILED or DEAD_LETTER over it, and nothing moves a terminal execution back. The seed
+methods (``increment_recovery_attempts``, ``set_recovery_attempts``) keep their unconditional python-cqrs
+semantics for callers; the worker does not use them.
 `SagaRecoveryWorker` uses `recover_one`, which returns every outcome instead of raising.
 """
 
@@ -19,6 +23,7 @@ from saga.execution import SagaExecution
 from saga.hooks import SagaEvent, SagaHooks, call_hook
 from saga.recovery.outcomes import RecoveryResult
 from storage import (
+    TERMINAL_STATUSES,
     ConcurrencyError,
     ExecutionNotFoundError,
     ExecutionRecord,
@@ -31,8 +36,6 @@ __all__ = ["RecoveryTarget", "is_outage", "recover_one", "recover_saga", "releas
 
 _log = logging.getLogger(__name__)
 
-#: Bounded retries of the optimistic DEAD_LETTER write when other writers keep moving the version.
-_DEAD_LETTER_TRIES = 5
 #: Longest error message kept in the structured error.
 _MESSAGE_LIMIT = 2000
 
@@ -70,8 +73,8 @@ async def recover_saga(
 ) -> SagaExecution | None:
     """Resume one execution through ``manager.recover`` and count the attempt if that fails.
 
-    On failure (any exception but the two below) the execution gets one more recovery attempt and status
-    ``FAILED`` (``storage.increment_recovery_attempts(saga_id, new_status=FAILED)``, as in python-cqrs);
+    On failure (any exception but the ones below) the execution gets one more recovery attempt and status
+    ``FAILED`` (python-cqrs semantics, written as a version-checked save: see `_count_failure`);
     once its attempts reach ``max_recovery_attempts`` it goes to ``DEAD_LETTER`` with a structured error
     (``type="recovery_exhausted"``, ``attempts``, ``last_error`` with the exception's type and message, and
     the execution's previous error as ``cause``). ``SagaManager.retry`` or ``set_recovery_attempts(id, 0)``
@@ -83,8 +86,8 @@ async def recover_saga(
         max_recovery_attempts: Attempts after which the execution is dead-lettered.
 
     Returns:
-        The execution as the manager left it, or ``None`` when another worker holds it
-        (`SagaBusyError`: not a failure, nothing counted).
+        The execution as the manager left it, or ``None`` when another worker holds it or moved it on
+        (`SagaBusyError`, `ConcurrencyError`: not a failure, nothing counted).
 
     Raises:
         Exception: Whatever made the recovery fail, after the books were kept. A database outage (retriable
@@ -111,6 +114,11 @@ async def recover_one(manager: RecoveryTarget, saga_id: uuid.UUID, max_attempts:
         # (the manager released the claim without touching it).
         _log.debug("execution %s: recovery skipped: %s", saga_id, exc)
         return RecoveryResult(saga_id, "released")
+    except ConcurrencyError:
+        # Our write was fenced off: another worker moved the execution on. Not a failed attempt.
+        _log.info("execution %s: recovery superseded: another worker moved it on", saga_id)
+        await release_claim(manager, saga_id)
+        return RecoveryResult(saga_id, "busy")
     except Exception as exc:
         if is_outage(exc):
             _log.warning("execution %s: recovery interrupted, database unavailable: %s", saga_id, exc)
@@ -130,16 +138,66 @@ async def recover_one(manager: RecoveryTarget, saga_id: uuid.UUID, max_attempts:
     return RecoveryResult(saga_id, "recovered", status=execution.status, execution=execution)
 
 
+def _still_ours(record: ExecutionRecord, owner: str) -> bool:
+    """Whether a failed recovery's execution is still where that recovery left it.
+
+    Ours: we still hold its claim (`SagaManager.recover` keeps it when it raises), or the failure was
+    stored (FAILED, claim released by that save). A terminal execution, or one another worker holds or
+    has moved on (any other status, unclaimed), is not: its version has moved past what we read, and
+    counting our failure on it would rewrite another worker's progress.
+    """
+    if record.status in TERMINAL_STATUSES:
+        return False
+    return record.owner == owner or (record.owner is None and record.status is SagaStatus.FAILED)
+
+
 async def _count_failure(
     manager: RecoveryTarget, saga_id: uuid.UUID, exc: BaseException, max_attempts: int
 ) -> RecoveryResult:
-    """Count a failed attempt (status FAILED) and dead-letter the execution at the limit."""
+    """Count a failed attempt (status FAILED), or at the limit dead-letter the execution, fenced.
+
+    The write is the version-checked ``save`` of the record as read here, and only if the execution is
+    still ours (`_still_ours`): a `ConcurrencyError` or a record moved on means another worker got there
+    first, which is not a failure of ours (outcome ``busy``, nothing written). The attempt that reaches the
+    limit writes DEAD_LETTER with its structured error in the same statement (and, as every save that
+    moves past a request, cancels the execution's unsent commands).
+    """
     error = _describe(exc)
     storage = manager.storage
+    owner = manager.owner
     try:
-        await storage.increment_recovery_attempts(saga_id, new_status=SagaStatus.FAILED)
         record = await storage.load(saga_id)
+        if not _still_ours(record, owner):
+            _log.info(
+                "execution %s: recovery failed (%s: %s) but another worker has moved it on (%s); not counted",
+                saga_id,
+                error["type"],
+                error["message"],
+                record.status,
+            )
+            await release_claim(manager, saga_id)
+            return RecoveryResult(saga_id, "busy", status=record.status, error=error)
+        attempts = record.recovery_attempts + 1
+        if attempts < max_attempts:
+            failed = dataclasses.replace(
+                record, status=SagaStatus.FAILED, recovery_attempts=attempts, owner=None, lease_until=None
+            )
+        else:
+            failed = dataclasses.replace(
+                record,
+                status=SagaStatus.DEAD_LETTER,
+                recovery_attempts=attempts,
+                owner=None,
+                lease_until=None,
+                awaiting_request=None,
+                error=_exhausted(record, exc, attempts, max_attempts),
+            )
+        stored = await storage.save(failed)
+    except ConcurrencyError:
+        _log.info("execution %s: recovery failed, but another worker moved it on; not counted", saga_id)
+        return RecoveryResult(saga_id, "busy", error=error)
     except Exception as book_error:
+        await release_claim(manager, saga_id)
         outage = is_outage(book_error)
         _log.warning(
             "execution %s: recovery failed (%s: %s) and the attempt could not be counted: %s",
@@ -152,8 +210,7 @@ async def _count_failure(
         if outage:
             return RecoveryResult(saga_id, "outage", error=error, exception=exc)
         return RecoveryResult(saga_id, "failed", error=error, exception=exc)
-    attempts = record.recovery_attempts
-    if attempts < max_attempts:
+    if stored.status is SagaStatus.FAILED:
         _log.warning(
             "execution %s: recovery attempt %d of %d failed: %s: %s",
             saga_id,
@@ -163,26 +220,14 @@ async def _count_failure(
             error["message"],
             exc_info=exc,
         )
-        await release_claim(manager, saga_id)
         return RecoveryResult(
-            saga_id, "failed", status=record.status, attempts=attempts, error=error, exception=exc
+            saga_id, "failed", status=stored.status, attempts=attempts, error=error, exception=exc
         )
-    try:
-        dead = await _dead_letter(manager, saga_id, exc, max_attempts)
-    except Exception as dl_error:
-        # The execution stays FAILED at the limit, which recovery no longer selects: nothing resumes it,
-        # it merely lacks the DEAD_LETTER status until the next failure or a person looks.
-        _log.warning("execution %s: could not move it to DEAD_LETTER: %s", saga_id, dl_error)
-        dead = None
-    await release_claim(manager, saga_id)
-    if dead is None:
-        return RecoveryResult(
-            saga_id, "failed", status=record.status, attempts=attempts, error=error, exception=exc
-        )
+    await _dead_letter_hooks(manager, stored)
     _log.error(
         "execution %s: moved to DEAD_LETTER after %d failed recovery attempts; last error: %s: %s",
         saga_id,
-        dead.recovery_attempts,
+        stored.recovery_attempts,
         error["type"],
         error["message"],
         exc_info=exc,
@@ -191,57 +236,33 @@ async def _count_failure(
         saga_id,
         "dead_lettered",
         status=SagaStatus.DEAD_LETTER,
-        attempts=dead.recovery_attempts,
+        attempts=stored.recovery_attempts,
         error=error,
         exception=exc,
     )
 
 
-async def _dead_letter(
-    manager: RecoveryTarget, saga_id: uuid.UUID, exc: BaseException, max_attempts: int
-) -> ExecutionRecord | None:
-    """Move a FAILED execution at the attempt limit to DEAD_LETTER; ``None`` if someone moved it on.
-
-    Claims the execution first (so a worker advancing it is never overtaken: it will count its own
-    failure), then writes DEAD_LETTER with the optimistic version. A `ConcurrencyError` means another
-    writer got in between; the execution is re-read and the decision taken again. Anything that brought
-    it back (``retry``, ``set_recovery_attempts``, a reply) makes the re-check leave it alone.
-    """
-    storage = manager.storage
-    for _ in range(_DEAD_LETTER_TRIES):
-        record = await storage.claim(saga_id, manager.owner, lease_seconds=manager.lease_seconds)
-        if record is None:
-            _log.info("execution %s: not dead-lettered: another worker holds it now", saga_id)
-            return None
-        if record.status is not SagaStatus.FAILED or record.recovery_attempts < max_attempts:
-            return None
-        previous = None if record.error is None else dict(record.error)
-        last = _describe(exc)
-        step = getattr(exc, "step", None)
-        if step is None and previous is not None:
-            step = previous.get("step")
-        error: dict[str, Any] = {
-            "step": step,
-            "type": "recovery_exhausted",
-            "error": (
-                f"recovery failed {record.recovery_attempts} times (limit {max_attempts}); "
-                f"last error: {last['type']}: {last['message']}"
-            ),
-            "attempts": record.recovery_attempts,
-            "max_recovery_attempts": max_attempts,
-            "last_error": last,
-            "cause": previous,
-        }
-        try:
-            stored = await storage.save(
-                dataclasses.replace(record, status=SagaStatus.DEAD_LETTER, error=error)
-            )
-        except ConcurrencyError:
-            continue
-        await _dead_letter_hooks(manager, stored)
-        return stored
-    _log.warning("execution %s: not dead-lettered: it kept changing under us", saga_id)
-    return None
+def _exhausted(
+    record: ExecutionRecord, exc: BaseException, attempts: int, max_attempts: int
+) -> dict[str, Any]:
+    """The structured error of an execution dead-lettered because its recovery attempts ran out."""
+    previous = None if record.error is None else dict(record.error)
+    last = _describe(exc)
+    step = getattr(exc, "step", None)
+    if step is None and previous is not None:
+        step = previous.get("step")
+    return {
+        "step": step,
+        "type": "recovery_exhausted",
+        "error": (
+            f"recovery failed {attempts} times (limit {max_attempts}); "
+            f"last error: {last['type']}: {last['message']}"
+        ),
+        "attempts": attempts,
+        "max_recovery_attempts": max_attempts,
+        "last_error": last,
+        "cause": previous,
+    }
 
 
 async def _dead_letter_hooks(manager: RecoveryTarget, record: ExecutionRecord) -> None:

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from storage.records import ExecutionRecord, OutboxMessage, OutboxRecord, ReplyRecord, StepRecord
+from storage.records import (
+    ExecutionRecord,
+    OutboxClaim,
+    OutboxMessage,
+    OutboxRecord,
+    ReplyRecord,
+    StepRecord,
+)
 from storage.status import SagaStatus
 
 __all__ = [
@@ -76,6 +83,7 @@ def execution_from_row(row: Sequence[Any]) -> ExecutionRecord:
         error,
         created_at,
         updated_at,
+        awaiting_request,
     ) = row
     return ExecutionRecord(
         id=as_uuid(id_),
@@ -94,6 +102,7 @@ def execution_from_row(row: Sequence[Any]) -> ExecutionRecord:
         error=error,
         created_at=created_at,
         updated_at=updated_at,
+        awaiting_request=None if awaiting_request is None else as_uuid(awaiting_request),
     )
 
 
@@ -115,6 +124,7 @@ def save_params(record: ExecutionRecord) -> dict[str, Any]:
         "p_error": record.error,
         "p_owner": owner,
         "p_lease_until": None if owner is None else record.lease_until,
+        "p_awaiting_request": record.awaiting_request,
     }
 
 
@@ -129,8 +139,31 @@ def insert_params(record: ExecutionRecord) -> dict[str, Any]:
     return params
 
 
+def outbox_claims(
+    outbox: Sequence[OutboxMessage], claim: OutboxClaim | None
+) -> tuple[list[str | None], list[float | None]]:
+    """Each row's claim owner and the seconds from now its ``claimed_until`` lies (``None``: no claim).
+
+    A claimed write claims its rows for the claim's lease; a delayed row (a retry's backoff) is written
+    unclaimed but not due before its delay has passed (``claimed_until`` is also "not before").
+    """
+    owners: list[str | None] = []
+    leases: list[float | None] = []
+    for m in outbox:
+        if m.delay is not None:
+            owners.append(None)
+            leases.append(m.delay)
+        elif claim is None:
+            owners.append(None)
+            leases.append(None)
+        else:
+            owners.append(claim.owner)
+            leases.append(claim.lease_seconds)
+    return owners, leases
+
+
 def outbox_params(execution_id: uuid.UUID, outbox: Sequence[OutboxMessage]) -> list[dict[str, Any]]:
-    """One parameter set per outbox row (an executemany)."""
+    """One parameter set per outbox row (an executemany), claim columns left to the caller."""
     return [
         {
             "p_execution_id": execution_id,
@@ -138,24 +171,29 @@ def outbox_params(execution_id: uuid.UUID, outbox: Sequence[OutboxMessage]) -> l
             "p_key": m.key,
             "p_value": m.value,
             "p_headers": m.headers,
+            "p_request_id": m.request_id,
         }
         for m in outbox
     ]
 
 
-def outbox_arrays(outbox: Sequence[OutboxMessage]) -> dict[str, Any]:
+def outbox_arrays(outbox: Sequence[OutboxMessage], claim: OutboxClaim | None) -> dict[str, Any]:
     """The rows as one array per column, for the one-statement writes (`storage.sql.combined`)."""
+    owners, leases = outbox_claims(outbox, claim)
     return {
         "p_outbox_topics": [m.topic for m in outbox],
         "p_outbox_keys": [m.key for m in outbox],
         "p_outbox_values": [m.value for m in outbox],
         "p_outbox_headers": [m.headers for m in outbox],
+        "p_outbox_request_ids": [m.request_id for m in outbox],
+        "p_outbox_owners": owners,
+        "p_outbox_leases": [None if s is None else timedelta(seconds=s) for s in leases],
     }
 
 
 def outbox_from_row(row: Sequence[Any]) -> OutboxRecord:
     """An outbox row as returned by the relay's claiming ``UPDATE``."""
-    id_, execution_id, topic, key, value, headers, created_at = row
+    id_, execution_id, topic, key, value, headers, created_at, request_id, attempts = row
     return OutboxRecord(
         id=id_,
         execution_id=as_uuid(execution_id),
@@ -164,6 +202,8 @@ def outbox_from_row(row: Sequence[Any]) -> OutboxRecord:
         value=bytes(value),
         headers=dict(headers),
         created_at=created_at,
+        request_id=None if request_id is None else as_uuid(request_id),
+        attempts=attempts,
     )
 
 

@@ -21,8 +21,10 @@ Every rule of the multi-statement path still holds:
 * Outbox ids come back in the rows' order: the rows are inserted in ordinality order, so the sequence hands
   out ascending ids in that order, and ``array_agg(id ORDER BY id)`` returns them so.
 * One clock: ``now()`` is the transaction's start time, the same in every part of the statement.
-* Claimed and unclaimed rows are one statement: ``claimed_by = $outbox_owner`` and ``claimed_until = now() +
-  $outbox_lease`` are both NULL when the two parameters are (an interval of NULL gives NULL).
+* Claimed and unclaimed rows are one statement: each row's ``claimed_by`` and ``claimed_until = now() +
+  lease`` come from per-row arrays, NULL for an unclaimed row (an interval of NULL gives NULL).
+* Fencing: every save also cancels its execution's unsent commands for requests it no longer awaits
+  (`cancel_moved_past`), in the same statement.
 
 The rows travel as one array per column (``unnest`` of several arrays zips them), so the SQL text is the same
 for any number of rows and compiles once to a `storage.sql.sessions.Plan` like every prebuilt statement.
@@ -49,6 +51,7 @@ from sqlalchemy import (
     TableValuedAlias,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     func,
@@ -63,7 +66,14 @@ from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from storage.sql.schema import SagaTables
 from storage.sql.types import JsonDocument, UtcDateTime
 
-__all__ = ["OUTBOX_IDS", "combined_create", "combined_create_many", "combined_save", "combined_save_many"]
+__all__ = [
+    "OUTBOX_IDS",
+    "cancel_moved_past",
+    "combined_create",
+    "combined_create_many",
+    "combined_save",
+    "combined_save_many",
+]
 
 #: Position of the outbox ids (an array, or NULL when no row was written) in a combined statement's row.
 OUTBOX_IDS = -1
@@ -94,22 +104,40 @@ def _reply_row(replies: Table, source: CTE) -> CTE:
 
 
 def _outbox_rows(outbox: Table, execution_id: ColumnElement[Any], source: CTE) -> CTE:
-    """``INSERT INTO saga_outbox ... SELECT`` the zipped parameter arrays, once per row of ``source``."""
+    """``INSERT INTO saga_outbox ... SELECT`` the zipped parameter arrays, once per row of ``source``.
+
+    Each row carries its request id, claim owner and lease (see `storage.sql.codec.outbox_claims`: a
+    claimed write's rows are claimed by its owner, a delayed row is unclaimed and not due before its
+    delay; an interval of NULL gives NULL).
+    """
     rows = (
         func.unnest(
             _p("outbox_topics", ARRAY(String())),
             _p("outbox_keys", ARRAY(LargeBinary())),
             _p("outbox_values", ARRAY(LargeBinary())),
             _p("outbox_headers", ARRAY(JsonDocument(), dimensions=1)),
+            _p("outbox_request_ids", ARRAY(outbox.c.request_id.type)),
+            _p("outbox_owners", ARRAY(String())),
+            _p("outbox_leases", ARRAY(Interval())),
         )
-        .table_valued("topic", "key", "value", "headers", with_ordinality="n")
+        .table_valued("topic", "key", "value", "headers", "request_id", "owner", "lease", with_ordinality="n")
         .render_derived(name="m")
     )
     now = func.now(type_=UtcDateTime())
     return (
         outbox.insert()
         .from_select(
-            ["execution_id", "topic", "key", "value", "headers", "created_at", "claimed_by", "claimed_until"],
+            [
+                "execution_id",
+                "topic",
+                "key",
+                "value",
+                "headers",
+                "created_at",
+                "claimed_by",
+                "claimed_until",
+                "request_id",
+            ],
             select(
                 execution_id,
                 rows.c.topic,
@@ -117,14 +145,49 @@ def _outbox_rows(outbox: Table, execution_id: ColumnElement[Any], source: CTE) -
                 rows.c.value,
                 rows.c.headers,
                 now,
-                _p("outbox_owner", String()),
-                now + _p("outbox_lease", Interval()),
+                rows.c.owner,
+                now + rows.c.lease,
+                rows.c.request_id,
             )
             .select_from(source.join(rows, true()))
             .order_by(rows.c.n),
         )
         .returning(outbox.c.id)
         .cte("o")
+    )
+
+
+def cancel_moved_past(outbox: Table, e: CTE) -> CTE:
+    """``UPDATE saga_outbox SET sent_at = now(), outcome = 'cancelled'`` for the unsent commands of every
+    execution ``e`` wrote whose request is not the one it now awaits (``e`` returns ``id`` and
+    ``awaiting_request``): moving past a request cancels its unsent rows in the same transaction.
+
+    Rows the same statement inserts are not seen (one snapshot for every part of a statement), so a
+    save's own new command stays. The rows are found through the partial index on ``execution_id`` over
+    unsent rows: a probe that finds nothing once the commands went out.
+
+    The rows are picked ``FOR UPDATE SKIP LOCKED``, once (``= ANY(ARRAY(...))``, see
+    `storage.sql.statements.Statements._picked`): a row another statement holds is being marked sent
+    (published) or claimed by a relay that read it while it was still current, and waiting for it would
+    order this statement's execution locks before that row's lock while a sent-mark of many rows takes
+    them in another order (a deadlock).
+    """
+    unsent = outbox.alias("u")
+    pick = (
+        select(unsent.c.id)
+        .where(
+            unsent.c.execution_id == e.c.id,
+            unsent.c.sent_at.is_(None),
+            unsent.c.request_id.is_not(None),
+            unsent.c.request_id.is_distinct_from(e.c.awaiting_request),
+        )
+        .with_for_update(skip_locked=True, of=unsent)
+    )
+    return (
+        update(outbox)
+        .where(outbox.c.id == any_(func.array(pick.scalar_subquery())))
+        .values(sent_at=func.now(type_=UtcDateTime()), outcome=literal("cancelled", String()))
+        .cte("c")
     )
 
 
@@ -140,7 +203,9 @@ def _with_ids(write: CTE, outbox: CTE | None, *others: CTE) -> Select[Any]:
 def combined_save(tables: SagaTables, save: Update, *, reply: bool, outbox: bool) -> Select[Any]:
     """``save`` (the optimistic ``UPDATE ... RETURNING``) with its reply row and/or outbox rows."""
     e = save.cte("e")
-    others = [_reply_row(tables.replies, e)] if reply else []
+    others = [cancel_moved_past(tables.outbox, e)]
+    if reply:
+        others.append(_reply_row(tables.replies, e))
     o = _outbox_rows(tables.outbox, _p("id", tables.executions.c.id.type), e) if outbox else None
     return _with_ids(e, o, *others)
 
@@ -202,8 +267,17 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
             ),
             version=t.c.version + 1,
             updated_at=now,
+            awaiting_request=v.c.awaiting_request,
         )
-        .returning(t.c.id, t.c.version, t.c.updated_at, t.c.owner, t.c.lease_until, t.c.created_at)
+        .returning(
+            t.c.id,
+            t.c.version,
+            t.c.updated_at,
+            t.c.owner,
+            t.c.lease_until,
+            t.c.created_at,
+            t.c.awaiting_request,
+        )
         .cte("e")
     )
     replies = tables.replies
@@ -234,7 +308,8 @@ def combined_save_many(tables: SagaTables) -> Select[Any]:
         )
         .cte("r")
     )
-    return select(*e.c, _outbox_ids_many(tables.outbox, e)).add_cte(r)
+    cancel = cancel_moved_past(tables.outbox, e)
+    return select(*e.c, _outbox_ids_many(tables.outbox, e)).add_cte(r, cancel)
 
 
 def combined_create_many(tables: SagaTables) -> Select[Any]:
@@ -278,20 +353,47 @@ def _outbox_ids_many(outbox: Table, e: CTE) -> ScalarSelect[Any]:
             _p("outbox_keys", ARRAY(LargeBinary())),
             _p("outbox_values", ARRAY(LargeBinary())),
             _p("outbox_headers", ARRAY(JsonDocument(), dimensions=1)),
+            _p("outbox_request_ids", ARRAY(outbox.c.request_id.type)),
             _p("outbox_owners", ARRAY(String())),
             _p("outbox_leases", ARRAY(Interval())),
         )
         .table_valued(
-            "execution_id", "topic", "key", "value", "headers", "owner", "lease", with_ordinality="n"
+            "execution_id",
+            "topic",
+            "key",
+            "value",
+            "headers",
+            "request_id",
+            "owner",
+            "lease",
+            with_ordinality="n",
         )
         .render_derived(name="m")
     )
     o = (
         outbox.insert()
         .from_select(
-            ["execution_id", "topic", "key", "value", "headers", "created_at", "claimed_by", "claimed_until"],
+            [
+                "execution_id",
+                "topic",
+                "key",
+                "value",
+                "headers",
+                "created_at",
+                "claimed_by",
+                "claimed_until",
+                "request_id",
+            ],
             select(
-                m.c.execution_id, m.c.topic, m.c.key, m.c.value, m.c.headers, now, m.c.owner, now + m.c.lease
+                m.c.execution_id,
+                m.c.topic,
+                m.c.key,
+                m.c.value,
+                m.c.headers,
+                now,
+                m.c.owner,
+                now + m.c.lease,
+                m.c.request_id,
             )
             .select_from(e.join(m, e.c.id == m.c.execution_id))
             .order_by(m.c.n),

@@ -331,18 +331,22 @@ def _create_params(group: _Group[CreateRequest]) -> dict[str, Any]:
 
 
 def _outbox_columns(requests: Sequence[_Request]) -> dict[str, Any]:
-    """Every request's outbox rows as one array per column, each row with its execution's id and claim: the
-    claim's owner and lease, or NULL and NULL without one (as a single write's ``p_outbox_owner`` and
-    ``p_outbox_lease``)."""
-    params = codec.outbox_arrays([m for r in requests for m in r.outbox])
+    """Every request's outbox rows as one array per column, each row with its execution's id, request id
+    and claim (`codec.outbox_claims`: owner and lease, NULL and NULL unclaimed)."""
     execution_ids: list[Any] = []
+    messages: list[OutboxMessage] = []
     owners: list[str | None] = []
     leases: list[timedelta | None] = []
     for request in requests:
-        claim, count = request.outbox_claim, len(request.outbox)
-        execution_ids += [request.record.id] * count
-        owners += [None if claim is None else claim.owner] * count
-        leases += [None if claim is None else timedelta(seconds=claim.lease_seconds)] * count
+        outbox = request.outbox
+        if not outbox:
+            continue
+        execution_ids += [request.record.id] * len(outbox)
+        messages.extend(outbox)
+        row_owners, row_leases = codec.outbox_claims(outbox, request.outbox_claim)
+        owners += row_owners
+        leases += [None if s is None else timedelta(seconds=s) for s in row_leases]
+    params = codec.outbox_arrays(messages, None)
     params.update(p_outbox_execution_ids=execution_ids, p_outbox_owners=owners, p_outbox_leases=leases)
     return params
 

@@ -13,7 +13,11 @@ every index there costs WAL on every ``save`` (``updated_at`` changes each time,
   ``applied`` ones (a partial unique index, valid on PostgreSQL and SQLite), so ignored duplicates can
   still be recorded for the audit trail.
 * the outbox relay reads unsent rows through a partial index ``WHERE sent_at IS NULL``, which stays small
-  however large the sent history grows.
+  however large the sent history grows; a save that moves an execution past a request finds that
+  execution's unsent rows (to cancel them) through a second one on ``execution_id``, as small.
+* outbox rows end sent, ``cancelled`` (their execution moved past their request before they went out) or
+  ``rejected`` (the broker refuses them for good; ``error`` says why): all three set ``sent_at``, so none
+  stays in the unsent indexes.
 
 No foreign keys: replies and outbox rows may outlive or precede the execution they name (an unknown
 execution's reply is still recorded), and a foreign key check would cost every hot-path insert.
@@ -77,6 +81,7 @@ executions = Table(
     Column("error", JsonDocument, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("awaiting_request", Uuid(), nullable=True),
     Index(f"ux_{PREFIX}executions_idempotency_key", "idempotency_key", unique=True),
     Index(
         f"ix_{PREFIX}executions_recoverable",
@@ -124,9 +129,19 @@ outbox = Table(
     Column("sent_at", UtcDateTime, nullable=True),
     Column("claimed_by", String(255), nullable=True),
     Column("claimed_until", UtcDateTime, nullable=True),
+    Column("request_id", Uuid(), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("outcome", String(20), nullable=True),
+    Column("error", JsonDocument, nullable=True),
     Index(
         f"ix_{PREFIX}outbox_unsent",
         "id",
+        postgresql_where=text("sent_at IS NULL"),
+        sqlite_where=text("sent_at IS NULL"),
+    ),
+    Index(
+        f"ix_{PREFIX}outbox_unsent_execution",
+        "execution_id",
         postgresql_where=text("sent_at IS NULL"),
         sqlite_where=text("sent_at IS NULL"),
     ),

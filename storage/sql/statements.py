@@ -16,8 +16,9 @@ for nothing else).
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,6 +36,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
+    exists,
     func,
     literal_column,
     or_,
@@ -58,10 +60,18 @@ def _p(name: str, type_: Any = None) -> Any:
 
 
 class Clock:
-    """Where "now" comes from in SQL: the server's clock, or a parameter the client fills in."""
+    """Where "now" comes from in SQL: the server's clock, or a parameter the client fills in.
 
-    def __init__(self, *, server: bool) -> None:
+    Args:
+        server: Use the database server's ``now()`` (PostgreSQL).
+        source: Without a server clock, where the client's "now" comes from (timezone-aware UTC; tests
+            inject a skewed or controllable one). Every time a SQLite storage writes or compares comes from
+            it: one clock.
+    """
+
+    def __init__(self, *, server: bool, source: Callable[[], datetime] | None = None) -> None:
         self.server = server
+        self.current: Callable[[], datetime] = source or functools.partial(datetime.now, UTC)
         #: Server-clock parameters by shift names and seconds: every write asks for the same few (a lease,
         #: an outbox lease), and building the dict and its timedeltas each time showed in profiles.
         self._fixed: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
@@ -88,7 +98,7 @@ class Clock:
                     self._fixed.clear()
                 fixed = self._fixed[key] = {f"p_{k}": timedelta(seconds=v) for k, v in shifts.items()}
             return dict(fixed)  # callers add their own parameters to it
-        now = datetime.now(UTC)
+        now = self.current()
         out: dict[str, Any] = {f"p_{k}": now + timedelta(seconds=v) for k, v in shifts.items()}
         out["p_now"] = now
         return out
@@ -126,12 +136,15 @@ class Statements:
     insert_reply: Insert = field(init=False)
     list_replies: Select[Any] = field(init=False)
     insert_outbox: Insert = field(init=False)
-    insert_outbox_claimed: Insert = field(init=False)
+    cancel_moved_past: Update = field(init=False)
     fetch_outbox: Update = field(init=False)
     mark_sent: Update = field(init=False)
+    defer_outbox: Update = field(init=False)
+    reject_outbox: Update = field(init=False)
     get_command_reply: Select[bytes] = field(init=False)
     put_command_reply: Insert = field(init=False)
     count_by_status: Select[str, int] = field(init=False)
+    database_time: Select[Any] = field(init=False)
     _recovery_ids: dict[RecoveryFilter, Select[uuid.UUID]] = field(init=False, default_factory=dict)
     _recovery_claims: dict[RecoveryFilter, Update] = field(init=False, default_factory=dict)
     _combined_saves: dict[tuple[bool, bool], Select[Any]] = field(init=False, default_factory=dict)
@@ -164,6 +177,7 @@ class Statements:
                 error=_p("error"),
                 created_at=now(),
                 updated_at=now(),
+                awaiting_request=_p("awaiting_request"),
             )
             .returning(t.c.created_at, t.c.updated_at)
         )
@@ -189,9 +203,19 @@ class Statements:
                     ),
                     else_=_p("lease_until", UtcDateTime()),
                 ),
+                awaiting_request=_p("awaiting_request"),
                 **bump,
             )
-            .returning(t.c.version, t.c.updated_at, t.c.owner, t.c.lease_until, t.c.created_at)
+            # id and awaiting_request last: the combined form's cancel of moved-past commands reads them.
+            .returning(
+                t.c.version,
+                t.c.updated_at,
+                t.c.owner,
+                t.c.lease_until,
+                t.c.created_at,
+                t.c.id,
+                t.c.awaiting_request,
+            )
         )
         self.version_of = select(t.c.version).where(t.c.id == _p("id"))
         self.load = select(*every).where(t.c.id == _p("id"))
@@ -265,16 +289,9 @@ class Statements:
         )
 
         o = self.tables.outbox
-        self.insert_outbox = o.insert().values(
-            execution_id=_p("execution_id"),
-            topic=_p("topic"),
-            key=_p("key"),
-            value=_p("value"),
-            headers=_p("headers"),
-            created_at=now(),
-        )
-        # A row written already claimed by its writer (OutboxClaim), who publishes it itself.
-        self.insert_outbox_claimed = (
+        # One row per call, with its claim (owner and lease; both NULL unclaimed, the owner NULL for a
+        # delayed row, whose lease is its delay): an executemany, or RETURNING its id for a claimed write.
+        self.insert_outbox = (
             o.insert()
             .values(
                 execution_id=_p("execution_id"),
@@ -285,12 +302,34 @@ class Statements:
                 created_at=now(),
                 claimed_by=_p("owner"),
                 claimed_until=self.clock.shifted("lease"),
+                request_id=_p("request_id"),
             )
             .returning(o.c.id)
         )
+        # SQLite's form of the combined statements' cancel (`storage.sql.combined.cancel_moved_past`).
+        self.cancel_moved_past = (
+            update(o)
+            .where(
+                o.c.execution_id == _p("id"),
+                o.c.sent_at.is_(None),
+                o.c.request_id.is_not(None),
+                o.c.request_id.is_distinct_from(_p("awaiting_request", t.c.awaiting_request.type)),
+            )
+            .values(sent_at=now(), outcome=literal_column("'cancelled'"))
+        )
+        # A command is current while its execution awaits its request; rows of requests left behind are
+        # cancelled by the save that moved past them, and this keeps any other stale row unpublished.
+        current = or_(
+            o.c.request_id.is_(None),
+            exists().where(t.c.id == o.c.execution_id, t.c.awaiting_request == o.c.request_id),
+        )
         pick = (
             select(o.c.id)
-            .where(o.c.sent_at.is_(None), or_(o.c.claimed_until.is_(None), o.c.claimed_until < now()))
+            .where(
+                o.c.sent_at.is_(None),
+                or_(o.c.claimed_until.is_(None), o.c.claimed_until < now()),
+                current,
+            )
             .order_by(o.c.id)
             .limit(_p("limit", Integer()))
         )
@@ -298,12 +337,38 @@ class Statements:
             update(o)
             .where(self._picked(o.c.id, pick))
             .values(claimed_by=_p("owner"), claimed_until=self.clock.shifted("lease"))
-            .returning(o.c.id, o.c.execution_id, o.c.topic, o.c.key, o.c.value, o.c.headers, o.c.created_at)
+            .returning(
+                o.c.id,
+                o.c.execution_id,
+                o.c.topic,
+                o.c.key,
+                o.c.value,
+                o.c.headers,
+                o.c.created_at,
+                o.c.request_id,
+                o.c.attempts,
+            )
         )
         self.mark_sent = (
             update(o)
             .where(self._one_of(o.c.id, BigInteger()), o.c.sent_at.is_(None), *no_flush)
             .values(sent_at=now())
+        )
+        # A transient failure: the row is released and not due again before its backoff.
+        self.defer_outbox = (
+            update(o)
+            .where(o.c.id == _p("id", BigInteger()), o.c.sent_at.is_(None))
+            .values(attempts=o.c.attempts + 1, claimed_by=None, claimed_until=self.clock.shifted("delay"))
+        )
+        # Refused for good: out of the unsent rows, with why (a row cancelled meanwhile says rejected too).
+        self.reject_outbox = (
+            update(o)
+            .where(o.c.id == _p("id", BigInteger()))
+            .values(
+                sent_at=func.coalesce(o.c.sent_at, now()),
+                outcome=literal_column("'rejected'"),
+                error=_p("error", o.c.error.type),
+            )
         )
 
         c = self.tables.command_replies
@@ -315,6 +380,8 @@ class Statements:
             .on_conflict_do_nothing(index_elements=[c.c.idempotency_key])
         )
         self.count_by_status = select(t.c.status, func.count()).group_by(t.c.status)
+        # clock_timestamp(): the time at the call, where now() is the transaction's start.
+        self.database_time = select(func.clock_timestamp(type_=UtcDateTime()))
 
     def _one_of(self, column: ColumnElement[Any], type_: Any) -> ColumnElement[bool]:
         """``column`` is one of the values of the list parameter ``p_ids``."""

@@ -24,7 +24,8 @@ a server crash that loses one of them loses nothing: the reasons are on
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, NoReturn, Self
 
@@ -102,6 +103,8 @@ class SqlAlchemySagaStorage:
         engine: Use this engine instead of creating one; the storage then does not dispose it on `stop`.
         schema: PostgreSQL schema holding the tables (set as the connections' ``search_path``); only
             applied to an engine the storage creates.
+        clock: SQLite only: the source of "now" for every time the storage writes or compares
+            (timezone-aware UTC; default the system clock). PostgreSQL always uses the server's clock.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class SqlAlchemySagaStorage:
         auto_migrate: bool = True,
         engine: AsyncEngine | None = None,
         schema: str | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         if engine is None:
             if url is None:
@@ -135,7 +139,7 @@ class SqlAlchemySagaStorage:
         self._schema = schema
         self._started = False
         self._tables = tables
-        self._clock = Clock(server=not self._sqlite)
+        self._clock = Clock(server=not self._sqlite, source=clock)
         self._s = Statements(tables, self._clock, self._dialect)
         self._db = ConnectionHolder(
             engine, 1 if self._sqlite else pool_size, begin_sql="BEGIN IMMEDIATE" if self._sqlite else "BEGIN"
@@ -268,13 +272,8 @@ class SqlAlchemySagaStorage:
         raise ExecutionAlreadyExistsError(record.id) from error
 
     def _outbox_params(self, outbox: Sequence[OutboxMessage], claim: OutboxClaim | None) -> dict[str, Any]:
-        """The outbox rows' parameters for a one-statement write; the claim columns NULL without a claim."""
-        params = codec.outbox_arrays(outbox)
-        if claim is None:
-            params.update(p_outbox_owner=None, p_outbox_lease=None)
-        else:
-            params.update(self._clock.params(outbox_lease=claim.lease_seconds), p_outbox_owner=claim.owner)
-        return params
+        """The outbox rows' parameters for a one-statement write (PostgreSQL), one array per column."""
+        return codec.outbox_arrays(outbox, claim)
 
     async def _insert_outbox(
         self,
@@ -283,21 +282,23 @@ class SqlAlchemySagaStorage:
         outbox: Sequence[OutboxMessage],
         claim: OutboxClaim | None,
     ) -> list[int]:
-        """Insert the rows (one executemany), or with a claim one ``INSERT ... RETURNING id`` per row."""
+        """Insert the rows (one executemany), or with a claim one ``INSERT ... RETURNING id`` per row.
+
+        Each row carries its claim as `codec.outbox_claims` gives it (a delayed row is unclaimed and not
+        due before its delay).
+        """
         rows = codec.outbox_params(execution_id, outbox)
+        owners, leases = codec.outbox_claims(outbox, claim)
+        for row, owner, lease in zip(rows, owners, leases, strict=True):
+            row.update(self._clock.params(lease=lease) if lease is not None else self._clock.params())
+            row.setdefault("p_lease", None)
+            row["p_owner"] = owner
         if claim is None:
-            if not self._clock.server:
-                now = self._clock.params()
-                for row in rows:
-                    row.update(now)
             await session.run_many(self._s.insert_outbox, rows)
             return []
-        extra = self._clock.params(lease=claim.lease_seconds)
-        extra["p_owner"] = claim.owner
         ids: list[int] = []
         for row in rows:
-            row.update(extra)
-            inserted = await session.first(self._s.insert_outbox_claimed, row)
+            inserted = await session.first(self._s.insert_outbox, row)
             assert inserted is not None
             ids.append(int(inserted[0]))
         return ids
@@ -353,6 +354,7 @@ class SqlAlchemySagaStorage:
                 row = await session.first(self._s.save, params)
                 if row is None:
                     await self._raise_save_conflict(session, record)
+                await session.run(self._s.cancel_moved_past, params)
                 if reply is not None:
                     await self._insert_reply(session, reply)
                 if outbox:
@@ -365,15 +367,12 @@ class SqlAlchemySagaStorage:
         record, outbox, reply = request.record, request.outbox, request.reply
         params = codec.save_params(record)
         params.update(self._clock.params())
-        statement: Executable
-        if not outbox and reply is None:
-            statement = self._s.save
-        else:
-            if reply is not None:
-                params.update(codec.reply_params(reply, prefix="p_reply_"))
-            if outbox:
-                params.update(self._outbox_params(outbox, request.outbox_claim))
-            statement = self._s.save_combined(reply=reply is not None, outbox=bool(outbox))
+        # Always the combined form: every save cancels the commands of requests it moved past.
+        if reply is not None:
+            params.update(codec.reply_params(reply, prefix="p_reply_"))
+        if outbox:
+            params.update(self._outbox_params(outbox, request.outbox_claim))
+        statement: Executable = self._s.save_combined(reply=reply is not None, outbox=bool(outbox))
         try:
             row = await session.first(statement, params)
         except INTEGRITY_ERRORS as error:
@@ -626,6 +625,46 @@ class SqlAlchemySagaStorage:
         with self._guard("mark_outbox_sent"):
             async with self._db.connect() as session:
                 await session.run(self._s.mark_sent, params)
+
+    async def defer_outbox(self, delays: Mapping[int, float]) -> None:
+        """Release rows whose publish failed transiently, each due again ``delays[id]`` seconds from the
+        database's now, with one more attempt counted; see `SupportsOutboxOutcomes`."""
+        if not delays:
+            return
+        rows = []
+        for row_id, delay in delays.items():
+            params = self._clock.params(delay=delay)
+            params["p_id"] = row_id
+            rows.append(params)
+        with self._guard("defer_outbox"):
+            async with self._db.connect() as session:
+                await session.run_many(self._s.defer_outbox, rows)
+
+    async def reject_outbox(self, errors: Mapping[int, Mapping[str, Any]]) -> None:
+        """Take rows the broker refuses for good out of the unsent ones, each with its error; see
+        `SupportsOutboxOutcomes`."""
+        if not errors:
+            return
+        rows = []
+        for row_id, error in errors.items():
+            params = self._clock.params()
+            params.update(p_id=row_id, p_error=dict(error))
+            rows.append(params)
+        with self._guard("reject_outbox"):
+            async with self._db.connect() as session:
+                await session.run_many(self._s.reject_outbox, rows)
+
+    async def database_time(self) -> datetime:
+        """The database's current time (PostgreSQL ``clock_timestamp()``; SQLite: the storage's clock, the
+        one its statements write); see `SupportsDatabaseTime`."""
+        if self._clock.server:
+            with self._guard("database_time"):
+                async with self._db.connect() as session:
+                    row = await session.first(self._s.database_time)
+            assert row is not None
+            value: datetime = row[0]
+            return value
+        return self._clock.current()
 
     # -- participant side ------------------------------------------------------------------------------
 

@@ -922,3 +922,104 @@ async def test_lifecycle_is_idempotent_and_async_with(storage: SagaStorage) -> N
     async with storage as entered:
         assert entered is storage
         assert isinstance(storage, SagaStorage)
+
+
+# -- fencing and per-row outcomes ------------------------------------------------------------------------
+
+
+def command(n: int, request_id: uuid.UUID, *, delay: float | None = None) -> OutboxMessage:
+    """An outbox command for ``request_id`` (fenced by it)."""
+    return OutboxMessage("payments", b"k%d" % n, b"v%d" % n, {"n": str(n)}, request_id, delay)
+
+
+async def test_a_command_is_fetched_only_while_its_execution_awaits_its_request(storage: SagaStorage) -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    created = await storage.create(
+        dataclasses.replace(execution(), status=SagaStatus.PAUSED, awaiting_request=first),
+        outbox=[command(1, first)],
+    )
+    assert created.awaiting_request == first
+    assert (await storage.load(created.id)).awaiting_request == first
+    # Moving past the request (to the next one) cancels its unsent row in the same save; the new one stays.
+    moved = await storage.save(
+        dataclasses.replace(created, awaiting_request=second), outbox=[command(2, second)]
+    )
+    assert moved.awaiting_request == second
+    fetched = await storage.fetch_outbox(10, owner="relay")
+    assert [(r.value, r.request_id) for r in fetched] == [(b"v2", second)]
+    assert fetched[0].attempts == 0
+
+
+async def test_a_save_that_awaits_nothing_cancels_every_unsent_command_but_decisions(
+    storage: SagaStorage,
+) -> None:
+    request = uuid.uuid4()
+    created = await storage.create(
+        dataclasses.replace(execution(), status=SagaStatus.PAUSED, awaiting_request=request),
+        outbox=[command(1, request), message(2)],  # message(2): no request id, never fenced
+    )
+    await storage.save(dataclasses.replace(created, status=SagaStatus.DEAD_LETTER, awaiting_request=None))
+    assert [r.value for r in await storage.fetch_outbox(10, owner="relay")] == [b"v2"]
+
+
+async def test_a_stale_command_is_never_fetched_even_if_not_cancelled(storage: SagaStorage) -> None:
+    request = uuid.uuid4()
+    # The execution never awaited this request (a row written by an older writer): it is left unpublished.
+    await storage.create(execution(), outbox=[command(1, request)])
+    assert await storage.fetch_outbox(10, owner="relay") == []
+
+
+async def test_a_delayed_command_is_due_only_after_its_delay(harness: Harness, storage: SagaStorage) -> None:
+    request = uuid.uuid4()
+    claim = OutboxClaim("writer", 60)
+    await storage.create(
+        dataclasses.replace(execution(), status=SagaStatus.PAUSED, awaiting_request=request),
+        outbox=[command(1, request, delay=30)],
+        outbox_claim=claim,
+    )
+    assert len(claim.ids) == 1
+    assert await storage.fetch_outbox(10, owner="relay") == []  # not due; and not the writer's to publish
+    await harness.expire_outbox_claims()  # its "not before" is the claim column: now in the past
+    assert [r.value for r in await storage.fetch_outbox(10, owner="relay")] == [b"v1"]
+
+
+async def test_deferred_rows_back_off_and_count_their_attempts(
+    harness: Harness, storage: SagaStorage
+) -> None:
+    from storage import SupportsOutboxOutcomes
+
+    assert isinstance(storage, SupportsOutboxOutcomes)
+    request = uuid.uuid4()
+    await storage.create(
+        dataclasses.replace(execution(), status=SagaStatus.PAUSED, awaiting_request=request),
+        outbox=[command(1, request), message(2)],
+    )
+    rows = await storage.fetch_outbox(10, owner="relay", lease_seconds=0)
+    await storage.defer_outbox({rows[0].id: 60.0})
+    # The deferred row waits out its backoff; the other is not held up by it.
+    assert [r.value for r in await storage.fetch_outbox(10, owner="relay", lease_seconds=60)] == [b"v2"]
+    await harness.expire_outbox_claims()
+    again = await storage.fetch_outbox(10, owner="relay")
+    assert [(r.value, r.attempts) for r in again] == [(b"v1", 1), (b"v2", 0)]
+
+
+async def test_a_rejected_row_leaves_the_queue(harness: Harness, storage: SagaStorage) -> None:
+    from storage import SupportsOutboxOutcomes
+
+    assert isinstance(storage, SupportsOutboxOutcomes)
+    await storage.create(execution(), outbox=[message(1), message(2)])
+    rows = await storage.fetch_outbox(10, owner="relay")
+    await storage.reject_outbox({rows[0].id: {"type": "publish_rejected", "reason": "record_too_large"}})
+    await harness.expire_outbox_claims()
+    assert [r.value for r in await storage.fetch_outbox(10, owner="relay")] == [b"v2"]
+
+
+async def test_database_time_is_the_clock_the_storage_writes(storage: SagaStorage) -> None:
+    from storage import SupportsDatabaseTime
+
+    assert isinstance(storage, SupportsDatabaseTime)
+    before = await storage.database_time()
+    created = await storage.create(execution())
+    after = await storage.database_time()
+    assert created.updated_at is not None and before.tzinfo is not None
+    assert before <= created.updated_at <= after

@@ -214,7 +214,8 @@ async def test_claim_of_one_execution_by_many_workers_has_one_winner(database_ur
 
 
 async def test_single_statement_writes_are_one_statement_each(database_url: str, schema: str) -> None:
-    """create/save without outbox or reply: one autocommit statement, no BEGIN/COMMIT around it."""
+    """create/save without outbox or reply: one autocommit statement, no BEGIN/COMMIT around it (a save is a
+    ``WITH``: its update and the cancel of commands it moved past)."""
     from storage import ExecutionRecord, OutboxMessage, SagaStatus
 
     await upgrade_async(database_url, schema=schema)
@@ -227,7 +228,7 @@ async def test_single_statement_writes_are_one_statement_each(database_url: str,
         saved = await storage.save(dataclasses.replace(created, state=b"1"))
         await storage.save(dataclasses.replace(saved, state=b"2"))
         await asyncio.sleep(0.01)  # asyncpg calls query loggers soon after, not during, the query
-        assert queries == ["INSERT", "UPDATE", "UPDATE"]
+        assert queries == ["INSERT", "WITH", "WITH"]
 
 
 async def _log_queries(storage: SqlAlchemySagaStorage) -> list[str]:
@@ -547,6 +548,7 @@ def _save_values() -> dict[str, Any]:
         "p_error": None,
         "p_owner": None,
         "p_lease_until": None,
+        "p_awaiting_request": None,
     }
 
 
@@ -588,7 +590,7 @@ async def test_upgrade_from_revision_1_keeps_rows_and_adds_recovery_attempts(
 
     conn = await _connect(database_url, schema)
     try:
-        assert await conn.fetchval("SELECT version_num FROM saga_alembic_version") == "0003_recoverable_index"
+        assert await conn.fetchval("SELECT version_num FROM saga_alembic_version") == "0004_fencing"
         indexes = {
             r["indexname"]: r["indexdef"]
             for r in await conn.fetch(

@@ -331,23 +331,28 @@ async def test_set_recovery_attempts_zero_makes_an_exhausted_run_eligible(
 async def test_dead_letter_respects_a_retry_that_lands_in_between(
     storage: MemorySagaStorage, manager: SagaManager
 ) -> None:
+    """The count is fenced by the version read: a person's retry right after the worker read the row wins,
+    and the worker's failure is not counted over it."""
     saga_id = await broken_row(manager, 1, recovery_attempts=2)
-    real_increment = storage.increment_recovery_attempts
+    real_load = storage.load
 
-    async def increment_then_retry(sid: uuid.UUID, new_status: SagaStatus | None = None) -> None:
-        await real_increment(sid, new_status)
+    async def load_then_retry(sid: uuid.UUID) -> Any:
+        record = await real_load(sid)
         await storage.set_recovery_attempts(sid, 0)  # a person's retry, right after the failure
+        return record
 
-    storage.increment_recovery_attempts = increment_then_retry  # type: ignore[method-assign]
+    storage.load = load_then_retry  # type: ignore[method-assign]
     report = await SagaRecoveryWorker(manager, max_recovery_attempts=3).run_once()
-    assert report.results[0].outcome == "failed"
+    assert report.results[0].outcome == "busy"
+    storage.load = real_load  # type: ignore[method-assign]
     record = await storage.load(saga_id)
-    assert record.status is SagaStatus.FAILED and record.recovery_attempts == 0
+    assert record.status is SagaStatus.RUNNING and record.recovery_attempts == 0
 
 
-async def test_dead_letter_rechecks_after_a_concurrent_write(
+async def test_dead_letter_is_fenced_by_the_version_read(
     storage: MemorySagaStorage, manager: SagaManager
 ) -> None:
+    """Another writer moving the version between the read and the DEAD_LETTER write: nothing is written."""
     saga_id = await broken_row(manager, 1, recovery_attempts=2)
     real_save = storage.save
     interfered = []
@@ -360,9 +365,9 @@ async def test_dead_letter_rechecks_after_a_concurrent_write(
 
     storage.save = save_after_someone_else  # type: ignore[method-assign]
     report = await SagaRecoveryWorker(manager, max_recovery_attempts=3).run_once()
-    assert report.results[0].outcome == "dead_lettered"
+    assert report.results[0].outcome == "busy"
     record = await storage.load(saga_id)
-    assert record.status is SagaStatus.DEAD_LETTER and record.recovery_attempts == 4
+    assert record.status is SagaStatus.RUNNING and record.recovery_attempts == 3
     assert interfered == [True]
 
 
@@ -370,18 +375,37 @@ async def test_dead_letter_is_left_to_the_worker_holding_the_claim(
     storage: MemorySagaStorage, manager: SagaManager
 ) -> None:
     saga_id = await broken_row(manager, 1, recovery_attempts=2)
-    real_increment = storage.increment_recovery_attempts
+    real_load = storage.load
 
-    async def increment_then_claimed(sid: uuid.UUID, new_status: SagaStatus | None = None) -> None:
-        await real_increment(sid, new_status)
+    async def load_then_claimed(sid: uuid.UUID) -> Any:
         await storage.release_claim(sid, manager.owner)
         await storage.claim(sid, "another-worker", lease_seconds=30)
+        return await real_load(sid)
 
-    storage.increment_recovery_attempts = increment_then_claimed  # type: ignore[method-assign]
-    with pytest.raises(SagaStateError):
-        await recover_saga(manager, saga_id, max_recovery_attempts=3)
+    storage.load = load_then_claimed  # type: ignore[method-assign]
+    assert await recover_saga(manager, saga_id, max_recovery_attempts=3) is None  # not ours: not counted
+    storage.load = real_load  # type: ignore[method-assign]
     record = await storage.load(saga_id)
-    assert record.status is SagaStatus.FAILED and record.owner == "another-worker"
+    assert record.status is SagaStatus.RUNNING and record.owner == "another-worker"
+    assert record.recovery_attempts == 2
+
+
+async def test_a_finished_saga_is_never_moved_back(storage: MemorySagaStorage, manager: SagaManager) -> None:
+    """A recovery that fails after another worker finished the saga counts nothing and leaves it FINISHED."""
+    saga_id = await broken_row(manager, 1)
+    real_load = storage.load
+
+    async def load_finished(sid: uuid.UUID) -> Any:
+        await storage.release_claim(sid, manager.owner)
+        current = await real_load(sid)
+        return await storage.save(dataclasses.replace(current, status=SagaStatus.FINISHED))
+
+    storage.load = load_finished  # type: ignore[method-assign]
+    report = await SagaRecoveryWorker(manager, max_recovery_attempts=1).run_once()
+    assert report.results[0].outcome == "busy"
+    storage.load = real_load  # type: ignore[method-assign]
+    record = await storage.load(saga_id)
+    assert record.status is SagaStatus.FINISHED and record.recovery_attempts == 0
 
 
 # -- selection and robustness --------------------------------------------------------------------------

@@ -31,10 +31,12 @@ PUBLIC = [
     "StorageError",
     "StorageUnavailableError",
     "SupportsClaimMany",
+    "SupportsDatabaseTime",
     "SupportsDefinitionCounts",
     "SupportsListOutbox",
     "SupportsLoadMany",
     "SupportsOutboxBacklog",
+    "SupportsOutboxOutcomes",
 ]
 
 

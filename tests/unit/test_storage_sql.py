@@ -49,7 +49,7 @@ async def test_upgrade_from_revision_1_keeps_rows(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         (version,) = conn.execute("SELECT version_num FROM saga_alembic_version").fetchone()
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(saga_executions)")}
-    assert version == "0003_recoverable_index"
+    assert version == "0004_fencing"
     assert "ix_saga_executions_recoverable" in indexes
     assert not indexes & {"ix_saga_executions_recovery", "ix_saga_executions_paused_deadline"}
 

@@ -43,6 +43,7 @@ from saga import (
     SagaStatus,
 )
 from saga.messages import SagaCommand
+from saga.relay import publish_outbox
 from storage import MemorySagaStorage
 from tests.unit.conftest import FakeClock
 
@@ -225,6 +226,9 @@ async def test_a_500_reply_is_answered_by_a_new_request_within_the_same_policy(
     first, replay = sent(pool, "charge")
     assert first.request_id == replay.request_id
     assert await manager.handle_reply(reply_to(first, 500, {"error": "gateway"})) == "applied"
+    assert len(sent(pool, "charge")) == 2  # the new request waits out the policy's delay (0.2 s)
+    clock.advance(1)
+    await publish_outbox(storage, pool, owner=None)
     third = sent(pool, "charge")[2]  # attempt 3: a new request, with a new idempotency key
     assert third.request_id != first.request_id and third.idempotency_key != first.idempotency_key
     # The replay's reply (same request as the 500) is a duplicate now; an answer to the new one finishes it.
