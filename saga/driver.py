@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from broker import BrokerClientPool, BrokerMessage
 from saga.consumer import dead_letter_message
-from saga.errors import SagaBusyError, SagaContextError
+from saga.errors import SagaBusyError, SagaContextError, UnknownSagaDefinitionError
 from saga.execution import SagaExecution, Transition
 from saga.hooks import SagaHooks
 from saga.messages import SagaResponse, SagaResponseStatus
@@ -453,7 +453,7 @@ class ExecutionDriver(CommandPublishing):
         worker and the reply consumer racing) then gets `SagaBusyError` instead of a claim of its own.
         On success the caller owns the reservation and must discard it when done (`_claimed`). With
         ``keep_on_error`` a claim taken for an execution that cannot be rebuilt is kept, for the caller's
-        bookkeeping (recovery counts the failure under it).
+        bookkeeping (recovery counts the failure under it); an unregistered definition always releases it.
         """
         if execution_id in self._active or execution_id in self._driving:
             raise SagaBusyError(
@@ -469,6 +469,10 @@ class ExecutionDriver(CommandPublishing):
                 )
             try:
                 return record, self._execution(record)
+            except UnknownSagaDefinitionError:
+                # Not this process's to count: the execution waits, unclaimed, for one that registers it.
+                await self._release(execution_id)
+                raise
             except Exception:
                 if not keep_on_error:
                     await self._release(execution_id)

@@ -84,7 +84,9 @@ def outbox_query(outbox: Table, saga_id: uuid.UUID) -> Select[Any]:
     """Every outbox row of one execution, oldest first, in the columns `codec.outbox_from_row` reads."""
     o = outbox.c
     return (
-        select(o.id, o.execution_id, o.topic, o.key, o.value, o.headers, o.created_at)
+        select(
+            o.id, o.execution_id, o.topic, o.key, o.value, o.headers, o.created_at, o.request_id, o.attempts
+        )
         .where(o.execution_id == saga_id)
         .order_by(o.id)
     )
