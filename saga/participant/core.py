@@ -20,6 +20,11 @@ guarantees the orchestrator relies on:
 
 Autocommit decisions (``commit`` after a saga finished, ``reject`` after it failed) arrive on
 ``control_topic(service_name)`` and run the ``on_commit`` / ``on_reject`` handlers once per decision.
+
+With a ``store`` (`storage.participant.SqlParticipantStore` in the participant's own database) the
+participant is exactly-once for transactional handlers: each command is claimed with a lease, its handler
+runs inside the database transaction that also stores its reply, and other instances wait for the claim
+instead of running the handler again (see `saga.participant.claims`).
 """
 
 from __future__ import annotations
@@ -27,38 +32,41 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import random
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from broker import BrokerClientPool, BrokerClosedError, BrokerError, BrokerMessage, BrokerSubscriber
 from saga.consumer import H_DEAD_LETTER_REASON
-from saga.errors import MalformedMessageError, SagaBusinessError, SagaStateError
+from saga.errors import MalformedMessageError, SagaStateError
 from saga.messages import (
     H_SERVICE,
     SagaCommand,
     SagaControl,
-    SagaResponseStatus,
     control_topic,
     decode_json,
     encode_json,
-    reply_message,
 )
-from saga.participant_dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
-from saga.participant_types import CommandContext, CommandHandler, DecisionHandler, ParticipantStats
+from saga.participant.claims import Abandoned, HandlerSpec, StoreFlow, command_context, run_handler
+from saga.participant.dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
+from saga.participant.relay import ReplyRelay
+from saga.participant.replies import (
+    DEFAULT_MAX_REPLY_BYTES,
+    build_reply,
+    check_protocol_version,
+    oversized_content,
+    record_size,
+)
+from saga.participant.types import DecisionHandler, ParticipantStats
 from saga.pipeline import KeyedPipeline
 from storage import SagaStorage, StorageError
+from storage.participant import CommandKind, SqlParticipantStore
 
-__all__ = [
-    "H_DEAD_LETTER_REASON",
-    "H_DEAD_LETTER_TOPIC",
-    "CommandContext",
-    "CommandHandler",
-    "DecisionHandler",
-    "ParticipantStats",
-    "SagaParticipant",
-]
+__all__ = ["H_DEAD_LETTER_REASON", "H_DEAD_LETTER_TOPIC", "SagaParticipant"]
 
 _log = logging.getLogger(__name__)
 
@@ -67,10 +75,6 @@ _log = logging.getLogger(__name__)
 H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-_SUCCESS = int(SagaResponseStatus.SUCCESS)
-_ERROR = int(SagaResponseStatus.ERROR)
-_SYSTEM_ERROR = int(SagaResponseStatus.SYSTEM_ERROR)
 
 
 def _lane(message: BrokerMessage) -> tuple[str, int | None, bytes | None]:
@@ -110,8 +114,7 @@ class _DeadLetter(Exception):
         self.reason = reason
 
 
-class _Abandoned(Exception):
-    """Internal: the participant is stopping; leave the record uncommitted for redelivery."""
+_Abandoned = Abandoned
 
 
 class SagaParticipant:
@@ -122,7 +125,17 @@ class SagaParticipant:
             ``control_topic(service_name)``.
         broker_pool: Transport. Started by `start` if needed; its owner stops it.
         storage: Where replies are remembered by idempotency key (``get_command_reply`` /
-            ``put_command_reply``) so duplicates survive restarts. Without it, a bounded in-process LRU.
+            ``put_command_reply``) so duplicates survive restarts. Without it (and without ``store``), a
+            bounded in-process LRU.
+        store: The participant store in the participant's own database: claims, stored replies,
+            tombstones and the reply outbox, committed with the handlers' writes (exactly-once effects
+            for transactional handlers). Started and stopped by the participant. Replaces ``storage``.
+        lease_seconds: How long a claim lasts unless renewed (every third of it while the handler runs);
+            another instance takes a command over once its claim's lease ran out.
+        instance_id: This instance's name as claims' owner (default: host, pid and a random suffix).
+        max_reply_bytes: Largest reply the broker takes; a bigger one is replaced by a small
+            ``SYSTEM_ERROR`` reply saying so.
+        relay_older_than: Seconds after which a committed reply not yet published is relayed by any instance.
         group_id: Consumer group (default ``f"{service_name}-participant"``); instances of one service
             share it so each command is handled by one of them.
         dead_letter_topic: Where malformed input goes (default ``f"{service_name}DeadLetter"``).
@@ -157,6 +170,11 @@ class SagaParticipant:
         broker_pool: BrokerClientPool,
         *,
         storage: SagaStorage | None = None,
+        store: SqlParticipantStore | None = None,
+        lease_seconds: float = 30.0,
+        instance_id: str | None = None,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        relay_older_than: float = 5.0,
         group_id: str | None = None,
         dead_letter_topic: str | None = None,
         dedup_cache_size: int = 100_000,
@@ -173,6 +191,10 @@ class SagaParticipant:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if dedup_cache_size < 1:
             raise ValueError(f"dedup_cache_size must be >= 1, got {dedup_cache_size}")
+        if not lease_seconds > 0 or lease_seconds == float("inf"):
+            raise ValueError(f"lease_seconds must be a finite number > 0, got {lease_seconds}")
+        if storage is not None and store is not None:
+            raise ValueError("give a participant either storage= (dedup only) or store=, not both")
         self.service_name = service_name
         self.broker_pool = broker_pool
         self.storage = storage
@@ -180,6 +202,13 @@ class SagaParticipant:
         self.dead_letter_topic = dead_letter_topic or f"{service_name}DeadLetter"
         self.control_topic = control_topic(service_name)
         self.stats = ParticipantStats()
+        self.store = store
+        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease = lease_seconds
+        self._max_reply_bytes = max_reply_bytes
+        self._relay_older_than = relay_older_than
+        self._relay: ReplyRelay | None = None
+        self._flow: StoreFlow | None = None
         self._replies: ReplyStore = storage if storage is not None else LruReplyStore(dedup_cache_size)
         self._max_records = max_records
         self._concurrency = concurrency
@@ -187,7 +216,7 @@ class SagaParticipant:
         self._retry_backoff = retry_backoff
         self._max_backoff = max_backoff
         self._commit_interval = commit_interval
-        self._handlers: dict[str, CommandHandler] = {}
+        self._handlers: dict[str, HandlerSpec] = {}
         self._on_commit: list[DecisionHandler] = []
         self._on_reject: list[DecisionHandler] = []
         self._locks: dict[str, KeyLock] = {}
@@ -198,20 +227,36 @@ class SagaParticipant:
 
     # -- registration ---------------------------------------------------------------------------------
 
-    def command(self, topic: str) -> Callable[[_F], _F]:
+    def command(
+        self, topic: str, *, compensates: str | None = None, transactional: bool = True
+    ) -> Callable[[_F], _F]:
         """Register the decorated function (sync or async) as the handler of command topic ``topic``.
 
         Its return value (JSON-able) is the ``SUCCESS`` reply's content; raising `SagaBusinessError`
         replies ``ERROR`` with ``{"error": message}``; any other exception replies ``SYSTEM_ERROR``.
+
+        Args:
+            topic: The command topic.
+            compensates: The forward command topic this handler undoes: a compensation that arrives
+                before its forward command leaves a tombstone and replies success without running,
+                and the late forward command is refused (400 ``cancelled``). Needs a ``store``.
+            transactional: With a ``store``, run the handler in the participant database's transaction
+                (``request.connection`` / ``request.session``), committed with its dedup record and reply:
+                the effect happens at most once. ``False`` for handlers that call the outside world: they
+                run at least once (a crash after the effect and before the commit runs them again), get
+                ``request.idempotency_key`` to pass on, and the claim still keeps two instances from
+                running one command at once.
         """
         if not topic:
             raise ValueError("command topic must not be empty")
+        if compensates is not None and (not compensates or compensates == topic):
+            raise ValueError(f"compensates must name another command topic, got {compensates!r}")
 
         def register(fn: _F) -> _F:
             self._check_not_started()
             if topic in self._handlers:
                 raise ValueError(f"command topic {topic!r} already has a handler")
-            self._handlers[topic] = fn
+            self._handlers[topic] = HandlerSpec(fn, compensates, transactional)
             return fn
 
         return register
@@ -246,9 +291,29 @@ class SagaParticipant:
             return
         if not self._handlers:
             raise SagaStateError(f"participant {self.service_name!r} has no command handlers")
+        if self.store is None and any(spec.compensates for spec in self._handlers.values()):
+            raise SagaStateError(f"participant {self.service_name!r}: compensates= needs a store")
         await self.broker_pool.start()
         if self.storage is not None:
             await self.storage.start()
+        if self.store is not None:
+            await self.store.start()
+            self._relay = ReplyRelay(
+                self.store, self.service_name, self.broker_pool, older_than=self._relay_older_than
+            )
+            self._flow = StoreFlow(
+                self.store,
+                service=self.service_name,
+                owner=self.instance_id,
+                lease=self._lease,
+                max_reply_bytes=self._max_reply_bytes,
+                stats=self.stats,
+                call=self._call,
+                publish=self._publish_reply,
+                published=self._relay.published,
+                stopping=self._stopping,
+            )
+            self._relay.start()
         topics = [*self._handlers, self.control_topic]
         await self.broker_pool.ensure_topics([*topics, self.dead_letter_topic])
         self._stopping.clear()
@@ -289,6 +354,11 @@ class SagaParticipant:
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             await subscriber.stop()
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            await relay.stop()
+        if self.store is not None:
+            await self.store.stop()
 
     async def run(self) -> None:
         """Start and consume until `stop` is called (or the consumer fails, which is raised)."""
@@ -324,6 +394,12 @@ class SagaParticipant:
             BrokerError: The dead letter itself could not be published (not retriable).
         """
         try:
+            version = check_protocol_version(message.headers)
+            if version is not None:
+                raise _DeadLetter(
+                    "unsupported_protocol",
+                    f"unsupported_protocol: version {version} is newer than this participant",
+                )
             if message.topic == self.control_topic:
                 await self._handle_control(message)
             else:
@@ -333,64 +409,71 @@ class SagaParticipant:
         except MalformedMessageError as exc:
             await self._dead_letter(message, "malformed", str(exc))
 
+    def _kind(self, topic: str, spec: HandlerSpec) -> CommandKind:
+        if spec.compensates is not None:
+            return "compensate"
+        if any(other.compensates == topic for other in self._handlers.values()):
+            return "forward"
+        return "plain"
+
     async def _handle_command(self, message: BrokerMessage) -> None:
         command = SagaCommand.from_message(message)
-        handler = self._handlers.get(command.target)
-        if handler is None:
+        spec = self._handlers.get(command.target)
+        if spec is None:
             raise _DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
         key = command.idempotency_key
         async with KeyLocked(self._locks, key):
+            if self._flow is not None:
+                kind = self._kind(command.target, spec)
+                # The saga step names the pair; without the header, the forward command's topic does.
+                step = command.step or spec.compensates or command.target
+                await self._flow.handle(message, command, spec, kind, step)
+                return
             stored = await self._call(self._replies.get_command_reply, key)
             if stored is not None:
                 self.stats.duplicates += 1
                 _log.debug("command %s already handled; re-sending its reply", key)
                 status, value = _stored_outcome(key, stored)
             else:
-                status, value = await self._run_handler(handler, command)
+                status, value = await run_handler(
+                    spec.fn, command_context(command, message, None), self.stats, self.service_name
+                )
+                status, value = self._within_limit(message, command, status, value)
                 await self._call(self._replies.put_command_reply, key, _stored_reply(status, value))
-            reply = reply_message(
-                command.reply_topic,
-                value=value,
-                status=status,
-                # Addressed from the command just received (reply topic, request id), not from the one
-                # first handled, so a replay under the same key that carries a new request id still gets
-                # an applicable reply.
-                execution_id=command.execution_id,
-                request_id=command.request_id,
-                service_name=self.service_name,
-                traceparent=command.traceparent,
-            )
-            await self._call(self.broker_pool.publisher().send, reply)
+            await self._publish_reply(self._reply(message, command, status, value))
 
-    async def _run_handler(self, handler: CommandHandler, command: SagaCommand) -> tuple[int, bytes]:
-        """Run ``handler``; the reply's status and its content, encoded."""
-        request = CommandContext(
-            content=command.content,
-            user=command.user,
-            idempotency_key=command.idempotency_key,
+    def _reply(
+        self, message: BrokerMessage, command: SagaCommand, status: int, value: bytes
+    ) -> BrokerMessage:
+        return build_reply(
+            command.reply_topic,
+            value=value,
+            status=status,
+            # Addressed from the command just received (reply topic, request id), not from the one
+            # first handled, so a replay under the same key that carries a new request id still gets
+            # an applicable reply.
             execution_id=command.execution_id,
             request_id=command.request_id,
-            topic=command.target,
-            saga=command.saga,
-            step=command.step,
-            traceparent=command.traceparent,
+            service_name=self.service_name,
+            command_headers=message.headers,
         )
-        self.stats.handled += 1
-        try:
-            result = handler(request)
-            if inspect.isawaitable(result):
-                result = await result
-            encoded = encode_json(result)
-        except SagaBusinessError as exc:
-            self.stats.business_errors += 1
-            _log.info("%s refused command %s: %s", self.service_name, command.idempotency_key, exc)
-            return _ERROR, encode_json({"error": str(exc)})
-        except Exception as exc:
-            self.stats.system_errors += 1
-            _log.exception("%s handler of %r failed", self.service_name, command.target)
-            return _SYSTEM_ERROR, encode_json({"error": f"{type(exc).__name__}: {exc}"})
-        self.stats.succeeded += 1
-        return _SUCCESS, encoded
+
+    def _within_limit(
+        self, message: BrokerMessage, command: SagaCommand, status: int, value: bytes
+    ) -> tuple[int, bytes]:
+        """The reply, or the small ``SYSTEM_ERROR`` one saying it is over ``max_reply_bytes``."""
+        size = record_size(self._reply(message, command, status, value))
+        if size <= self._max_reply_bytes:
+            return status, value
+        self.stats.oversized_replies += 1
+        _log.error(
+            "%s: reply to %s is %d bytes, over the %d-byte limit",
+            self.service_name, command.idempotency_key, size, self._max_reply_bytes,
+        )  # fmt: skip
+        return oversized_content(size, self._max_reply_bytes)
+
+    async def _publish_reply(self, reply: BrokerMessage) -> None:
+        await self._call(self.broker_pool.publisher().send, reply)
 
     async def _handle_control(self, message: BrokerMessage) -> None:
         control = SagaControl.from_message(message)
@@ -401,25 +484,54 @@ class SagaParticipant:
         # Several services may share one store; the decision's own key is per execution and action only.
         key = control.idempotency_key
         async with KeyLocked(self._locks, key):
-            if await self._call(self._replies.get_command_reply, key) is not None:
-                self.stats.duplicate_decisions += 1
-                return
-            handlers = self._on_commit if control.action == "commit" else self._on_reject
-            for fn in handlers:
-                try:
-                    result = fn(control)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as exc:
-                    _log.exception("%s %s handler failed", self.service_name, control.action)
-                    raise _DeadLetter(
-                        "decision_failed", f"{control.action} handler raised {type(exc).__name__}: {exc}"
-                    ) from exc
-            await self._call(self._replies.put_command_reply, key, encode_json({"decision": control.action}))
+            flow = self._flow
+            if flow is not None:
+                claim = await flow.claim(key, "decision", str(control.execution_id), None)
+                if claim.outcome == "done":
+                    self.stats.duplicate_decisions += 1
+                    return
+                async with flow.renewing(key):
+                    await self._run_decision(control)
+                    await self._call(self._decided, key, control.action)
+            else:
+                if await self._call(self._replies.get_command_reply, key) is not None:
+                    self.stats.duplicate_decisions += 1
+                    return
+                await self._run_decision(control)
+                await self._call(
+                    self._replies.put_command_reply, key, encode_json({"decision": control.action})
+                )
         if control.action == "commit":
             self.stats.commits += 1
         else:
             self.stats.rejects += 1
+
+    async def _run_decision(self, control: SagaControl) -> None:
+        handlers = self._on_commit if control.action == "commit" else self._on_reject
+        for fn in handlers:
+            try:
+                result = fn(control)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                _log.exception("%s %s handler failed", self.service_name, control.action)
+                raise _DeadLetter(
+                    "decision_failed", f"{control.action} handler raised {type(exc).__name__}: {exc}"
+                ) from exc
+
+    async def _decided(self, key: str, action: str) -> None:
+        store = self.store
+        assert store is not None
+        async with store.transaction() as conn:
+            await store.complete(
+                conn,
+                self.service_name,
+                key,
+                owner=self.instance_id,
+                status=200,
+                value=encode_json({"decision": action}),
+                reply_topic=None,
+            )
 
     async def _dead_letter(self, message: BrokerMessage, category: str, reason: str) -> None:
         _log.warning(

@@ -1,0 +1,105 @@
+"""Replies as a participant sends them: wire headers, the size limit, and the protocol version check.
+
+Every reply carries ``saga-protocol-version`` and the command's ``traceparent``/``tracestate``. A reply
+over the size limit (the broker would refuse it for good) is replaced by a small ``SYSTEM_ERROR`` reply
+saying so, so the saga compensates instead of waiting for a reply that never comes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+
+from broker import BrokerMessage
+from saga.errors import MalformedMessageError
+from saga.messages import (
+    H_PROTOCOL_VERSION,
+    H_TRACEPARENT,
+    H_TRACESTATE,
+    PROTOCOL_VERSION,
+    SagaResponseStatus,
+    encode_json,
+    reply_message,
+)
+
+__all__ = [
+    "DEFAULT_MAX_REPLY_BYTES",
+    "RECORD_OVERHEAD",
+    "build_reply",
+    "check_protocol_version",
+    "oversized_content",
+    "record_size",
+]
+
+#: The broker's default largest request (Kafka's and aiokafka's ``max_request_size``: 1 MiB).
+DEFAULT_MAX_REPLY_BYTES = 1_048_576
+#: Bytes a record batch adds around one record's key, value and headers (generous, so a reply that
+#: passes the check is never refused by the broker).
+RECORD_OVERHEAD = 512
+
+_SYSTEM_ERROR = int(SagaResponseStatus.SYSTEM_ERROR)
+_VERSION = str(PROTOCOL_VERSION)
+
+
+def check_protocol_version(headers: Mapping[str, str]) -> int | None:
+    """The message's protocol version when this code does not speak it (``None``: it does).
+
+    Raises:
+        MalformedMessageError: The header is not an integer.
+    """
+    raw = headers.get(H_PROTOCOL_VERSION)
+    if raw is None:
+        return None
+    try:
+        version = int(raw)
+    except ValueError:
+        raise MalformedMessageError(H_PROTOCOL_VERSION, f"not an integer: {raw[:64]!r}") from None
+    return version if version > PROTOCOL_VERSION else None
+
+
+def build_reply(
+    topic: str,
+    *,
+    value: bytes,
+    status: int,
+    execution_id: uuid.UUID,
+    request_id: uuid.UUID,
+    service_name: str,
+    command_headers: Mapping[str, str],
+) -> BrokerMessage:
+    """The reply to a command, with the protocol version and the command's trace context."""
+    message = reply_message(
+        topic,
+        value=value,
+        status=status,
+        execution_id=execution_id,
+        request_id=request_id,
+        service_name=service_name,
+        traceparent=command_headers.get(H_TRACEPARENT),
+    )
+    headers = dict(message.headers)
+    headers[H_PROTOCOL_VERSION] = _VERSION
+    tracestate = command_headers.get(H_TRACESTATE)
+    if tracestate is not None:
+        headers[H_TRACESTATE] = tracestate
+    return BrokerMessage(topic=message.topic, key=message.key, value=message.value, headers=headers)
+
+
+def record_size(message: BrokerMessage) -> int:
+    """Bytes ``message`` takes on the wire, overhead included (an upper bound)."""
+    size = len(message.value) + len(message.key or b"") + len(message.topic) + RECORD_OVERHEAD
+    for name, header in message.headers.items():
+        size += len(name.encode()) + len(header.encode()) + 10
+    return size
+
+
+def oversized_content(size: int, limit: int) -> tuple[int, bytes]:
+    """The small ``SYSTEM_ERROR`` reply that replaces a reply of ``size`` bytes over ``limit``."""
+    return _SYSTEM_ERROR, encode_json(
+        {
+            "error": f"reply of {size} bytes is over the {limit}-byte limit",
+            "reason": "reply_too_large",
+            "size": size,
+            "limit": limit,
+        }
+    )

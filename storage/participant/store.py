@@ -1,0 +1,508 @@
+"""`SqlParticipantStore`: claims, stored replies, step tombstones and the reply outbox of a participant.
+
+The store lives in the participant's own database (SQLAlchemy async: PostgreSQL via asyncpg, SQLite via
+aiosqlite). A transactional handler runs inside `transaction`, and the same transaction marks its command
+done with its reply (`complete`) and queues the reply in the outbox, so the effect, the dedup record and
+the reply commit together or not at all.
+
+Claims are rows, not locks: `claim` inserts the command's row with an owner and a lease (on the database's
+clock), committed at once so every instance sees it; the owner renews it while the handler runs; another
+instance waits for the row to become ``done`` and answers from it, or takes the claim over once its lease
+ran out (its owner died). `complete` is conditional on the owner, so a claim taken over is never
+completed by the instance that lost it.
+
+SQLite allows one writer at a time: the store runs its transactions one after the other in this process
+(a handler's transaction holds the others up). Several instances need PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from storage.errors import StorageError
+from storage.participant.migrate import upgrade_participant_store
+from storage.sql.connections import ErrorTranslator
+
+try:
+    import asyncpg  # type: ignore[import-untyped]
+
+    _PG_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, asyncpg.InterfaceError)
+except ImportError:  # pragma: no cover - asyncpg is a dependency
+    _PG_ERRORS = ()
+
+#: Errors of the database itself, which the store translates into `StorageError`.
+_DB_ERRORS: tuple[type[BaseException], ...] = (sa_exc.SQLAlchemyError, sqlite3.Error, *_PG_ERRORS)
+
+__all__ = ["ClaimResult", "CommandKind", "OutboxRow", "SqlParticipantStore", "StepState"]
+
+#: What a command is to its saga step: the forward command, its compensation, or neither (no pairing).
+CommandKind = Literal["forward", "compensate", "plain", "decision"]
+#: A saga step's state at this participant.
+StepState = Literal["forward", "tombstone", "compensating", "compensated"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What `SqlParticipantStore.claim` found.
+
+    Attributes:
+        outcome: ``claimed`` (the caller runs the handler), ``done`` (answer from the stored reply) or
+            ``busy`` (another instance holds a live claim: wait and ask again).
+        reply_status: The stored reply's status when ``done``.
+        reply_value: The stored reply's encoded content when ``done``.
+        lease_left: Seconds left on the other instance's lease when ``busy``.
+    """
+
+    outcome: Literal["claimed", "done", "busy"]
+    reply_status: int | None = None
+    reply_value: bytes | None = None
+    lease_left: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A committed reply waiting to be published."""
+
+    id: int
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: dict[str, str]
+
+
+_NOW = {
+    "postgresql": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+}
+
+_C = "saga_participant_commands"
+_S = "saga_participant_steps"
+_O = "saga_participant_outbox"
+
+
+class _Through(Exception):
+    """Carries an error of the transaction's body past the database error translation."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+    finally:
+        cursor.close()
+
+
+class _Sql:
+    """The store's statements for one dialect (``now`` is the database clock's expression)."""
+
+    def __init__(self, dialect: str) -> None:
+        now = _NOW[dialect]
+        pg = dialect == "postgresql"
+        self.claim_insert = text(
+            f"INSERT INTO {_C} (service, idempotency_key, execution_id, step, kind, state, owner,"
+            f" lease_until, updated_at) VALUES (:service, :key, :execution_id, :step, :kind, 'claimed',"
+            f" :owner, {now} + :lease, {now}) ON CONFLICT (service, idempotency_key) DO NOTHING"
+            " RETURNING kind"
+        )
+        self.claim_take = text(
+            f"UPDATE {_C} SET owner = :owner, lease_until = {now} + :lease, updated_at = {now}"
+            f" WHERE service = :service AND idempotency_key = :key AND state = 'claimed'"
+            f" AND (lease_until < {now} OR owner = :owner) RETURNING kind"
+        )
+        self.claim_read = text(
+            f"SELECT state, reply_status, reply_value, lease_until - {now} FROM {_C}"
+            " WHERE service = :service AND idempotency_key = :key"
+        )
+        self.renew = text(
+            f"UPDATE {_C} SET lease_until = {now} + :lease WHERE service = :service"
+            " AND idempotency_key = :key AND state = 'claimed' AND owner = :owner"
+        )
+        self.release = text(
+            f"DELETE FROM {_C} WHERE service = :service AND idempotency_key = :key"
+            " AND state = 'claimed' AND owner = :owner"
+        )
+        done = (
+            f"UPDATE {_C} SET state = 'done', owner = NULL, lease_until = NULL, reply_status = :status,"
+            f" reply_value = :value, updated_at = {now} WHERE service = :service AND idempotency_key = :key"
+            " AND state = 'claimed' AND owner = :owner"
+        )
+        insert_outbox = (
+            f"INSERT INTO {_O} (service, topic, key, value, headers, created_at)"
+            f" VALUES (:service, :topic, :mkey, :mvalue, :headers, {now}) RETURNING id"
+        )
+        self.done = text(done)
+        self.insert_outbox = text(insert_outbox)
+        # PostgreSQL completes in one round trip: the outbox row is inserted only if the claim still held.
+        self.complete_pg = (
+            text(
+                f"WITH done AS ({done} RETURNING 1) INSERT INTO {_O} (service, topic, key, value, headers,"
+                f" created_at) SELECT :service, :topic, :mkey, :mvalue, :headers, {now} FROM done"
+                " RETURNING id"
+            )
+            if pg
+            else None
+        )
+        self.step_forward = text(
+            f"INSERT INTO {_S} (service, execution_id, step, state, updated_at) VALUES (:service,"
+            f" :execution_id, :step, 'forward', {now}) ON CONFLICT (service, execution_id, step)"
+            f" DO UPDATE SET state = {_S}.state RETURNING state"
+        )
+        self.step_tombstone = text(
+            f"INSERT INTO {_S} (service, execution_id, step, state, updated_at) VALUES (:service,"
+            f" :execution_id, :step, 'tombstone', {now}) ON CONFLICT (service, execution_id, step)"
+            " DO NOTHING RETURNING state"
+        )
+        self.step_read = text(
+            f"SELECT state FROM {_S} WHERE service = :service AND execution_id = :execution_id"
+            " AND step = :step" + (" FOR UPDATE" if pg else "")
+        )
+        self.step_set = text(
+            f"UPDATE {_S} SET state = :state, updated_at = {now} WHERE service = :service"
+            " AND execution_id = :execution_id AND step = :step"
+        )
+        self.forward_running = text(
+            f"SELECT 1 FROM {_C} WHERE execution_id = :execution_id AND service = :service AND step = :step"
+            f" AND kind = 'forward' AND state = 'claimed' AND lease_until >= {now} LIMIT 1"
+        )
+        self.unsent = text(
+            f"SELECT id, topic, key, value, headers FROM {_O} WHERE service = :service"
+            f" AND created_at <= {now} - :age ORDER BY created_at LIMIT :limit"
+            + (" FOR UPDATE SKIP LOCKED" if pg else "")
+        )
+        self.delete_outbox = text(f"DELETE FROM {_O} WHERE id = :id")
+
+
+class SqlParticipantStore:
+    """The participant store on PostgreSQL (``postgresql+asyncpg://``) or SQLite (``sqlite+aiosqlite://``).
+
+    Args:
+        url: SQLAlchemy async URL of the participant's database; ignored when ``engine`` is given.
+        engine: The participant's own engine, shared with its application code (one engine per process).
+        pool_size: Connections of the engine the store creates (each running handler holds one).
+        auto_migrate: Bring the store's tables up to date (their own Alembic branch) on `start`.
+        echo: Log every SQL statement.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        engine: AsyncEngine | None = None,
+        pool_size: int = 20,
+        auto_migrate: bool = True,
+        echo: bool = False,
+    ) -> None:
+        if engine is None and not url:
+            raise ValueError("SqlParticipantStore needs a url or an engine")
+        self._url = url
+        self._engine = engine
+        self._own_engine = engine is None
+        self._pool_size = pool_size
+        self._auto_migrate = auto_migrate
+        self._echo = echo
+        self._sql: _Sql | None = None
+        self._sqlite_lock: asyncio.Lock | None = None
+        self._started = False
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine the store (and its handlers' transactions) use; available after `start`."""
+        if self._engine is None:
+            raise StorageError("the participant store is not started")
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``postgresql`` or ``sqlite``."""
+        return self.engine.dialect.name
+
+    @property
+    def shown_url(self) -> str:
+        """The database URL with its password hidden."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    async def start(self) -> None:
+        """Open the engine (unless one was given) and migrate the tables; idempotent."""
+        if self._started:
+            return
+        if self._engine is None:
+            assert self._url is not None
+            backend = make_url(self._url).get_backend_name()
+            options: dict[str, Any] = {"echo": self._echo}
+            if backend == "sqlite":
+                options["poolclass"] = StaticPool
+            else:
+                options.update(pool_size=self._pool_size, max_overflow=self._pool_size)
+            self._engine = create_async_engine(self._url, **options)
+        engine = self._engine
+        if engine.dialect.name not in _NOW:
+            raise StorageError(f"participant store: unsupported database {engine.dialect.name!r}")
+        if engine.dialect.name == "sqlite":
+            self._sqlite_lock = asyncio.Lock()
+            if not event.contains(engine.sync_engine, "connect", _sqlite_pragmas):
+                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sql = _Sql(engine.dialect.name)
+        if self._auto_migrate:
+            await upgrade_participant_store(engine)
+        self._started = True
+
+    async def stop(self) -> None:
+        """Close the engine if the store created it; idempotent."""
+        if self._started and self._own_engine and self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+        self._started = False
+
+    async def __aenter__(self) -> SqlParticipantStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- transactions ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction of the participant's database: committed on exit, rolled back on an error."""
+        self._statements()
+        guard = self._sqlite_lock or nullcontext()
+        async with guard:
+            try:
+                with ErrorTranslator(self.shown_url, "participant transaction"):
+                    async with self.engine.begin() as conn:
+                        try:
+                            yield conn
+                        except _DB_ERRORS:
+                            raise
+                        except Exception as exc:
+                            # The caller's own error (a publish that failed, ...): rolled back, and
+                            # raised as it is rather than as a database error.
+                            raise _Through(exc) from exc
+            except _Through as through:
+                raise through.error from None
+
+    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
+        async with self.transaction() as conn:
+            return await fn(conn)
+
+    def _statements(self) -> _Sql:
+        if self._sql is None:
+            raise StorageError("the participant store is not started")
+        return self._sql
+
+    # -- claims -----------------------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        service: str,
+        key: str,
+        *,
+        owner: str,
+        lease: float,
+        kind: CommandKind = "plain",
+        execution_id: str | None = None,
+        step: str | None = None,
+    ) -> ClaimResult:
+        """Claim command ``key`` for ``owner`` for ``lease`` seconds, or say why not (committed at once).
+
+        A claim whose lease ran out, or one ``owner`` already holds, is taken (over).
+        """
+        sql = self._statements()
+        params = {
+            "service": service,
+            "key": key,
+            "owner": owner,
+            "lease": lease,
+            "kind": kind,
+            "execution_id": execution_id,
+            "step": step,
+        }
+
+        async def run(conn: AsyncConnection) -> ClaimResult:
+            if (await conn.execute(sql.claim_insert, params)).first() is not None:
+                return ClaimResult("claimed")
+            if (await conn.execute(sql.claim_take, params)).first() is not None:
+                return ClaimResult("claimed")
+            row = (await conn.execute(sql.claim_read, params)).first()
+            if row is None:  # released between the statements: the next attempt inserts it
+                return ClaimResult("busy")
+            if row[0] == "done":
+                return ClaimResult("done", row[1], row[2])
+            return ClaimResult("busy", lease_left=max(0.0, float(row[3] or 0.0)))
+
+        result: ClaimResult = await self._run(run)
+        return result
+
+    async def renew(self, service: str, key: str, *, owner: str, lease: float) -> bool:
+        """Extend ``owner``'s claim of ``key`` by ``lease`` seconds; ``False`` when it lost the claim."""
+        sql = self._statements()
+        params = {"service": service, "key": key, "owner": owner, "lease": lease}
+
+        async def run(conn: AsyncConnection) -> bool:
+            return bool((await conn.execute(sql.renew, params)).rowcount)
+
+        renewed: bool = await self._run(run)
+        return renewed
+
+    async def release(self, service: str, key: str, *, owner: str) -> None:
+        """Drop ``owner``'s unfinished claim of ``key`` so another instance may take it at once."""
+        sql = self._statements()
+        params = {"service": service, "key": key, "owner": owner}
+
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sql.release, params)
+
+        await self._run(run)
+
+    async def complete(
+        self,
+        conn: AsyncConnection,
+        service: str,
+        key: str,
+        *,
+        owner: str,
+        status: int,
+        value: bytes,
+        reply_topic: str | None,
+        reply_key: bytes | None = None,
+        reply_value: bytes | None = None,
+        reply_headers: Mapping[str, str] | None = None,
+    ) -> int | None:
+        """In ``conn``'s transaction: mark ``key`` done with its reply and queue the reply in the outbox.
+
+        Returns:
+            The outbox row's id (0 when ``reply_topic`` is ``None``: nothing to send), or ``None`` when
+            ``owner`` no longer holds the claim; the caller then rolls the transaction back.
+        """
+        sql = self._statements()
+        params: dict[str, Any] = {
+            "service": service,
+            "key": key,
+            "owner": owner,
+            "status": status,
+            "value": value,
+        }
+        if reply_topic is None:
+            return 0 if (await conn.execute(sql.done, params)).rowcount else None
+        params.update(
+            topic=reply_topic,
+            mkey=reply_key,
+            mvalue=value if reply_value is None else reply_value,
+            headers=orjson.dumps(dict(reply_headers or {})).decode(),
+        )
+        if sql.complete_pg is not None:
+            row = (await conn.execute(sql.complete_pg, params)).first()
+            return None if row is None else int(row[0])
+        if not (await conn.execute(sql.done, params)).rowcount:
+            return None
+        return int((await conn.execute(sql.insert_outbox, params)).scalar_one())
+
+    # -- saga steps ---------------------------------------------------------------------------------------
+
+    async def begin_forward(self, conn: AsyncConnection, service: str, execution_id: str, step: str) -> str:
+        """In ``conn``'s transaction: record that step's forward command is taking effect, locking its row.
+
+        Returns the step's state: ``forward`` (go on) or ``tombstone``/``compensated`` (refuse: the
+        compensation came first). A compensation of the step waits for this transaction to end.
+        """
+        sql = self._statements()
+        params = {"service": service, "execution_id": execution_id, "step": step}
+        return str((await conn.execute(sql.step_forward, params)).scalar_one())
+
+    async def begin_compensation(
+        self, conn: AsyncConnection, service: str, execution_id: str, step: str
+    ) -> Literal["tombstoned", "forward", "tombstone", "compensated"]:
+        """In ``conn``'s transaction: leave a tombstone if the step's forward command never took effect.
+
+        Returns ``tombstoned`` (a tombstone was written now: nothing to undo), else the state found,
+        locked: ``forward`` (the forward command took effect, or an earlier attempt of this compensation
+        did not finish: run the compensation), ``tombstone`` or ``compensated`` (nothing to undo).
+        On PostgreSQL this waits for a forward command's transaction in progress on the same step.
+        """
+        sql = self._statements()
+        params = {"service": service, "execution_id": execution_id, "step": step}
+        if (await conn.execute(sql.step_tombstone, params)).first() is not None:
+            return "tombstoned"
+        state = (await conn.execute(sql.step_read, params)).scalar_one()
+        if state in ("forward", "compensating"):
+            return "forward"
+        return "compensated" if state == "compensated" else "tombstone"
+
+    async def set_step(
+        self, conn: AsyncConnection, service: str, execution_id: str, step: str, state: StepState
+    ) -> None:
+        """In ``conn``'s transaction: set the step's state (``compensated`` after its compensation ran)."""
+        sql = self._statements()
+        params = {"service": service, "execution_id": execution_id, "step": step, "state": state}
+        await conn.execute(sql.step_set, params)
+
+    async def forward_running(self, service: str, execution_id: str, step: str) -> bool:
+        """Whether a forward command of the step is claimed under a live lease (at-least-once handlers)."""
+        sql = self._statements()
+        params = {"service": service, "execution_id": execution_id, "step": step}
+
+        async def run(conn: AsyncConnection) -> bool:
+            return (await conn.execute(sql.forward_running, params)).first() is not None
+
+        running: bool = await self._run(run)
+        return running
+
+    # -- outbox ---------------------------------------------------------------------------------------------
+
+    async def relay(
+        self,
+        service: str,
+        publish: Callable[[Sequence[OutboxRow]], Awaitable[None]],
+        *,
+        older_than: float,
+        limit: int = 100,
+    ) -> int:
+        """Publish (through ``publish``) and delete up to ``limit`` replies queued ``older_than`` seconds ago.
+
+        The rows are locked while they are published (PostgreSQL: ``SKIP LOCKED``, so relays of several
+        instances share them); a failing ``publish`` leaves them queued. Returns how many were sent.
+        """
+        sql = self._statements()
+
+        async def run(conn: AsyncConnection) -> int:
+            result = await conn.execute(sql.unsent, {"service": service, "age": older_than, "limit": limit})
+            rows = [
+                OutboxRow(int(r[0]), r[1], r[2], r[3], dict(orjson.loads(r[4]))) for r in result.fetchall()
+            ]
+            if not rows:
+                return 0
+            await publish(rows)
+            await conn.execute(sql.delete_outbox, [{"id": row.id} for row in rows])
+            return len(rows)
+
+        sent: int = await self._run(run)
+        return sent
+
+    async def forget_outbox(self, ids: Sequence[int]) -> None:
+        """Delete outbox rows already published by the instance that committed them."""
+        if not ids:
+            return
+        sql = self._statements()
+
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(sql.delete_outbox, [{"id": i} for i in ids])
+
+        await self._run(run)
