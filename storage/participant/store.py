@@ -25,14 +25,33 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import event, text
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    LargeBinary,
+    String,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    event,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from storage.errors import StorageError
 from storage.participant.migrate import upgrade_participant_store
+from storage.participant.schema import commands, outbox, steps
 from storage.sql.connections import ErrorTranslator
 
 try:
@@ -82,16 +101,6 @@ class OutboxRow:
     headers: dict[str, str]
 
 
-_NOW = {
-    "postgresql": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
-    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
-}
-
-_C = "saga_participant_commands"
-_S = "saga_participant_steps"
-_O = "saga_participant_outbox"
-
-
 class _Through(Exception):
     """Carries an error of the transaction's body past the database error translation."""
 
@@ -109,84 +118,134 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _b(mapping: dict[str, Any] | None = None, /, **values: Any) -> dict[str, Any]:
+    """Statement parameters: the store's bind names carry a ``b_`` prefix (column names are reserved)."""
+    return {f"b_{k}": v for k, v in {**(mapping or {}), **values}.items()}
+
+
+def _clock(dialect: str) -> ColumnElement[float]:
+    """The database clock in seconds since the epoch: one clock for every instance's leases."""
+    if dialect == "postgresql":
+        return cast(func.extract("epoch", func.clock_timestamp()), Float)
+    return (func.julianday("now") - 2440587.5) * 86400.0
+
+
 class _Sql:
-    """The store's statements for one dialect (``now`` is the database clock's expression)."""
+    """The store's statements for one dialect, built once (SQLAlchemy caches their compiled form)."""
 
     def __init__(self, dialect: str) -> None:
-        now = _NOW[dialect]
         pg = dialect == "postgresql"
-        self.claim_insert = text(
-            f"INSERT INTO {_C} (service, idempotency_key, execution_id, step, kind, state, owner,"
-            f" lease_until, updated_at) VALUES (:service, :key, :execution_id, :step, :kind, 'claimed',"
-            f" :owner, {now} + :lease, {now}) ON CONFLICT (service, idempotency_key) DO NOTHING"
-            " RETURNING kind"
-        )
-        self.claim_take = text(
-            f"UPDATE {_C} SET owner = :owner, lease_until = {now} + :lease, updated_at = {now}"
-            f" WHERE service = :service AND idempotency_key = :key AND state = 'claimed'"
-            f" AND (lease_until < {now} OR owner = :owner) RETURNING kind"
-        )
-        self.claim_read = text(
-            f"SELECT state, reply_status, reply_value, lease_until - {now} FROM {_C}"
-            " WHERE service = :service AND idempotency_key = :key"
-        )
-        self.renew = text(
-            f"UPDATE {_C} SET lease_until = {now} + :lease WHERE service = :service"
-            " AND idempotency_key = :key AND state = 'claimed' AND owner = :owner"
-        )
-        self.release = text(
-            f"DELETE FROM {_C} WHERE service = :service AND idempotency_key = :key"
-            " AND state = 'claimed' AND owner = :owner"
-        )
-        done = (
-            f"UPDATE {_C} SET state = 'done', owner = NULL, lease_until = NULL, reply_status = :status,"
-            f" reply_value = :value, updated_at = {now} WHERE service = :service AND idempotency_key = :key"
-            " AND state = 'claimed' AND owner = :owner"
-        )
-        insert_outbox = (
-            f"INSERT INTO {_O} (service, topic, key, value, headers, created_at)"
-            f" VALUES (:service, :topic, :mkey, :mvalue, :headers, {now}) RETURNING id"
-        )
-        self.done = text(done)
-        self.insert_outbox = text(insert_outbox)
-        # PostgreSQL completes in one round trip: the outbox row is inserted only if the claim still held.
-        self.complete_pg = (
-            text(
-                f"WITH done AS ({done} RETURNING 1) INSERT INTO {_O} (service, topic, key, value, headers,"
-                f" created_at) SELECT :service, :topic, :mkey, :mvalue, :headers, {now} FROM done"
-                " RETURNING id"
+        insert = pg_insert if pg else sqlite_insert
+        now = _clock(dialect)
+        c, st, o = commands.c, steps.c, outbox.c
+        service = bindparam("b_service", type_=String())
+        key = bindparam("b_key", type_=String())
+        owner = bindparam("b_owner", type_=String())
+        lease = bindparam("b_lease", type_=Float())
+        this = and_(c.service == service, c.idempotency_key == key)
+        claimed_by = and_(this, c.state == "claimed", c.owner == owner)
+        self.claim_insert = (
+            insert(commands)
+            .values(
+                service=service,
+                idempotency_key=key,
+                execution_id=bindparam("b_execution_id"),
+                step=bindparam("b_step"),
+                kind=bindparam("b_kind"),
+                state="claimed",
+                owner=owner,
+                lease_until=now + lease,
+                updated_at=now,
             )
+            .on_conflict_do_nothing(index_elements=[c.service, c.idempotency_key])
+            .returning(c.kind)
+        )
+        self.claim_take = (
+            update(commands)
+            .where(this, c.state == "claimed", or_(c.lease_until < now, c.owner == owner))
+            .values(owner=owner, lease_until=now + lease, updated_at=now)
+            .returning(c.kind)
+        )
+        self.claim_read = select(c.state, c.reply_status, c.reply_value, c.lease_until - now).where(this)
+        self.renew = update(commands).where(claimed_by).values(lease_until=now + lease)
+        self.release = delete(commands).where(claimed_by)
+        self.done = (
+            update(commands)
+            .where(claimed_by)
+            .values(
+                state="done",
+                owner=None,
+                lease_until=None,
+                reply_status=bindparam("b_status"),
+                reply_value=bindparam("b_value"),
+                updated_at=now,
+            )
+        )
+        row: dict[str, ColumnElement[Any]] = {
+            "service": service,
+            "topic": bindparam("b_topic", type_=String()),
+            "key": bindparam("b_mkey", type_=LargeBinary()),
+            "value": bindparam("b_mvalue", type_=LargeBinary()),
+            "headers": bindparam("b_headers", type_=Text()),
+            "created_at": now,
+        }
+        self.insert_outbox = insert(outbox).values(**row).returning(o.id)
+        # PostgreSQL completes in one round trip: the outbox row is inserted only if the claim still held.
+        done = self.done.returning(literal(1).label("done")).cte("done")
+        self.complete_pg = (
+            pg_insert(outbox)
+            .from_select(
+                list(row),
+                select(*row.values()).select_from(done),
+            )
+            .returning(o.id)
             if pg
             else None
         )
-        self.step_forward = text(
-            f"INSERT INTO {_S} (service, execution_id, step, state, updated_at) VALUES (:service,"
-            f" :execution_id, :step, 'forward', {now}) ON CONFLICT (service, execution_id, step)"
-            f" DO UPDATE SET state = {_S}.state RETURNING state"
+        step_key = and_(
+            st.service == service,
+            st.execution_id == bindparam("b_execution_id"),
+            st.step == bindparam("b_step"),
         )
-        self.step_tombstone = text(
-            f"INSERT INTO {_S} (service, execution_id, step, state, updated_at) VALUES (:service,"
-            f" :execution_id, :step, 'tombstone', {now}) ON CONFLICT (service, execution_id, step)"
-            " DO NOTHING RETURNING state"
+        step_row = {
+            "service": service,
+            "execution_id": bindparam("b_execution_id"),
+            "step": bindparam("b_step"),
+            "updated_at": now,
+        }
+        forward = insert(steps).values(state="forward", **step_row)
+        self.step_forward = forward.on_conflict_do_update(
+            index_elements=[st.service, st.execution_id, st.step], set_={"state": st.state}
+        ).returning(st.state)
+        self.step_tombstone = (
+            insert(steps)
+            .values(state="tombstone", **step_row)
+            .on_conflict_do_nothing(index_elements=[st.service, st.execution_id, st.step])
+            .returning(st.state)
         )
-        self.step_read = text(
-            f"SELECT state FROM {_S} WHERE service = :service AND execution_id = :execution_id"
-            " AND step = :step" + (" FOR UPDATE" if pg else "")
+        read = select(st.state).where(step_key)
+        self.step_read = read.with_for_update() if pg else read
+        self.step_set = update(steps).where(step_key).values(state=bindparam("b_state"), updated_at=now)
+        self.forward_running = (
+            select(literal(1))
+            .where(
+                c.execution_id == bindparam("b_execution_id"),
+                c.service == service,
+                c.step == bindparam("b_step"),
+                c.kind == "forward",
+                c.state == "claimed",
+                c.lease_until >= now,
+            )
+            .limit(1)
         )
-        self.step_set = text(
-            f"UPDATE {_S} SET state = :state, updated_at = {now} WHERE service = :service"
-            " AND execution_id = :execution_id AND step = :step"
+        unsent = (
+            select(o.id, o.topic, o.key, o.value, o.headers)
+            .where(o.service == service, o.created_at <= now - bindparam("b_age"))
+            .order_by(o.created_at)
+            .limit(bindparam("b_limit"))
         )
-        self.forward_running = text(
-            f"SELECT 1 FROM {_C} WHERE execution_id = :execution_id AND service = :service AND step = :step"
-            f" AND kind = 'forward' AND state = 'claimed' AND lease_until >= {now} LIMIT 1"
-        )
-        self.unsent = text(
-            f"SELECT id, topic, key, value, headers FROM {_O} WHERE service = :service"
-            f" AND created_at <= {now} - :age ORDER BY created_at LIMIT :limit"
-            + (" FOR UPDATE SKIP LOCKED" if pg else "")
-        )
-        self.delete_outbox = text(f"DELETE FROM {_O} WHERE id = :id")
+        self.unsent = unsent.with_for_update(skip_locked=True) if pg else unsent
+        self.delete_outbox = delete(outbox).where(o.id == bindparam("b_id"))
 
 
 class SqlParticipantStore:
@@ -252,7 +311,7 @@ class SqlParticipantStore:
                 options.update(pool_size=self._pool_size, max_overflow=self._pool_size)
             self._engine = create_async_engine(self._url, **options)
         engine = self._engine
-        if engine.dialect.name not in _NOW:
+        if engine.dialect.name not in ("postgresql", "sqlite"):
             raise StorageError(f"participant store: unsupported database {engine.dialect.name!r}")
         if engine.dialect.name == "sqlite":
             self._sqlite_lock = asyncio.Lock()
@@ -326,15 +385,15 @@ class SqlParticipantStore:
         A claim whose lease ran out, or one ``owner`` already holds, is taken (over).
         """
         sql = self._statements()
-        params = {
-            "service": service,
-            "key": key,
-            "owner": owner,
-            "lease": lease,
-            "kind": kind,
-            "execution_id": execution_id,
-            "step": step,
-        }
+        params = _b(
+            service=service,
+            key=key,
+            owner=owner,
+            lease=lease,
+            kind=kind,
+            execution_id=execution_id,
+            step=step,
+        )
 
         async def run(conn: AsyncConnection) -> ClaimResult:
             if (await conn.execute(sql.claim_insert, params)).first() is not None:
@@ -354,7 +413,7 @@ class SqlParticipantStore:
     async def renew(self, service: str, key: str, *, owner: str, lease: float) -> bool:
         """Extend ``owner``'s claim of ``key`` by ``lease`` seconds; ``False`` when it lost the claim."""
         sql = self._statements()
-        params = {"service": service, "key": key, "owner": owner, "lease": lease}
+        params = _b({"service": service, "key": key, "owner": owner, "lease": lease})
 
         async def run(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(sql.renew, params)).rowcount)
@@ -365,7 +424,7 @@ class SqlParticipantStore:
     async def release(self, service: str, key: str, *, owner: str) -> None:
         """Drop ``owner``'s unfinished claim of ``key`` so another instance may take it at once."""
         sql = self._statements()
-        params = {"service": service, "key": key, "owner": owner}
+        params = _b({"service": service, "key": key, "owner": owner})
 
         async def run(conn: AsyncConnection) -> None:
             await conn.execute(sql.release, params)
@@ -393,20 +452,16 @@ class SqlParticipantStore:
             ``owner`` no longer holds the claim; the caller then rolls the transaction back.
         """
         sql = self._statements()
-        params: dict[str, Any] = {
-            "service": service,
-            "key": key,
-            "owner": owner,
-            "status": status,
-            "value": value,
-        }
+        params = _b(service=service, key=key, owner=owner, status=status, value=value)
         if reply_topic is None:
             return 0 if (await conn.execute(sql.done, params)).rowcount else None
         params.update(
-            topic=reply_topic,
-            mkey=reply_key,
-            mvalue=value if reply_value is None else reply_value,
-            headers=orjson.dumps(dict(reply_headers or {})).decode(),
+            _b(
+                topic=reply_topic,
+                mkey=reply_key,
+                mvalue=value if reply_value is None else reply_value,
+                headers=orjson.dumps(dict(reply_headers or {})).decode(),
+            )
         )
         if sql.complete_pg is not None:
             row = (await conn.execute(sql.complete_pg, params)).first()
@@ -424,7 +479,7 @@ class SqlParticipantStore:
         compensation came first). A compensation of the step waits for this transaction to end.
         """
         sql = self._statements()
-        params = {"service": service, "execution_id": execution_id, "step": step}
+        params = _b({"service": service, "execution_id": execution_id, "step": step})
         return str((await conn.execute(sql.step_forward, params)).scalar_one())
 
     async def begin_compensation(
@@ -438,7 +493,7 @@ class SqlParticipantStore:
         On PostgreSQL this waits for a forward command's transaction in progress on the same step.
         """
         sql = self._statements()
-        params = {"service": service, "execution_id": execution_id, "step": step}
+        params = _b({"service": service, "execution_id": execution_id, "step": step})
         if (await conn.execute(sql.step_tombstone, params)).first() is not None:
             return "tombstoned"
         state = (await conn.execute(sql.step_read, params)).scalar_one()
@@ -451,13 +506,13 @@ class SqlParticipantStore:
     ) -> None:
         """In ``conn``'s transaction: set the step's state (``compensated`` after its compensation ran)."""
         sql = self._statements()
-        params = {"service": service, "execution_id": execution_id, "step": step, "state": state}
+        params = _b({"service": service, "execution_id": execution_id, "step": step, "state": state})
         await conn.execute(sql.step_set, params)
 
     async def forward_running(self, service: str, execution_id: str, step: str) -> bool:
         """Whether a forward command of the step is claimed under a live lease (at-least-once handlers)."""
         sql = self._statements()
-        params = {"service": service, "execution_id": execution_id, "step": step}
+        params = _b({"service": service, "execution_id": execution_id, "step": step})
 
         async def run(conn: AsyncConnection) -> bool:
             return (await conn.execute(sql.forward_running, params)).first() is not None
@@ -483,14 +538,14 @@ class SqlParticipantStore:
         sql = self._statements()
 
         async def run(conn: AsyncConnection) -> int:
-            result = await conn.execute(sql.unsent, {"service": service, "age": older_than, "limit": limit})
+            result = await conn.execute(sql.unsent, _b(service=service, age=older_than, limit=limit))
             rows = [
                 OutboxRow(int(r[0]), r[1], r[2], r[3], dict(orjson.loads(r[4]))) for r in result.fetchall()
             ]
             if not rows:
                 return 0
             await publish(rows)
-            await conn.execute(sql.delete_outbox, [{"id": row.id} for row in rows])
+            await conn.execute(sql.delete_outbox, [{"b_id": row.id} for row in rows])
             return len(rows)
 
         sent: int = await self._run(run)
@@ -503,6 +558,6 @@ class SqlParticipantStore:
         sql = self._statements()
 
         async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sql.delete_outbox, [{"id": i} for i in ids])
+            await conn.execute(sql.delete_outbox, [{"b_id": i} for i in ids])
 
         await self._run(run)
