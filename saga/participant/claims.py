@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,7 +40,7 @@ from typing import Any
 from broker import BrokerMessage
 from saga.errors import SagaBusinessError
 from saga.messages import SagaCommand, SagaResponseStatus, encode_json
-from saga.participant.replies import build_reply, oversized_content, record_size
+from saga.participant.replies import reply_to, sized_reply
 from saga.participant.types import CommandContext, CommandHandler, HandlerTransaction, ParticipantStats
 from storage.participant import ClaimResult, CommandKind, SqlParticipantStore
 
@@ -166,14 +167,11 @@ class StoreFlow:
         delay = min(0.05, self.lease / 10)
         while True:
             result: ClaimResult = await self._call(
-                self.store.claim,
+                functools.partial(self.store.claim, owner=self.owner, lease=self.lease, kind=kind),
                 self.service,
                 key,
-                owner=self.owner,
-                lease=self.lease,
-                kind=kind,
-                execution_id=execution_id,
-                step=step,
+                execution_id,
+                step,
             )
             if result.outcome != "busy":
                 return result
@@ -242,33 +240,14 @@ class StoreFlow:
     def _reply(
         self, message: BrokerMessage, command: SagaCommand, status: int, value: bytes
     ) -> BrokerMessage:
-        return build_reply(
-            command.reply_topic,
-            value=value,
-            status=status,
-            # Addressed from the command just received (reply topic, request id), not from the one first
-            # handled, so a replay under the same key that carries a new request id gets an applicable reply.
-            execution_id=command.execution_id,
-            request_id=command.request_id,
-            service_name=self.service,
-            command_headers=message.headers,
-        )
+        return reply_to(message, command, status, value, self.service)
 
     def _sized(
         self, message: BrokerMessage, command: SagaCommand, status: int, value: bytes
     ) -> BrokerMessage:
-        """The reply, or the small ``SYSTEM_ERROR`` reply saying it is over the size limit."""
-        reply = self._reply(message, command, status, value)
-        size = record_size(reply)
-        if size <= self._limit:
-            return reply
-        self._stats.oversized_replies += 1
-        _log.error(
-            "%s: reply to %s is %d bytes, over the %d-byte limit; replying %d instead",
-            self.service, command.idempotency_key, size, self._limit, _SYSTEM_ERROR,
-        )  # fmt: skip
-        small_status, small_value = oversized_content(size, self._limit)
-        return self._reply(message, command, small_status, small_value)
+        return sized_reply(
+            message, command, status, value, service=self.service, limit=self._limit, stats=self._stats
+        )
 
     async def _complete(self, conn: Any, command: SagaCommand, reply: BrokerMessage) -> int:
         status = int(reply.headers["saga-status"])

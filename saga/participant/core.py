@@ -30,7 +30,6 @@ instead of running the handler again (see `saga.participant.claims`).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import random
@@ -45,22 +44,22 @@ from saga.consumer import H_DEAD_LETTER_REASON
 from saga.errors import MalformedMessageError, SagaStateError
 from saga.messages import (
     H_SERVICE,
+    H_STATUS,
     SagaCommand,
     SagaControl,
     control_topic,
-    decode_json,
-    encode_json,
 )
 from saga.participant.claims import Abandoned, HandlerSpec, StoreFlow, command_context, run_handler
+from saga.participant.decisions import decide_with_dedup, decide_with_store
 from saga.participant.dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
 from saga.participant.relay import ReplyRelay
 from saga.participant.replies import (
     DEFAULT_MAX_REPLY_BYTES,
-    build_reply,
     check_protocol_version,
-    oversized_content,
-    record_size,
+    reply_to,
+    sized_reply,
 )
+from saga.participant.support import DeadLetter, lane, stored_outcome, stored_reply
 from saga.participant.types import DecisionHandler, ParticipantStats
 from saga.pipeline import KeyedPipeline
 from storage import SagaStorage, StorageError
@@ -75,43 +74,6 @@ _log = logging.getLogger(__name__)
 H_DEAD_LETTER_TOPIC = "saga-dead-letter-topic"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _lane(message: BrokerMessage) -> tuple[str, int | None, bytes | None]:
-    """Records of one key (the saga execution id) are handled in offset order, other keys concurrently.
-
-    A saga's commands and its decision share the key, so they reach handlers in the order the orchestrator
-    published them; sagas sharing a partition have no order to keep between them, and handling them one
-    after the other would cap a participant at one reply publish per partition at a time. Records without
-    a key keep partition order.
-    """
-    return message.topic, message.partition, message.key
-
-
-def _stored_reply(status: int, value: bytes) -> bytes:
-    """A reply as the dedup store keeps it: ``{"status": ..., "content": ...}``.
-
-    Spliced around the reply's already encoded content: the same bytes `encode_json` makes of that dict,
-    without encoding the content a second time.
-    """
-    return b'{"status":%d,"content":%b}' % (status, value)
-
-
-def _stored_outcome(key: str, stored: bytes) -> tuple[int, bytes]:
-    """The status and encoded content of a reply `_stored_reply` kept under ``key``."""
-    data = decode_json(stored, field_name="stored reply")
-    if not isinstance(data, dict) or not isinstance(data.get("status"), int):
-        raise _DeadLetter("bad_stored_reply", f"stored reply of {key!r} is unreadable")
-    return data["status"], encode_json(data.get("content"))
-
-
-class _DeadLetter(Exception):
-    """Internal: the record goes to the dead-letter topic for ``reason``."""
-
-    def __init__(self, category: str, reason: str) -> None:
-        super().__init__(reason)
-        self.category = category
-        self.reason = reason
 
 
 _Abandoned = Abandoned
@@ -208,6 +170,7 @@ class SagaParticipant:
         self._max_reply_bytes = max_reply_bytes
         self._relay_older_than = relay_older_than
         self._relay: ReplyRelay | None = None
+        self._own_store = False
         self._flow: StoreFlow | None = None
         self._replies: ReplyStore = storage if storage is not None else LruReplyStore(dedup_cache_size)
         self._max_records = max_records
@@ -297,6 +260,8 @@ class SagaParticipant:
         if self.storage is not None:
             await self.storage.start()
         if self.store is not None:
+            # A store someone else started (shared by several participants) is theirs to stop.
+            self._own_store = not self.store.started
             await self.store.start()
             self._relay = ReplyRelay(
                 self.store, self.service_name, self.broker_pool, older_than=self._relay_older_than
@@ -323,7 +288,7 @@ class SagaParticipant:
         self._pipeline = pipeline = KeyedPipeline(
             subscriber,
             self._process,
-            lane=_lane,
+            lane=lane,
             concurrency=self._concurrency,
             max_records=self._max_records,
             poll_timeout=self._poll_timeout,
@@ -357,7 +322,8 @@ class SagaParticipant:
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.stop()
-        if self.store is not None:
+        if self.store is not None and self._own_store:
+            self._own_store = False
             await self.store.stop()
 
     async def run(self) -> None:
@@ -396,7 +362,7 @@ class SagaParticipant:
         try:
             version = check_protocol_version(message.headers)
             if version is not None:
-                raise _DeadLetter(
+                raise DeadLetter(
                     "unsupported_protocol",
                     f"unsupported_protocol: version {version} is newer than this participant",
                 )
@@ -404,7 +370,7 @@ class SagaParticipant:
                 await self._handle_control(message)
             else:
                 await self._handle_command(message)
-        except _DeadLetter as dead:
+        except DeadLetter as dead:
             await self._dead_letter(message, dead.category, dead.reason)
         except MalformedMessageError as exc:
             await self._dead_letter(message, "malformed", str(exc))
@@ -420,7 +386,7 @@ class SagaParticipant:
         command = SagaCommand.from_message(message)
         spec = self._handlers.get(command.target)
         if spec is None:
-            raise _DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
+            raise DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
         key = command.idempotency_key
         async with KeyLocked(self._locks, key):
             if self._flow is not None:
@@ -433,44 +399,24 @@ class SagaParticipant:
             if stored is not None:
                 self.stats.duplicates += 1
                 _log.debug("command %s already handled; re-sending its reply", key)
-                status, value = _stored_outcome(key, stored)
+                status, value = stored_outcome(key, stored)
+                reply = reply_to(message, command, status, value, self.service_name)
             else:
                 status, value = await run_handler(
                     spec.fn, command_context(command, message, None), self.stats, self.service_name
                 )
-                status, value = self._within_limit(message, command, status, value)
-                await self._call(self._replies.put_command_reply, key, _stored_reply(status, value))
-            await self._publish_reply(self._reply(message, command, status, value))
-
-    def _reply(
-        self, message: BrokerMessage, command: SagaCommand, status: int, value: bytes
-    ) -> BrokerMessage:
-        return build_reply(
-            command.reply_topic,
-            value=value,
-            status=status,
-            # Addressed from the command just received (reply topic, request id), not from the one
-            # first handled, so a replay under the same key that carries a new request id still gets
-            # an applicable reply.
-            execution_id=command.execution_id,
-            request_id=command.request_id,
-            service_name=self.service_name,
-            command_headers=message.headers,
-        )
-
-    def _within_limit(
-        self, message: BrokerMessage, command: SagaCommand, status: int, value: bytes
-    ) -> tuple[int, bytes]:
-        """The reply, or the small ``SYSTEM_ERROR`` one saying it is over ``max_reply_bytes``."""
-        size = record_size(self._reply(message, command, status, value))
-        if size <= self._max_reply_bytes:
-            return status, value
-        self.stats.oversized_replies += 1
-        _log.error(
-            "%s: reply to %s is %d bytes, over the %d-byte limit",
-            self.service_name, command.idempotency_key, size, self._max_reply_bytes,
-        )  # fmt: skip
-        return oversized_content(size, self._max_reply_bytes)
+                reply = sized_reply(
+                    message,
+                    command,
+                    status,
+                    value,
+                    service=self.service_name,
+                    limit=self._max_reply_bytes,
+                    stats=self.stats,
+                )
+                stored = stored_reply(int(reply.headers[H_STATUS]), reply.value)
+                await self._call(self._replies.put_command_reply, key, stored)
+            await self._publish_reply(reply)
 
     async def _publish_reply(self, reply: BrokerMessage) -> None:
         await self._call(self.broker_pool.publisher().send, reply)
@@ -481,57 +427,18 @@ class SagaParticipant:
             raise MalformedMessageError(
                 H_SERVICE, f"names {control.service[:64]!r}, not {self.service_name!r}"
             )
-        # Several services may share one store; the decision's own key is per execution and action only.
-        key = control.idempotency_key
-        async with KeyLocked(self._locks, key):
-            flow = self._flow
-            if flow is not None:
-                claim = await flow.claim(key, "decision", str(control.execution_id), None)
-                if claim.outcome == "done":
-                    self.stats.duplicate_decisions += 1
-                    return
-                async with flow.renewing(key):
-                    await self._run_decision(control)
-                    await self._call(self._decided, key, control.action)
+        handlers = self._on_commit if control.action == "commit" else self._on_reject
+        async with KeyLocked(self._locks, control.idempotency_key):
+            if self._flow is not None:
+                done = await decide_with_store(self._flow, control, handlers, self._call)
             else:
-                if await self._call(self._replies.get_command_reply, key) is not None:
-                    self.stats.duplicate_decisions += 1
-                    return
-                await self._run_decision(control)
-                await self._call(
-                    self._replies.put_command_reply, key, encode_json({"decision": control.action})
-                )
-        if control.action == "commit":
+                done = await decide_with_dedup(self._replies, control, handlers, self._call)
+        if not done:
+            self.stats.duplicate_decisions += 1
+        elif control.action == "commit":
             self.stats.commits += 1
         else:
             self.stats.rejects += 1
-
-    async def _run_decision(self, control: SagaControl) -> None:
-        handlers = self._on_commit if control.action == "commit" else self._on_reject
-        for fn in handlers:
-            try:
-                result = fn(control)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                _log.exception("%s %s handler failed", self.service_name, control.action)
-                raise _DeadLetter(
-                    "decision_failed", f"{control.action} handler raised {type(exc).__name__}: {exc}"
-                ) from exc
-
-    async def _decided(self, key: str, action: str) -> None:
-        store = self.store
-        assert store is not None
-        async with store.transaction() as conn:
-            await store.complete(
-                conn,
-                self.service_name,
-                key,
-                owner=self.instance_id,
-                status=200,
-                value=encode_json({"decision": action}),
-                reply_topic=None,
-            )
 
     async def _dead_letter(self, message: BrokerMessage, category: str, reason: str) -> None:
         _log.warning(
@@ -561,7 +468,7 @@ class SagaParticipant:
         except BrokerClosedError:
             raise
         except (BrokerError, StorageError) as exc:
-            raise _DeadLetter("infrastructure", f"{type(exc).__name__}: {exc}") from exc
+            raise DeadLetter("infrastructure", f"{type(exc).__name__}: {exc}") from exc
 
     async def _retry(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Call ``fn``, backing off and retrying while it fails with a retriable error."""

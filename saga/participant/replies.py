@@ -7,6 +7,7 @@ saying so, so the saga compensates instead of waiting for a reply that never com
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 
@@ -17,10 +18,12 @@ from saga.messages import (
     H_TRACEPARENT,
     H_TRACESTATE,
     PROTOCOL_VERSION,
+    SagaCommand,
     SagaResponseStatus,
     encode_json,
     reply_message,
 )
+from saga.participant.types import ParticipantStats
 
 __all__ = [
     "DEFAULT_MAX_REPLY_BYTES",
@@ -29,7 +32,11 @@ __all__ = [
     "check_protocol_version",
     "oversized_content",
     "record_size",
+    "reply_to",
+    "sized_reply",
 ]
+
+_log = logging.getLogger("saga.participant")
 
 #: The broker's default largest request (Kafka's and aiokafka's ``max_request_size``: 1 MiB).
 DEFAULT_MAX_REPLY_BYTES = 1_048_576
@@ -103,3 +110,46 @@ def oversized_content(size: int, limit: int) -> tuple[int, bytes]:
             "limit": limit,
         }
     )
+
+
+def reply_to(
+    message: BrokerMessage, command: SagaCommand, status: int, value: bytes, service: str
+) -> BrokerMessage:
+    """The reply to ``command`` (received as ``message``) with ``status`` and encoded content ``value``.
+
+    Addressed from the command just received (reply topic, request id), not from the one first handled,
+    so a replay under the same key that carries a new request id still gets an applicable reply.
+    """
+    return build_reply(
+        command.reply_topic,
+        value=value,
+        status=status,
+        execution_id=command.execution_id,
+        request_id=command.request_id,
+        service_name=service,
+        command_headers=message.headers,
+    )
+
+
+def sized_reply(
+    message: BrokerMessage,
+    command: SagaCommand,
+    status: int,
+    value: bytes,
+    *,
+    service: str,
+    limit: int,
+    stats: ParticipantStats,
+) -> BrokerMessage:
+    """`reply_to`, or the small ``SYSTEM_ERROR`` reply saying it is over ``limit`` bytes."""
+    reply = reply_to(message, command, status, value, service)
+    size = record_size(reply)
+    if size <= limit:
+        return reply
+    stats.oversized_replies += 1
+    _log.error(
+        "%s: reply to %s is %d bytes, over the %d-byte limit; replying %d instead",
+        service, command.idempotency_key, size, limit, _SYSTEM_ERROR,
+    )  # fmt: skip
+    small_status, small_value = oversized_content(size, limit)
+    return reply_to(message, command, small_status, small_value, service)

@@ -39,7 +39,7 @@ class HandlerTransaction:
         """An `AsyncSession` joined to the transaction, made on first use and flushed before the commit."""
         if self._session is None:
             self._session = AsyncSession(
-                bind=self.connection, expire_on_commit=False, join_transaction_mode="conservative_savepoint"
+                bind=self.connection, expire_on_commit=False, join_transaction_mode="rollback_only"
             )
         return self._session
 

@@ -26,32 +26,16 @@ from typing import Any, Literal
 
 import orjson
 from sqlalchemy import (
-    ColumnElement,
-    Float,
-    LargeBinary,
-    String,
-    Text,
-    and_,
-    bindparam,
-    cast,
-    delete,
     event,
-    func,
-    literal,
-    or_,
-    select,
-    update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from storage.errors import StorageError
 from storage.participant.migrate import upgrade_participant_store
-from storage.participant.schema import commands, outbox, steps
+from storage.participant.statements import Statements, params
 from storage.sql.connections import ErrorTranslator
 
 try:
@@ -118,136 +102,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def _b(mapping: dict[str, Any] | None = None, /, **values: Any) -> dict[str, Any]:
-    """Statement parameters: the store's bind names carry a ``b_`` prefix (column names are reserved)."""
-    return {f"b_{k}": v for k, v in {**(mapping or {}), **values}.items()}
-
-
-def _clock(dialect: str) -> ColumnElement[float]:
-    """The database clock in seconds since the epoch: one clock for every instance's leases."""
-    if dialect == "postgresql":
-        return cast(func.extract("epoch", func.clock_timestamp()), Float)
-    return (func.julianday("now") - 2440587.5) * 86400.0
-
-
-class _Sql:
-    """The store's statements for one dialect, built once (SQLAlchemy caches their compiled form)."""
-
-    def __init__(self, dialect: str) -> None:
-        pg = dialect == "postgresql"
-        insert = pg_insert if pg else sqlite_insert
-        now = _clock(dialect)
-        c, st, o = commands.c, steps.c, outbox.c
-        service = bindparam("b_service", type_=String())
-        key = bindparam("b_key", type_=String())
-        owner = bindparam("b_owner", type_=String())
-        lease = bindparam("b_lease", type_=Float())
-        this = and_(c.service == service, c.idempotency_key == key)
-        claimed_by = and_(this, c.state == "claimed", c.owner == owner)
-        self.claim_insert = (
-            insert(commands)
-            .values(
-                service=service,
-                idempotency_key=key,
-                execution_id=bindparam("b_execution_id"),
-                step=bindparam("b_step"),
-                kind=bindparam("b_kind"),
-                state="claimed",
-                owner=owner,
-                lease_until=now + lease,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=[c.service, c.idempotency_key])
-            .returning(c.kind)
-        )
-        self.claim_take = (
-            update(commands)
-            .where(this, c.state == "claimed", or_(c.lease_until < now, c.owner == owner))
-            .values(owner=owner, lease_until=now + lease, updated_at=now)
-            .returning(c.kind)
-        )
-        self.claim_read = select(c.state, c.reply_status, c.reply_value, c.lease_until - now).where(this)
-        self.renew = update(commands).where(claimed_by).values(lease_until=now + lease)
-        self.release = delete(commands).where(claimed_by)
-        self.done = (
-            update(commands)
-            .where(claimed_by)
-            .values(
-                state="done",
-                owner=None,
-                lease_until=None,
-                reply_status=bindparam("b_status"),
-                reply_value=bindparam("b_value"),
-                updated_at=now,
-            )
-        )
-        row: dict[str, ColumnElement[Any]] = {
-            "service": service,
-            "topic": bindparam("b_topic", type_=String()),
-            "key": bindparam("b_mkey", type_=LargeBinary()),
-            "value": bindparam("b_mvalue", type_=LargeBinary()),
-            "headers": bindparam("b_headers", type_=Text()),
-            "created_at": now,
-        }
-        self.insert_outbox = insert(outbox).values(**row).returning(o.id)
-        # PostgreSQL completes in one round trip: the outbox row is inserted only if the claim still held.
-        done = self.done.returning(literal(1).label("done")).cte("done")
-        self.complete_pg = (
-            pg_insert(outbox)
-            .from_select(
-                list(row),
-                select(*row.values()).select_from(done),
-            )
-            .returning(o.id)
-            if pg
-            else None
-        )
-        step_key = and_(
-            st.service == service,
-            st.execution_id == bindparam("b_execution_id"),
-            st.step == bindparam("b_step"),
-        )
-        step_row = {
-            "service": service,
-            "execution_id": bindparam("b_execution_id"),
-            "step": bindparam("b_step"),
-            "updated_at": now,
-        }
-        forward = insert(steps).values(state="forward", **step_row)
-        self.step_forward = forward.on_conflict_do_update(
-            index_elements=[st.service, st.execution_id, st.step], set_={"state": st.state}
-        ).returning(st.state)
-        self.step_tombstone = (
-            insert(steps)
-            .values(state="tombstone", **step_row)
-            .on_conflict_do_nothing(index_elements=[st.service, st.execution_id, st.step])
-            .returning(st.state)
-        )
-        read = select(st.state).where(step_key)
-        self.step_read = read.with_for_update() if pg else read
-        self.step_set = update(steps).where(step_key).values(state=bindparam("b_state"), updated_at=now)
-        self.forward_running = (
-            select(literal(1))
-            .where(
-                c.execution_id == bindparam("b_execution_id"),
-                c.service == service,
-                c.step == bindparam("b_step"),
-                c.kind == "forward",
-                c.state == "claimed",
-                c.lease_until >= now,
-            )
-            .limit(1)
-        )
-        unsent = (
-            select(o.id, o.topic, o.key, o.value, o.headers)
-            .where(o.service == service, o.created_at <= now - bindparam("b_age"))
-            .order_by(o.created_at)
-            .limit(bindparam("b_limit"))
-        )
-        self.unsent = unsent.with_for_update(skip_locked=True) if pg else unsent
-        self.delete_outbox = delete(outbox).where(o.id == bindparam("b_id"))
-
-
 class SqlParticipantStore:
     """The participant store on PostgreSQL (``postgresql+asyncpg://``) or SQLite (``sqlite+aiosqlite://``).
 
@@ -276,7 +130,7 @@ class SqlParticipantStore:
         self._pool_size = pool_size
         self._auto_migrate = auto_migrate
         self._echo = echo
-        self._sql: _Sql | None = None
+        self._sql: Statements | None = None
         self._sqlite_lock: asyncio.Lock | None = None
         self._started = False
 
@@ -286,6 +140,11 @@ class SqlParticipantStore:
         if self._engine is None:
             raise StorageError("the participant store is not started")
         return self._engine
+
+    @property
+    def started(self) -> bool:
+        """Whether `start` ran (and `stop` did not since)."""
+        return self._started
 
     @property
     def dialect(self) -> str:
@@ -317,7 +176,7 @@ class SqlParticipantStore:
             self._sqlite_lock = asyncio.Lock()
             if not event.contains(engine.sync_engine, "connect", _sqlite_pragmas):
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        self._sql = _Sql(engine.dialect.name)
+        self._sql = Statements(engine.dialect.name)
         if self._auto_migrate:
             await upgrade_participant_store(engine)
         self._started = True
@@ -362,7 +221,7 @@ class SqlParticipantStore:
         async with self.transaction() as conn:
             return await fn(conn)
 
-    def _statements(self) -> _Sql:
+    def _statements(self) -> Statements:
         if self._sql is None:
             raise StorageError("the participant store is not started")
         return self._sql
@@ -373,19 +232,19 @@ class SqlParticipantStore:
         self,
         service: str,
         key: str,
+        execution_id: str | None = None,
+        step: str | None = None,
         *,
         owner: str,
         lease: float,
         kind: CommandKind = "plain",
-        execution_id: str | None = None,
-        step: str | None = None,
     ) -> ClaimResult:
         """Claim command ``key`` for ``owner`` for ``lease`` seconds, or say why not (committed at once).
 
         A claim whose lease ran out, or one ``owner`` already holds, is taken (over).
         """
         sql = self._statements()
-        params = _b(
+        values = params(
             service=service,
             key=key,
             owner=owner,
@@ -396,11 +255,11 @@ class SqlParticipantStore:
         )
 
         async def run(conn: AsyncConnection) -> ClaimResult:
-            if (await conn.execute(sql.claim_insert, params)).first() is not None:
+            if (await conn.execute(sql.claim_insert, values)).first() is not None:
                 return ClaimResult("claimed")
-            if (await conn.execute(sql.claim_take, params)).first() is not None:
+            if (await conn.execute(sql.claim_take, values)).first() is not None:
                 return ClaimResult("claimed")
-            row = (await conn.execute(sql.claim_read, params)).first()
+            row = (await conn.execute(sql.claim_read, values)).first()
             if row is None:  # released between the statements: the next attempt inserts it
                 return ClaimResult("busy")
             if row[0] == "done":
@@ -413,10 +272,10 @@ class SqlParticipantStore:
     async def renew(self, service: str, key: str, *, owner: str, lease: float) -> bool:
         """Extend ``owner``'s claim of ``key`` by ``lease`` seconds; ``False`` when it lost the claim."""
         sql = self._statements()
-        params = _b({"service": service, "key": key, "owner": owner, "lease": lease})
+        values = params({"service": service, "key": key, "owner": owner, "lease": lease})
 
         async def run(conn: AsyncConnection) -> bool:
-            return bool((await conn.execute(sql.renew, params)).rowcount)
+            return bool((await conn.execute(sql.renew, values)).rowcount)
 
         renewed: bool = await self._run(run)
         return renewed
@@ -424,10 +283,10 @@ class SqlParticipantStore:
     async def release(self, service: str, key: str, *, owner: str) -> None:
         """Drop ``owner``'s unfinished claim of ``key`` so another instance may take it at once."""
         sql = self._statements()
-        params = _b({"service": service, "key": key, "owner": owner})
+        values = params({"service": service, "key": key, "owner": owner})
 
         async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sql.release, params)
+            await conn.execute(sql.release, values)
 
         await self._run(run)
 
@@ -452,11 +311,11 @@ class SqlParticipantStore:
             ``owner`` no longer holds the claim; the caller then rolls the transaction back.
         """
         sql = self._statements()
-        params = _b(service=service, key=key, owner=owner, status=status, value=value)
+        values = params(service=service, key=key, owner=owner, status=status, value=value)
         if reply_topic is None:
-            return 0 if (await conn.execute(sql.done, params)).rowcount else None
-        params.update(
-            _b(
+            return 0 if (await conn.execute(sql.done, values)).rowcount else None
+        values.update(
+            params(
                 topic=reply_topic,
                 mkey=reply_key,
                 mvalue=value if reply_value is None else reply_value,
@@ -464,11 +323,11 @@ class SqlParticipantStore:
             )
         )
         if sql.complete_pg is not None:
-            row = (await conn.execute(sql.complete_pg, params)).first()
+            row = (await conn.execute(sql.complete_pg, values)).first()
             return None if row is None else int(row[0])
-        if not (await conn.execute(sql.done, params)).rowcount:
+        if not (await conn.execute(sql.done, values)).rowcount:
             return None
-        return int((await conn.execute(sql.insert_outbox, params)).scalar_one())
+        return int((await conn.execute(sql.insert_outbox, values)).scalar_one())
 
     # -- saga steps ---------------------------------------------------------------------------------------
 
@@ -479,8 +338,8 @@ class SqlParticipantStore:
         compensation came first). A compensation of the step waits for this transaction to end.
         """
         sql = self._statements()
-        params = _b({"service": service, "execution_id": execution_id, "step": step})
-        return str((await conn.execute(sql.step_forward, params)).scalar_one())
+        values = params({"service": service, "execution_id": execution_id, "step": step})
+        return str((await conn.execute(sql.step_forward, values)).scalar_one())
 
     async def begin_compensation(
         self, conn: AsyncConnection, service: str, execution_id: str, step: str
@@ -493,10 +352,10 @@ class SqlParticipantStore:
         On PostgreSQL this waits for a forward command's transaction in progress on the same step.
         """
         sql = self._statements()
-        params = _b({"service": service, "execution_id": execution_id, "step": step})
-        if (await conn.execute(sql.step_tombstone, params)).first() is not None:
+        values = params({"service": service, "execution_id": execution_id, "step": step})
+        if (await conn.execute(sql.step_tombstone, values)).first() is not None:
             return "tombstoned"
-        state = (await conn.execute(sql.step_read, params)).scalar_one()
+        state = (await conn.execute(sql.step_read, values)).scalar_one()
         if state in ("forward", "compensating"):
             return "forward"
         return "compensated" if state == "compensated" else "tombstone"
@@ -506,16 +365,16 @@ class SqlParticipantStore:
     ) -> None:
         """In ``conn``'s transaction: set the step's state (``compensated`` after its compensation ran)."""
         sql = self._statements()
-        params = _b({"service": service, "execution_id": execution_id, "step": step, "state": state})
-        await conn.execute(sql.step_set, params)
+        values = params({"service": service, "execution_id": execution_id, "step": step, "state": state})
+        await conn.execute(sql.step_set, values)
 
     async def forward_running(self, service: str, execution_id: str, step: str) -> bool:
         """Whether a forward command of the step is claimed under a live lease (at-least-once handlers)."""
         sql = self._statements()
-        params = _b({"service": service, "execution_id": execution_id, "step": step})
+        values = params({"service": service, "execution_id": execution_id, "step": step})
 
         async def run(conn: AsyncConnection) -> bool:
-            return (await conn.execute(sql.forward_running, params)).first() is not None
+            return (await conn.execute(sql.forward_running, values)).first() is not None
 
         running: bool = await self._run(run)
         return running
@@ -538,7 +397,7 @@ class SqlParticipantStore:
         sql = self._statements()
 
         async def run(conn: AsyncConnection) -> int:
-            result = await conn.execute(sql.unsent, _b(service=service, age=older_than, limit=limit))
+            result = await conn.execute(sql.unsent, params(service=service, age=older_than, limit=limit))
             rows = [
                 OutboxRow(int(r[0]), r[1], r[2], r[3], dict(orjson.loads(r[4]))) for r in result.fetchall()
             ]
