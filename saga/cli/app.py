@@ -90,7 +90,7 @@ def _status(text: str) -> list[SagaStatus]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kafka-saga`` and all its subcommands."""
-    from saga.cli import admin, demo, worker
+    from saga.cli import admin, demo, participant, worker
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         worker.run_worker,
         "Run the reply consumer, the outbox relay and the recovery worker until SIGTERM/SIGINT.",
+    )
+    add(
+        "participant",
+        participant.run_participant,
+        "Run the participant service of the configuration's participant section until SIGTERM/SIGINT.",
     )
 
     p = add(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from broker.settings import KafkaSettings
+from saga.config.participant import ParticipantConfig
 
 __all__ = [
     "BrokerConfig",
@@ -218,6 +219,7 @@ class SagaConfig:
         recovery: Recovery worker.
         timeouts: Default deadlines.
         logging: Logging of the CLI processes.
+        participant: A participant process (``kafka-saga participant``); ``None`` when not configured.
         source: Where it was read from (a path, or ``None`` for a mapping); used in error messages.
     """
 
@@ -231,6 +233,7 @@ class SagaConfig:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    participant: ParticipantConfig | None = None
     source: str | None = field(default=None, compare=False)
 
     @property
