@@ -52,7 +52,6 @@ from saga.messages import (
 from saga.participant.claims import Abandoned, HandlerSpec, StoreFlow, command_context, run_handler
 from saga.participant.decisions import decide_with_dedup, decide_with_store
 from saga.participant.dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
-from saga.participant.relay import ReplyRelay
 from saga.participant.replies import (
     DEFAULT_MAX_REPLY_BYTES,
     check_protocol_version,
@@ -169,8 +168,6 @@ class SagaParticipant:
         self._lease = lease_seconds
         self._max_reply_bytes = max_reply_bytes
         self._relay_older_than = relay_older_than
-        self._relay: ReplyRelay | None = None
-        self._own_store = False
         self._flow: StoreFlow | None = None
         self._replies: ReplyStore = storage if storage is not None else LruReplyStore(dedup_cache_size)
         self._max_records = max_records
@@ -260,12 +257,6 @@ class SagaParticipant:
         if self.storage is not None:
             await self.storage.start()
         if self.store is not None:
-            # A store someone else started (shared by several participants) is theirs to stop.
-            self._own_store = not self.store.started
-            await self.store.start()
-            self._relay = ReplyRelay(
-                self.store, self.service_name, self.broker_pool, older_than=self._relay_older_than
-            )
             self._flow = StoreFlow(
                 self.store,
                 service=self.service_name,
@@ -274,11 +265,11 @@ class SagaParticipant:
                 max_reply_bytes=self._max_reply_bytes,
                 stats=self.stats,
                 call=self._call,
-                publish=self._publish_reply,
-                published=self._relay.published,
+                broker_pool=self.broker_pool,
+                relay_older_than=self._relay_older_than,
                 stopping=self._stopping,
             )
-            self._relay.start()
+            await self._flow.start()
         topics = [*self._handlers, self.control_topic]
         await self.broker_pool.ensure_topics([*topics, self.dead_letter_topic])
         self._stopping.clear()
@@ -319,12 +310,8 @@ class SagaParticipant:
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             await subscriber.stop()
-        relay, self._relay = self._relay, None
-        if relay is not None:
-            await relay.stop()
-        if self.store is not None and self._own_store:
-            self._own_store = False
-            await self.store.stop()
+        if self._flow is not None:
+            await self._flow.close()
 
     async def run(self) -> None:
         """Start and consume until `stop` is called (or the consumer fails, which is raised)."""

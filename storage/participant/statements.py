@@ -82,6 +82,17 @@ class Statements:
         )
         self.claim_read = select(c.state, c.reply_status, c.reply_value, c.lease_until - now).where(this)
         self.renew = update(commands).where(claimed_by).values(lease_until=now + lease)
+        self.renew_many = (
+            update(commands)
+            .where(
+                c.service == service,
+                c.idempotency_key.in_(bindparam("b_keys", expanding=True)),
+                c.state == "claimed",
+                c.owner == owner,
+            )
+            .values(lease_until=now + lease)
+            .returning(c.idempotency_key)
+        )
         self.release = delete(commands).where(claimed_by)
         self.done = (
             update(commands)
@@ -159,4 +170,4 @@ class Statements:
             .limit(bindparam("b_limit"))
         )
         self.unsent = unsent.with_for_update(skip_locked=True) if pg else unsent
-        self.delete_outbox = delete(outbox).where(o.id == bindparam("b_id"))
+        self.delete_outbox = delete(outbox).where(o.id.in_(bindparam("b_ids", expanding=True)))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -132,6 +132,7 @@ class SqlParticipantStore:
         self._echo = echo
         self._sql: Statements | None = None
         self._sqlite_lock: asyncio.Lock | None = None
+        self._autocommit: AsyncEngine | None = None
         self._started = False
 
     @property
@@ -167,7 +168,7 @@ class SqlParticipantStore:
             if backend == "sqlite":
                 options["poolclass"] = StaticPool
             else:
-                options.update(pool_size=self._pool_size, max_overflow=self._pool_size)
+                options.update(pool_size=self._pool_size, max_overflow=0)
             self._engine = create_async_engine(self._url, **options)
         engine = self._engine
         if engine.dialect.name not in ("postgresql", "sqlite"):
@@ -177,6 +178,8 @@ class SqlParticipantStore:
             if not event.contains(engine.sync_engine, "connect", _sqlite_pragmas):
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         self._sql = Statements(engine.dialect.name)
+        if engine.dialect.name == "postgresql":
+            self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         if self._auto_migrate:
             await upgrade_participant_store(engine)
         self._started = True
@@ -198,14 +201,23 @@ class SqlParticipantStore:
     # -- transactions ---------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction of the participant's database: committed on exit, rolled back on an error."""
+    async def transaction(self, *, autocommit: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One transaction of the participant's database: committed on exit, rolled back on an error.
+
+        ``autocommit``: each statement commits on its own (PostgreSQL; one round trip per statement, no
+        ``BEGIN``/``COMMIT``), for the store's single-statement writes whose every step stands alone.
+        """
         self._statements()
         guard = self._sqlite_lock or nullcontext()
         async with guard:
             try:
                 with ErrorTranslator(self.shown_url, "participant transaction"):
-                    async with self.engine.begin() as conn:
+                    opened: AbstractAsyncContextManager[AsyncConnection] = (
+                        self._autocommit.connect()
+                        if autocommit and self._autocommit is not None
+                        else self.engine.begin()
+                    )
+                    async with opened as conn:
                         try:
                             yield conn
                         except _DB_ERRORS:
@@ -217,8 +229,8 @@ class SqlParticipantStore:
             except _Through as through:
                 raise through.error from None
 
-    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
-        async with self.transaction() as conn:
+    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[Any]], *, autocommit: bool = True) -> Any:
+        async with self.transaction(autocommit=autocommit) as conn:
             return await fn(conn)
 
     def _statements(self) -> Statements:
@@ -278,6 +290,20 @@ class SqlParticipantStore:
             return bool((await conn.execute(sql.renew, values)).rowcount)
 
         renewed: bool = await self._run(run)
+        return renewed
+
+    async def renew_many(self, service: str, keys: Sequence[str], *, owner: str, lease: float) -> set[str]:
+        """Extend ``owner``'s claims of ``keys`` by ``lease`` seconds in one statement; the keys renewed
+        (the others were lost: their leases ran out and another instance took them)."""
+        if not keys:
+            return set()
+        sql = self._statements()
+        values = params({"service": service, "keys": list(keys), "owner": owner, "lease": lease})
+
+        async def run(conn: AsyncConnection) -> set[str]:
+            return {row[0] for row in await conn.execute(sql.renew_many, values)}
+
+        renewed: set[str] = await self._run(run)
         return renewed
 
     async def release(self, service: str, key: str, *, owner: str) -> None:
@@ -404,10 +430,10 @@ class SqlParticipantStore:
             if not rows:
                 return 0
             await publish(rows)
-            await conn.execute(sql.delete_outbox, [{"b_id": row.id} for row in rows])
+            await conn.execute(sql.delete_outbox, {"b_ids": [row.id for row in rows]})
             return len(rows)
 
-        sent: int = await self._run(run)
+        sent: int = await self._run(run, autocommit=False)
         return sent
 
     async def forget_outbox(self, ids: Sequence[int]) -> None:
@@ -417,6 +443,6 @@ class SqlParticipantStore:
         sql = self._statements()
 
         async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sql.delete_outbox, [{"b_id": i} for i in ids])
+            await conn.execute(sql.delete_outbox, {"b_ids": list(ids)})
 
         await self._run(run)

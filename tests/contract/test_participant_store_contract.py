@@ -246,3 +246,18 @@ async def test_a_compensation_waits_for_a_forward_transaction_in_progress(
         assert await compensation_task == "forward"
     finally:
         await store.stop()
+
+
+async def test_renew_many_renews_the_owners_live_claims_only(
+    store: SqlParticipantStore, service: str
+) -> None:
+    await store.claim(service, "mine", owner="a", lease=0.3)
+    await store.claim(service, "theirs", owner="b", lease=30)
+    await store.claim(service, "done", owner="a", lease=30)
+    async with store.transaction() as conn:
+        await store.complete(conn, service, "done", owner="a", status=200, value=b"1", reply_topic=None)
+    renewed = await store.renew_many(service, ["mine", "theirs", "done", "unknown"], owner="a", lease=30)
+    assert renewed == {"mine"}
+    await asyncio.sleep(0.4)
+    assert (await store.claim(service, "mine", owner="c", lease=30)).outcome == "busy"
+    assert await store.renew_many(service, [], owner="a", lease=30) == set()
