@@ -79,13 +79,12 @@ async def main() -> None:
         @participant.command(topic)
         async def reserve_dedup(request: CommandContext) -> dict[str, Any]:
             async with app_engine.begin() as conn:
-                await conn.execute(
-                    insert(effects).values(execution_id=str(request.execution_id), quantity=1)
-                )
+                await conn.execute(insert(effects).values(execution_id=str(request.execution_id), quantity=1))
             return {"reserved": 1}
 
     else:
-        store = SqlParticipantStore(url, pool_size=connections)
+        # As many connections in all as the dedup variant has (its dedup store's and its application's).
+        store = SqlParticipantStore(url, pool_size=2 * connections)
         participant = SagaParticipant("inventory", pool, store=store, concurrency=inflight)
 
         @participant.command(topic)
@@ -104,7 +103,7 @@ async def main() -> None:
             batch = commands(n, topic)
             _proto.emit({"event": "ready", "run": r})
             await _proto.await_go()
-            wall, cpu = await _proto.drive_async(n, inflight, lambda i: participant.handle(batch[i]))
+            wall, cpu = await _proto.drive_async(n, inflight, lambda i, b=batch: participant.handle(b[i]))
             await asyncio.sleep(0.5)  # the batched outbox deletes of this run land inside its counters
             _proto.emit(
                 {

@@ -311,7 +311,12 @@ class StoreFlow:
             async with store.transaction() as conn:
                 reply = await self._gate(conn, message, command, kind, step)
                 if reply is None:
-                    tx = HandlerTransaction(conn)
+                    handler_conn = conn.connection
+                    if not handler_conn.in_transaction():
+                        # SQLAlchemy's view of the transaction the store opened on the driver, so an
+                        # ORM session joins it instead of committing a transaction of its own.
+                        await handler_conn.begin()
+                    tx = HandlerTransaction(handler_conn)
                     status, value = await run_handler(
                         spec.fn, command_context(command, message, tx), self._stats, self.service
                     )

@@ -5,7 +5,14 @@ its reply. Imported on demand (``storage.participant``), so the orchestrator doe
 """
 
 from storage.participant.migrate import participant_alembic_config, upgrade_participant_store
-from storage.participant.store import ClaimResult, CommandKind, OutboxRow, SqlParticipantStore, StepState
+from storage.participant.store import (
+    ClaimResult,
+    CommandKind,
+    OutboxRow,
+    SqlParticipantStore,
+    StepState,
+    StoreTransaction,
+)
 
 __all__ = [
     "ClaimResult",
@@ -13,6 +20,7 @@ __all__ = [
     "OutboxRow",
     "SqlParticipantStore",
     "StepState",
+    "StoreTransaction",
     "participant_alembic_config",
     "upgrade_participant_store",
 ]

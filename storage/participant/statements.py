@@ -33,8 +33,8 @@ __all__ = ["Statements", "params"]
 
 
 def params(mapping: dict[str, Any] | None = None, /, **values: Any) -> dict[str, Any]:
-    """Statement parameters: the store's bind names carry a ``b_`` prefix (column names are reserved)."""
-    return {f"b_{k}": v for k, v in {**(mapping or {}), **values}.items()}
+    """Statement parameters, named with the ``p_`` prefix the fast path binds (`storage.sql.sessions`)."""
+    return {f"p_{k}": v for k, v in {**(mapping or {}), **values}.items()}
 
 
 def _clock(dialect: str) -> ColumnElement[float]:
@@ -52,10 +52,10 @@ class Statements:
         insert = pg_insert if pg else sqlite_insert
         now = _clock(dialect)
         c, st, o = commands.c, steps.c, outbox.c
-        service = bindparam("b_service", type_=String())
-        key = bindparam("b_key", type_=String())
-        owner = bindparam("b_owner", type_=String())
-        lease = bindparam("b_lease", type_=Float())
+        service = bindparam("p_service", type_=String())
+        key = bindparam("p_key", type_=String())
+        owner = bindparam("p_owner", type_=String())
+        lease = bindparam("p_lease", type_=Float())
         this = and_(c.service == service, c.idempotency_key == key)
         claimed_by = and_(this, c.state == "claimed", c.owner == owner)
         self.claim_insert = (
@@ -63,9 +63,9 @@ class Statements:
             .values(
                 service=service,
                 idempotency_key=key,
-                execution_id=bindparam("b_execution_id"),
-                step=bindparam("b_step"),
-                kind=bindparam("b_kind"),
+                execution_id=bindparam("p_execution_id"),
+                step=bindparam("p_step"),
+                kind=bindparam("p_kind"),
                 state="claimed",
                 owner=owner,
                 lease_until=now + lease,
@@ -81,12 +81,11 @@ class Statements:
             .returning(c.kind)
         )
         self.claim_read = select(c.state, c.reply_status, c.reply_value, c.lease_until - now).where(this)
-        self.renew = update(commands).where(claimed_by).values(lease_until=now + lease)
         self.renew_many = (
             update(commands)
             .where(
                 c.service == service,
-                c.idempotency_key.in_(bindparam("b_keys", expanding=True)),
+                c.idempotency_key.in_(bindparam("p_keys", expanding=True)),
                 c.state == "claimed",
                 c.owner == owner,
             )
@@ -101,17 +100,18 @@ class Statements:
                 state="done",
                 owner=None,
                 lease_until=None,
-                reply_status=bindparam("b_status"),
-                reply_value=bindparam("b_value"),
+                reply_status=bindparam("p_status"),
+                reply_value=bindparam("p_value"),
                 updated_at=now,
             )
         )
+        self.done_returning = self.done.returning(c.idempotency_key)
         row: dict[str, ColumnElement[Any]] = {
             "service": service,
-            "topic": bindparam("b_topic", type_=String()),
-            "key": bindparam("b_mkey", type_=LargeBinary()),
-            "value": bindparam("b_mvalue", type_=LargeBinary()),
-            "headers": bindparam("b_headers", type_=Text()),
+            "topic": bindparam("p_topic", type_=String()),
+            "key": bindparam("p_mkey", type_=LargeBinary()),
+            "value": bindparam("p_mvalue", type_=LargeBinary()),
+            "headers": bindparam("p_headers", type_=Text()),
             "created_at": now,
         }
         self.insert_outbox = insert(outbox).values(**row).returning(o.id)
@@ -129,13 +129,13 @@ class Statements:
         )
         step_key = and_(
             st.service == service,
-            st.execution_id == bindparam("b_execution_id"),
-            st.step == bindparam("b_step"),
+            st.execution_id == bindparam("p_execution_id"),
+            st.step == bindparam("p_step"),
         )
         step_row = {
             "service": service,
-            "execution_id": bindparam("b_execution_id"),
-            "step": bindparam("b_step"),
+            "execution_id": bindparam("p_execution_id"),
+            "step": bindparam("p_step"),
             "updated_at": now,
         }
         forward = insert(steps).values(state="forward", **step_row)
@@ -150,13 +150,13 @@ class Statements:
         )
         read = select(st.state).where(step_key)
         self.step_read = read.with_for_update() if pg else read
-        self.step_set = update(steps).where(step_key).values(state=bindparam("b_state"), updated_at=now)
+        self.step_set = update(steps).where(step_key).values(state=bindparam("p_state"), updated_at=now)
         self.forward_running = (
             select(literal(1))
             .where(
-                c.execution_id == bindparam("b_execution_id"),
+                c.execution_id == bindparam("p_execution_id"),
                 c.service == service,
-                c.step == bindparam("b_step"),
+                c.step == bindparam("p_step"),
                 c.kind == "forward",
                 c.state == "claimed",
                 c.lease_until >= now,
@@ -165,9 +165,9 @@ class Statements:
         )
         unsent = (
             select(o.id, o.topic, o.key, o.value, o.headers)
-            .where(o.service == service, o.created_at <= now - bindparam("b_age"))
+            .where(o.service == service, o.created_at <= now - bindparam("p_age"))
             .order_by(o.created_at)
-            .limit(bindparam("b_limit"))
+            .limit(bindparam("p_limit"))
         )
         self.unsent = unsent.with_for_update(skip_locked=True) if pg else unsent
-        self.delete_outbox = delete(outbox).where(o.id.in_(bindparam("b_ids", expanding=True)))
+        self.delete_outbox = delete(outbox).where(o.id.in_(bindparam("p_ids", expanding=True)))

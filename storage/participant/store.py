@@ -11,16 +11,18 @@ instance waits for the row to become ``done`` and answers from it, or takes the 
 ran out (its owner died). `complete` is conditional on the owner, so a claim taken over is never
 completed by the instance that lost it.
 
-SQLite allows one writer at a time: the store runs its transactions one after the other in this process
-(a handler's transaction holds the others up). Several instances need PostgreSQL.
+The store's statements run on the project's fast path (`storage.sql.connections.ConnectionHolder`):
+long-lived autocommit connections, prebuilt Core statements executed on the driver directly, an explicit
+``BEGIN`` only for the handler's transaction. SQLite allows one writer at a time: the store then has one
+connection, so its transactions run one after the other in this process (a handler's transaction holds
+the others up). Several instances need PostgreSQL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,11 +34,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import Executable
 
 from storage.errors import StorageError
 from storage.participant.migrate import upgrade_participant_store
 from storage.participant.statements import Statements, params
-from storage.sql.connections import ErrorTranslator
+from storage.sql.connections import ConnectionHolder, ErrorTranslator
+from storage.sql.sessions import Session
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -48,7 +52,7 @@ except ImportError:  # pragma: no cover - asyncpg is a dependency
 #: Errors of the database itself, which the store translates into `StorageError`.
 _DB_ERRORS: tuple[type[BaseException], ...] = (sa_exc.SQLAlchemyError, sqlite3.Error, *_PG_ERRORS)
 
-__all__ = ["ClaimResult", "CommandKind", "OutboxRow", "SqlParticipantStore", "StepState"]
+__all__ = ["ClaimResult", "CommandKind", "OutboxRow", "SqlParticipantStore", "StepState", "StoreTransaction"]
 
 #: What a command is to its saga step: the forward command, its compensation, or neither (no pairing).
 CommandKind = Literal["forward", "compensate", "plain", "decision"]
@@ -85,6 +89,28 @@ class OutboxRow:
     headers: dict[str, str]
 
 
+class StoreTransaction:
+    """An open transaction of the participant store: the handler's writes and the store's share it.
+
+    Attributes:
+        connection: The SQLAlchemy `AsyncConnection` the handler writes through (Core, or an
+            `AsyncSession` bound to it); the participant commits or rolls back, never the handler.
+    """
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @property
+    def connection(self) -> AsyncConnection:
+        return self.session.conn
+
+    async def execute(self, statement: Executable, parameters: Mapping[str, Any] | None = None) -> Any:
+        """Run ``statement`` in the transaction through SQLAlchemy (a `CursorResult`)."""
+        return await self.session.conn.execute(statement, dict(parameters) if parameters else None)
+
+
 class _Through(Exception):
     """Carries an error of the transaction's body past the database error translation."""
 
@@ -108,7 +134,7 @@ class SqlParticipantStore:
     Args:
         url: SQLAlchemy async URL of the participant's database; ignored when ``engine`` is given.
         engine: The participant's own engine, shared with its application code (one engine per process).
-        pool_size: Connections of the engine the store creates (each running handler holds one).
+        pool_size: Connections the store keeps open (each running handler holds one; SQLite: one).
         auto_migrate: Bring the store's tables up to date (their own Alembic branch) on `start`.
         echo: Log every SQL statement.
     """
@@ -124,6 +150,8 @@ class SqlParticipantStore:
     ) -> None:
         if engine is None and not url:
             raise ValueError("SqlParticipantStore needs a url or an engine")
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         self._url = url
         self._engine = engine
         self._own_engine = engine is None
@@ -131,8 +159,7 @@ class SqlParticipantStore:
         self._auto_migrate = auto_migrate
         self._echo = echo
         self._sql: Statements | None = None
-        self._sqlite_lock: asyncio.Lock | None = None
-        self._autocommit: AsyncEngine | None = None
+        self._holder: ConnectionHolder | None = None
         self._started = False
 
     @property
@@ -171,21 +198,24 @@ class SqlParticipantStore:
                 options.update(pool_size=self._pool_size, max_overflow=0)
             self._engine = create_async_engine(self._url, **options)
         engine = self._engine
+        sqlite = engine.dialect.name == "sqlite"
         if engine.dialect.name not in ("postgresql", "sqlite"):
             raise StorageError(f"participant store: unsupported database {engine.dialect.name!r}")
-        if engine.dialect.name == "sqlite":
-            self._sqlite_lock = asyncio.Lock()
-            if not event.contains(engine.sync_engine, "connect", _sqlite_pragmas):
-                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        if sqlite and not event.contains(engine.sync_engine, "connect", _sqlite_pragmas):
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         self._sql = Statements(engine.dialect.name)
-        if engine.dialect.name == "postgresql":
-            self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         if self._auto_migrate:
             await upgrade_participant_store(engine)
+        self._holder = ConnectionHolder(
+            engine, 1 if sqlite else self._pool_size, begin_sql="BEGIN IMMEDIATE" if sqlite else "BEGIN"
+        )
         self._started = True
 
     async def stop(self) -> None:
-        """Close the engine if the store created it; idempotent."""
+        """Close the store's connections, and the engine if the store created it; idempotent."""
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            await holder.close()
         if self._started and self._own_engine and self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -201,37 +231,34 @@ class SqlParticipantStore:
     # -- transactions ---------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self, *, autocommit: bool = False) -> AsyncIterator[AsyncConnection]:
-        """One transaction of the participant's database: committed on exit, rolled back on an error.
+    async def transaction(self) -> AsyncIterator[StoreTransaction]:
+        """One transaction of the participant's database: committed on exit, rolled back on an error."""
+        holder = self._connections()
+        try:
+            with ErrorTranslator(self.shown_url, "participant transaction"):
+                async with holder.transaction() as session:
+                    try:
+                        yield StoreTransaction(session)
+                    except _DB_ERRORS:
+                        raise
+                    except Exception as exc:
+                        # The caller's own error (a publish that failed, ...): rolled back, and raised
+                        # as it is rather than as a database error.
+                        raise _Through(exc) from exc
+        except _Through as through:
+            raise through.error from None
 
-        ``autocommit``: each statement commits on its own (PostgreSQL; one round trip per statement, no
-        ``BEGIN``/``COMMIT``), for the store's single-statement writes whose every step stands alone.
-        """
-        self._statements()
-        guard = self._sqlite_lock or nullcontext()
-        async with guard:
-            try:
-                with ErrorTranslator(self.shown_url, "participant transaction"):
-                    opened: AbstractAsyncContextManager[AsyncConnection] = (
-                        self._autocommit.connect()
-                        if autocommit and self._autocommit is not None
-                        else self.engine.begin()
-                    )
-                    async with opened as conn:
-                        try:
-                            yield conn
-                        except _DB_ERRORS:
-                            raise
-                        except Exception as exc:
-                            # The caller's own error (a publish that failed, ...): rolled back, and
-                            # raised as it is rather than as a database error.
-                            raise _Through(exc) from exc
-            except _Through as through:
-                raise through.error from None
+    async def _run(self, fn: Callable[[Session], Awaitable[Any]]) -> Any:
+        """``fn`` on an autocommit session: each of its statements commits on its own."""
+        holder = self._connections()
+        with ErrorTranslator(self.shown_url, "participant store"):
+            async with holder.connect() as session:
+                return await fn(session)
 
-    async def _run(self, fn: Callable[[AsyncConnection], Awaitable[Any]], *, autocommit: bool = True) -> Any:
-        async with self.transaction(autocommit=autocommit) as conn:
-            return await fn(conn)
+    def _connections(self) -> ConnectionHolder:
+        if self._holder is None:
+            raise StorageError("the participant store is not started")
+        return self._holder
 
     def _statements(self) -> Statements:
         if self._sql is None:
@@ -266,16 +293,16 @@ class SqlParticipantStore:
             step=step,
         )
 
-        async def run(conn: AsyncConnection) -> ClaimResult:
-            if (await conn.execute(sql.claim_insert, values)).first() is not None:
+        async def run(session: Session) -> ClaimResult:
+            if await session.first(sql.claim_insert, values) is not None:
                 return ClaimResult("claimed")
-            if (await conn.execute(sql.claim_take, values)).first() is not None:
+            if await session.first(sql.claim_take, values) is not None:
                 return ClaimResult("claimed")
-            row = (await conn.execute(sql.claim_read, values)).first()
+            row = await session.first(sql.claim_read, values)
             if row is None:  # released between the statements: the next attempt inserts it
                 return ClaimResult("busy")
             if row[0] == "done":
-                return ClaimResult("done", row[1], row[2])
+                return ClaimResult("done", row[1], bytes(row[2]))
             return ClaimResult("busy", lease_left=max(0.0, float(row[3] or 0.0)))
 
         result: ClaimResult = await self._run(run)
@@ -283,14 +310,7 @@ class SqlParticipantStore:
 
     async def renew(self, service: str, key: str, *, owner: str, lease: float) -> bool:
         """Extend ``owner``'s claim of ``key`` by ``lease`` seconds; ``False`` when it lost the claim."""
-        sql = self._statements()
-        values = params({"service": service, "key": key, "owner": owner, "lease": lease})
-
-        async def run(conn: AsyncConnection) -> bool:
-            return bool((await conn.execute(sql.renew, values)).rowcount)
-
-        renewed: bool = await self._run(run)
-        return renewed
+        return key in await self.renew_many(service, [key], owner=owner, lease=lease)
 
     async def renew_many(self, service: str, keys: Sequence[str], *, owner: str, lease: float) -> set[str]:
         """Extend ``owner``'s claims of ``keys`` by ``lease`` seconds in one statement; the keys renewed
@@ -300,8 +320,8 @@ class SqlParticipantStore:
         sql = self._statements()
         values = params({"service": service, "keys": list(keys), "owner": owner, "lease": lease})
 
-        async def run(conn: AsyncConnection) -> set[str]:
-            return {row[0] for row in await conn.execute(sql.renew_many, values)}
+        async def run(session: Session) -> set[str]:
+            return {row[0] for row in await session.all(sql.renew_many, values)}
 
         renewed: set[str] = await self._run(run)
         return renewed
@@ -311,14 +331,14 @@ class SqlParticipantStore:
         sql = self._statements()
         values = params({"service": service, "key": key, "owner": owner})
 
-        async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sql.release, values)
+        async def run(session: Session) -> None:
+            await session.run(sql.release, values)
 
         await self._run(run)
 
     async def complete(
         self,
-        conn: AsyncConnection,
+        tx: StoreTransaction,
         service: str,
         key: str,
         *,
@@ -330,16 +350,17 @@ class SqlParticipantStore:
         reply_value: bytes | None = None,
         reply_headers: Mapping[str, str] | None = None,
     ) -> int | None:
-        """In ``conn``'s transaction: mark ``key`` done with its reply and queue the reply in the outbox.
+        """In ``tx``: mark ``key`` done with its reply and queue the reply in the outbox.
 
         Returns:
             The outbox row's id (0 when ``reply_topic`` is ``None``: nothing to send), or ``None`` when
             ``owner`` no longer holds the claim; the caller then rolls the transaction back.
         """
         sql = self._statements()
+        session = tx.session
         values = params(service=service, key=key, owner=owner, status=status, value=value)
         if reply_topic is None:
-            return 0 if (await conn.execute(sql.done, values)).rowcount else None
+            return None if await session.first(sql.done_returning, values) is None else 0
         values.update(
             params(
                 topic=reply_topic,
@@ -349,28 +370,32 @@ class SqlParticipantStore:
             )
         )
         if sql.complete_pg is not None:
-            row = (await conn.execute(sql.complete_pg, values)).first()
+            row = await session.first(sql.complete_pg, values)
             return None if row is None else int(row[0])
-        if not (await conn.execute(sql.done, values)).rowcount:
+        if await session.first(sql.done_returning, values) is None:
             return None
-        return int((await conn.execute(sql.insert_outbox, values)).scalar_one())
+        row = await session.first(sql.insert_outbox, values)
+        assert row is not None
+        return int(row[0])
 
     # -- saga steps ---------------------------------------------------------------------------------------
 
-    async def begin_forward(self, conn: AsyncConnection, service: str, execution_id: str, step: str) -> str:
-        """In ``conn``'s transaction: record that step's forward command is taking effect, locking its row.
+    async def begin_forward(self, tx: StoreTransaction, service: str, execution_id: str, step: str) -> str:
+        """In ``tx``: record that step's forward command is taking effect, locking its row.
 
         Returns the step's state: ``forward`` (go on) or ``tombstone``/``compensated`` (refuse: the
         compensation came first). A compensation of the step waits for this transaction to end.
         """
         sql = self._statements()
         values = params({"service": service, "execution_id": execution_id, "step": step})
-        return str((await conn.execute(sql.step_forward, values)).scalar_one())
+        row = await tx.session.first(sql.step_forward, values)
+        assert row is not None
+        return str(row[0])
 
     async def begin_compensation(
-        self, conn: AsyncConnection, service: str, execution_id: str, step: str
+        self, tx: StoreTransaction, service: str, execution_id: str, step: str
     ) -> Literal["tombstoned", "forward", "tombstone", "compensated"]:
-        """In ``conn``'s transaction: leave a tombstone if the step's forward command never took effect.
+        """In ``tx``: leave a tombstone if the step's forward command never took effect.
 
         Returns ``tombstoned`` (a tombstone was written now: nothing to undo), else the state found,
         locked: ``forward`` (the forward command took effect, or an earlier attempt of this compensation
@@ -379,28 +404,29 @@ class SqlParticipantStore:
         """
         sql = self._statements()
         values = params({"service": service, "execution_id": execution_id, "step": step})
-        if (await conn.execute(sql.step_tombstone, values)).first() is not None:
+        if await tx.session.first(sql.step_tombstone, values) is not None:
             return "tombstoned"
-        state = (await conn.execute(sql.step_read, values)).scalar_one()
-        if state in ("forward", "compensating"):
+        row = await tx.session.first(sql.step_read, values)
+        assert row is not None
+        if row[0] in ("forward", "compensating"):
             return "forward"
-        return "compensated" if state == "compensated" else "tombstone"
+        return "compensated" if row[0] == "compensated" else "tombstone"
 
     async def set_step(
-        self, conn: AsyncConnection, service: str, execution_id: str, step: str, state: StepState
+        self, tx: StoreTransaction, service: str, execution_id: str, step: str, state: StepState
     ) -> None:
-        """In ``conn``'s transaction: set the step's state (``compensated`` after its compensation ran)."""
+        """In ``tx``: set the step's state (``compensated`` after its compensation ran)."""
         sql = self._statements()
         values = params({"service": service, "execution_id": execution_id, "step": step, "state": state})
-        await conn.execute(sql.step_set, values)
+        await tx.session.run(sql.step_set, values)
 
     async def forward_running(self, service: str, execution_id: str, step: str) -> bool:
         """Whether a forward command of the step is claimed under a live lease (at-least-once handlers)."""
         sql = self._statements()
         values = params({"service": service, "execution_id": execution_id, "step": step})
 
-        async def run(conn: AsyncConnection) -> bool:
-            return (await conn.execute(sql.forward_running, values)).first() is not None
+        async def run(session: Session) -> bool:
+            return await session.first(sql.forward_running, values) is not None
 
         running: bool = await self._run(run)
         return running
@@ -421,20 +447,14 @@ class SqlParticipantStore:
         instances share them); a failing ``publish`` leaves them queued. Returns how many were sent.
         """
         sql = self._statements()
-
-        async def run(conn: AsyncConnection) -> int:
-            result = await conn.execute(sql.unsent, params(service=service, age=older_than, limit=limit))
-            rows = [
-                OutboxRow(int(r[0]), r[1], r[2], r[3], dict(orjson.loads(r[4]))) for r in result.fetchall()
-            ]
+        async with self.transaction() as tx:
+            found = await tx.session.all(sql.unsent, params(service=service, age=older_than, limit=limit))
+            rows = [OutboxRow(int(r[0]), r[1], r[2], bytes(r[3]), dict(orjson.loads(r[4]))) for r in found]
             if not rows:
                 return 0
             await publish(rows)
-            await conn.execute(sql.delete_outbox, {"b_ids": [row.id for row in rows]})
+            await tx.session.run(sql.delete_outbox, params(ids=[row.id for row in rows]))
             return len(rows)
-
-        sent: int = await self._run(run, autocommit=False)
-        return sent
 
     async def forget_outbox(self, ids: Sequence[int]) -> None:
         """Delete outbox rows already published by the instance that committed them."""
@@ -442,7 +462,7 @@ class SqlParticipantStore:
             return
         sql = self._statements()
 
-        async def run(conn: AsyncConnection) -> None:
-            await conn.execute(sql.delete_outbox, {"b_ids": list(ids)})
+        async def run(session: Session) -> None:
+            await session.run(sql.delete_outbox, params(ids=list(ids)))
 
         await self._run(run)
