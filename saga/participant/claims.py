@@ -322,6 +322,8 @@ class StoreFlow:
                     )
                     if status != _SUCCESS:
                         await tx.discard()
+                        # SQLAlchemy's side too: a failed statement of the handler leaves it needing one.
+                        await handler_conn.rollback()
                         raise _Rollback(status, value)
                     await tx.flush()
                     reply = self._sized(message, command, status, value)

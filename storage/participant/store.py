@@ -193,7 +193,8 @@ class SqlParticipantStore:
             backend = make_url(self._url).get_backend_name()
             options: dict[str, Any] = {"echo": self._echo}
             if backend == "sqlite":
-                options["poolclass"] = StaticPool
+                if make_url(self._url).database in (None, "", ":memory:"):
+                    options["poolclass"] = StaticPool  # one in-memory database, not one per connection
             else:
                 options.update(pool_size=self._pool_size, max_overflow=0)
             self._engine = create_async_engine(self._url, **options)

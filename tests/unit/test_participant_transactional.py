@@ -457,3 +457,23 @@ async def test_committed_replies_left_unpublished_are_relayed(
         await wait_for(lambda: len(pool.topic_messages(REPLY)) == 1)
     [message] = pool.topic_messages(REPLY)
     assert message.value == b'"ok"'
+
+
+async def test_a_handler_whose_statement_fails_leaves_the_next_command_working(
+    pool: InMemoryBrokerPool, store: SqlParticipantStore
+) -> None:
+    participant = SagaParticipant("notes", pool, store=store)
+
+    @participant.command("Note")
+    async def note(request: CommandContext) -> int:
+        if request.content.get("bad"):
+            await request.connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
+        request.session.add(Note(text=request.content["text"]))
+        return 1
+
+    async with participant:
+        await participant.handle(command("Note", {"text": "a", "bad": True}).to_message())
+        await participant.handle(command("Note", {"text": "b"}).to_message())
+    assert [r.status for r in replies(pool)] == [500, 200]
+    async with store.engine.connect() as conn:
+        assert (await conn.execute(select(Note.text))).scalars().all() == ["b"]
