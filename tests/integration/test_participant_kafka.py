@@ -164,3 +164,77 @@ async def test_two_instances_over_kafka_and_postgres_run_a_command_once(
     assert rows == ["a"]
     assert [r.content for r in replies] == [{"reserved": 1, "by": "a"}] * 2
     assert b.stats.duplicates == 1 and b.stats.handled == 0
+
+
+def _start_process(config: str, suffix: str, output: Any) -> Any:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "saga.cli", "participant", "--config", config],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PARTICIPANT_SUFFIX": suffix},
+    )
+
+
+@pytest.mark.postgres
+async def test_kafka_saga_participant_serves_then_drains_on_sigterm(
+    pool: KafkaBrokerPool, database_url: str, tmp_path: Any
+) -> None:
+    """``kafka-saga participant`` in its own process: a command in, its reply out, SIGTERM, exit 0."""
+    import signal
+
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.e2e.participants.apps import Topics, effects, metadata
+    from tests.e2e.participants.fleet import write_config
+
+    suffix = uuid.uuid4().hex[:8]
+    names = Topics(suffix)
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    config = write_config(tmp_path, "inventory", suffix, pool.settings.bootstrap_servers, database_url)
+    log = (tmp_path / "participant.log").open("wb")
+    process = _start_process(str(config), suffix, log)
+    try:
+        async with asyncio.timeout(60):
+            while b"ready" not in (tmp_path / "participant.log").read_bytes():
+                assert process.poll() is None, (tmp_path / "participant.log").read_text()
+                await asyncio.sleep(0.1)
+        command = SagaCommand(
+            target=names.reserve,
+            content={"order": 7},
+            execution_id=uuid.uuid4(),
+            request_id=uuid.uuid4(),
+            reply_topic=names.reply,
+            idempotency_key=uuid.uuid4().hex,
+            step="reserve",
+        )
+        await pool.ensure_topics([names.reply])
+        await pool.publisher().send(command.to_message())
+        [reply] = [SagaResponse.from_message(m) for m in await collect(pool, names.reply, 1, within=60)]
+        assert reply.status is SagaResponseStatus.SUCCESS
+        assert reply.content == {"reservation": "res-7"}
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        assert b"stopped cleanly" in (tmp_path / "participant.log").read_bytes()
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(effects.c.order_no).where(effects.c.execution_id == str(command.execution_id))
+                )
+            ).all()
+        assert [r[0] for r in rows] == [7]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        log.close()
+        await engine.dispose()
