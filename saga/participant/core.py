@@ -44,25 +44,22 @@ from saga.consumer import H_DEAD_LETTER_REASON
 from saga.errors import MalformedMessageError, SagaStateError
 from saga.messages import (
     H_SERVICE,
-    H_STATUS,
     SagaCommand,
     SagaControl,
     control_topic,
 )
-from saga.participant.claims import Abandoned, HandlerSpec, StoreFlow, command_context, run_handler
-from saga.participant.decisions import decide_with_dedup, decide_with_store
+from saga.participant.claims import Abandoned, HandlerSpec, StoreFlow
+from saga.participant.decisions import answer_with_dedup, command_kind, decide_with_dedup, decide_with_store
 from saga.participant.dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
 from saga.participant.replies import (
     DEFAULT_MAX_REPLY_BYTES,
     check_protocol_version,
-    reply_to,
-    sized_reply,
 )
-from saga.participant.support import DeadLetter, lane, stored_outcome, stored_reply
+from saga.participant.support import DeadLetter, lane
 from saga.participant.types import DecisionHandler, ParticipantStats
 from saga.pipeline import KeyedPipeline
 from storage import SagaStorage, StorageError
-from storage.participant import CommandKind, SqlParticipantStore
+from storage.participant import SqlParticipantStore
 
 __all__ = ["H_DEAD_LETTER_REASON", "H_DEAD_LETTER_TOPIC", "SagaParticipant"]
 
@@ -362,48 +359,29 @@ class SagaParticipant:
         except MalformedMessageError as exc:
             await self._dead_letter(message, "malformed", str(exc))
 
-    def _kind(self, topic: str, spec: HandlerSpec) -> CommandKind:
-        if spec.compensates is not None:
-            return "compensate"
-        if any(other.compensates == topic for other in self._handlers.values()):
-            return "forward"
-        return "plain"
-
     async def _handle_command(self, message: BrokerMessage) -> None:
         command = SagaCommand.from_message(message)
         spec = self._handlers.get(command.target)
         if spec is None:
             raise DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
-        key = command.idempotency_key
-        async with KeyLocked(self._locks, key):
+        async with KeyLocked(self._locks, command.idempotency_key):
             if self._flow is not None:
-                kind = self._kind(command.target, spec)
+                kind = command_kind(command.target, spec, self._handlers.values())
                 # The saga step names the pair; without the header, the forward command's topic does.
                 step = command.step or spec.compensates or command.target
                 await self._flow.handle(message, command, spec, kind, step)
-                return
-            stored = await self._call(self._replies.get_command_reply, key)
-            if stored is not None:
-                self.stats.duplicates += 1
-                _log.debug("command %s already handled; re-sending its reply", key)
-                status, value = stored_outcome(key, stored)
-                reply = reply_to(message, command, status, value, self.service_name)
             else:
-                status, value = await run_handler(
-                    spec.fn, command_context(command, message, None), self.stats, self.service_name
-                )
-                reply = sized_reply(
+                await answer_with_dedup(
+                    self._replies,
                     message,
                     command,
-                    status,
-                    value,
+                    spec.fn,
+                    call=self._call,
+                    publish=self._publish_reply,
                     service=self.service_name,
                     limit=self._max_reply_bytes,
                     stats=self.stats,
                 )
-                stored = stored_reply(int(reply.headers[H_STATUS]), reply.value)
-                await self._call(self._replies.put_command_reply, key, stored)
-            await self._publish_reply(reply)
 
     async def _publish_reply(self, reply: BrokerMessage) -> None:
         await self._call(self.broker_pool.publisher().send, reply)

@@ -1,27 +1,72 @@
-"""Autocommit decisions at a participant: ``commit`` / ``reject`` handlers run once per decision.
+"""What a participant without a participant store does, and decisions with or without one.
 
-With a store the decision is claimed like a command (so two instances never run it at once) and marked done
-in the store; without one, the dedup store remembers it.
+Without a store, a command's reply is remembered in the dedup store under its idempotency key
+(`answer_with_dedup`): at-least-once effects. Autocommit decisions (``commit`` / ``reject`` handlers) run
+once per decision: with a store the decision is claimed like a command (so two instances never run it at
+once) and marked done in the store; without one, the dedup store remembers it.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from saga.messages import SagaControl, encode_json
-from saga.participant.claims import StoreFlow
+from broker import BrokerMessage
+from saga.messages import H_STATUS, SagaCommand, SagaControl, encode_json
+from saga.participant.claims import HandlerSpec, StoreFlow, command_context, run_handler
 from saga.participant.dedup import ReplyStore
-from saga.participant.support import DeadLetter
-from saga.participant.types import DecisionHandler
+from saga.participant.replies import reply_to, sized_reply
+from saga.participant.support import DeadLetter, stored_outcome, stored_reply
+from saga.participant.types import CommandHandler, DecisionHandler, ParticipantStats
+from storage.participant import CommandKind
 
-__all__ = ["decide_with_dedup", "decide_with_store", "run_decision"]
+__all__ = ["answer_with_dedup", "command_kind", "decide_with_dedup", "decide_with_store", "run_decision"]
 
 _log = logging.getLogger("saga.participant")
 
 Call = Callable[..., Awaitable[Any]]
+
+
+def command_kind(topic: str, spec: HandlerSpec, specs: Iterable[HandlerSpec]) -> CommandKind:
+    """A compensation (``compensates=``), the forward command some compensation names, or neither."""
+    if spec.compensates is not None:
+        return "compensate"
+    if any(other.compensates == topic for other in specs):
+        return "forward"
+    return "plain"
+
+
+async def answer_with_dedup(
+    replies: ReplyStore,
+    message: BrokerMessage,
+    command: SagaCommand,
+    handler: CommandHandler,
+    *,
+    call: Call,
+    publish: Callable[[BrokerMessage], Awaitable[None]],
+    service: str,
+    limit: int,
+    stats: ParticipantStats,
+) -> None:
+    """Answer ``command`` from its stored reply, or run ``handler`` and store its reply, then publish it.
+
+    The reply is stored before it is published, so a crash between the two re-sends the same reply; a
+    crash after the handler's effect and before the stored reply runs the handler again on redelivery.
+    """
+    key = command.idempotency_key
+    stored = await call(replies.get_command_reply, key)
+    if stored is not None:
+        stats.duplicates += 1
+        _log.debug("command %s already handled; re-sending its reply", key)
+        status, value = stored_outcome(key, stored)
+        reply = reply_to(message, command, status, value, service)
+    else:
+        status, value = await run_handler(handler, command_context(command, message, None), stats, service)
+        reply = sized_reply(message, command, status, value, service=service, limit=limit, stats=stats)
+        await call(replies.put_command_reply, key, stored_reply(int(reply.headers[H_STATUS]), reply.value))
+    await publish(reply)
 
 
 async def run_decision(control: SagaControl, handlers: Sequence[DecisionHandler]) -> None:

@@ -474,29 +474,6 @@ async def test_a_handler_whose_statement_fails_leaves_the_next_command_working(
     async with participant:
         await participant.handle(command("Note", {"text": "a", "bad": True}).to_message())
         await participant.handle(command("Note", {"text": "b"}).to_message())
-    assert [r.status for r in replies(pool)] == [500, 200]
+    assert sorted(r.status for r in replies(pool)) == [200, 500]  # two executions: two partitions
     async with store.engine.connect() as conn:
         assert (await conn.execute(select(Note.text))).scalars().all() == ["b"]
-
-
-async def test_a_stop_past_its_grace_leaves_the_command_to_its_lease(
-    pool: InMemoryBrokerPool, store: SqlParticipantStore, tmp_path: Path
-) -> None:
-    """The first instance stops while its handler runs: the handler is cancelled and rolled back, its claim
-    stays until the lease runs out, and then the second instance runs the command, once."""
-    gate, started = asyncio.Event(), asyncio.Event()
-    a = inventory(pool, store, gate=gate, started=started, instance_id="a", lease_seconds=0.5)
-    other = SqlParticipantStore(f"sqlite+aiosqlite:///{tmp_path}/inventory.db")
-    b = inventory(pool, other, instance_id="b", lease_seconds=0.5)
-    cmd = command()
-    async with b:
-        await a.start()
-        await pool.publisher().send(cmd.to_message())
-        await started.wait()
-        await a.stop(grace=0.05)  # the handler is still waiting for its gate
-        await b.handle(cmd.to_message())  # as the rebalance's redelivery does, too
-        await wait_for(lambda: len(pool.topic_messages(REPLY)) == 2)
-    assert {r.status for r in replies(pool)} == {SagaResponseStatus.SUCCESS}
-    assert b.stats.waited >= 1 and len(b.calls) == 1  # type: ignore[attr-defined]
-    assert a.stats.succeeded == 0
-    assert await effects(store) == [1]
