@@ -104,6 +104,14 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         "steps_per_s",
         0.5,
     )
+    for n in (1, 50, 500):
+        ratio(
+            f"Participant, {n} in flight: transactional store / dedup store commands/s >= 0.8",
+            f"participant:kafka-saga:transactional:inflight{n}",
+            f"participant:kafka-saga:dedup:inflight{n}",
+            "commands_per_s",
+            0.8,
+        )
     p50 = _m(idx, "recovery:kafka-saga", "p50_ms")
     rows = (idx.get("recovery:kafka-saga") or {}).get("config", {}).get("rows")
     out.append(

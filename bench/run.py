@@ -78,6 +78,8 @@ LOCAL_SCENARIOS = {
     "fail": (1000, 10, 1),
 }
 REMOTE_INFLIGHT = {1: (300, 10), 50: (2000, 100), 500: (5000, 500)}
+#: Participant throughput: commands handled per run, full and quick, by commands in flight.
+PARTICIPANT_INFLIGHT = {1: (1000, 10), 50: (4000, 100), 500: (5000, 500)}
 
 LIB_DB = {
     "kafka-saga": "bench_saga",
@@ -86,6 +88,7 @@ LIB_DB = {
     "dbos-sync": "bench_dbos",
     "minos": "bench_minos",
     "floor": "bench_floor",
+    "participant": "bench_participant",
 }
 
 
@@ -145,6 +148,26 @@ def build_entries(quick: bool) -> list[Entry]:
                         "n": n_quick if q else n_full,
                         "steps": 3,
                         "kafka": KAFKA,
+                    },
+                )
+            )
+    for variant in ("dedup", "transactional"):
+        for inflight, (n_full, n_quick) in PARTICIPANT_INFLIGHT.items():
+            out.append(
+                Entry(
+                    name=f"participant:kafka-saga:{variant}:inflight{inflight}",
+                    group="participant",
+                    lib="kafka-saga",
+                    storage="postgres",
+                    scenario=f"inflight{inflight}",
+                    adapter="kafkasaga_participant.py",
+                    python="project",
+                    db=LIB_DB["participant"],
+                    cfg={
+                        "scenario": f"inflight{inflight}",
+                        "variant": variant,
+                        "inflight": inflight,
+                        "n": n_quick if q else n_full,
                     },
                 )
             )

@@ -110,7 +110,7 @@ def _status(text: str) -> list[SagaStatus]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kafka-saga`` and all its subcommands."""
-    from saga.cli import admin, conformance, demo, operate, ui, worker
+    from saga.cli import admin, conformance, demo, operate, participant, ui, worker
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         worker.run_worker,
         "Run the reply consumer, the outbox relay and the recovery worker until SIGTERM/SIGINT.",
+    )
+    p.add_argument("--metrics-port", type=_positive, metavar="PORT", help="serve Prometheus /metrics here")
+    p = add(
+        "participant",
+        participant.run_participant,
+        "Run the participant service of the configuration's participant section until SIGTERM/SIGINT.",
     )
     p.add_argument("--metrics-port", type=_positive, metavar="PORT", help="serve Prometheus /metrics here")
 

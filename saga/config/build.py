@@ -206,3 +206,29 @@ def build_recovery_worker(manager: SagaManager, config: SagaConfig) -> SagaRecov
         lease_seconds=recovery.lease_seconds,
         concurrency=recovery.concurrency,
     )
+
+
+def import_reference(entry: str, key: str, source: str | None) -> Any:
+    """The object ``module:attribute`` names, for configuration keys that reference code by name.
+
+    Raises:
+        SagaConfigError: The module cannot be imported or lacks the attribute; the error names ``key``.
+    """
+    module_name, _, attribute = entry.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SagaConfigError(key, f"cannot import module {module_name!r} ({exc})", source=source) from exc
+    except Exception as exc:
+        raise SagaConfigError(
+            key, f"importing module {module_name!r} failed ({type(exc).__name__}: {exc})", source=source
+        ) from exc
+    obj: Any = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SagaConfigError(
+                key, f"module {module_name!r} has no attribute {attribute!r}", source=source
+            ) from None
+    return obj

@@ -32,6 +32,7 @@ import yaml
 from broker.errors import BrokerConfigError
 from broker.settings import KafkaSettings
 from saga.config.model import SagaConfig
+from saga.config.participant import check_participant
 from saga.errors import SagaConfigError
 from saga.limits import MAX_DURATION_SECONDS, MAX_INTERVAL_SECONDS, MAX_LEASE_SECONDS
 
@@ -404,6 +405,7 @@ def _check_cross_field(config: SagaConfig, data: Mapping[str, Any], ctx: _Contex
         module, sep, attribute = entry.partition(":")
         if not sep or not _is_dotted_name(module) or not _is_dotted_name(attribute):
             raise ctx.error(f"sagas[{index}]", f"expected 'module:attribute', got {entry!r}")
+    check_participant(config.participant, ctx.error)
     level = config.logging.level.upper()
     if level not in _LOG_LEVELS:
         raise ctx.error("logging.level", _choice_problem(config.logging.level, _LOG_LEVELS))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from broker.settings import KafkaSettings
+from saga.config.participant import ParticipantConfig
 
 __all__ = [
     "BrokerConfig",
@@ -281,6 +282,7 @@ class SagaConfig:
         metrics: Prometheus endpoint of the worker and participant processes.
         tracing: OpenTelemetry tracing of the worker.
         ui: The web console.
+        participant: A participant process (``kafka-saga participant``); ``None`` when not configured.
         source: Where it was read from (a path, or ``None`` for a mapping); used in error messages.
     """
 
@@ -297,6 +299,7 @@ class SagaConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     ui: UiConfig = field(default_factory=UiConfig)
+    participant: ParticipantConfig | None = None
     source: str | None = field(default=None, compare=False)
 
     @property

@@ -93,10 +93,37 @@ def _span_exporter(path: str) -> Any:
     return FileExporter()
 
 
+def shop(service: str, prefix: str, pool: Any, store: Any = None) -> Any:
+    """The participant serving the saga's commands (``{service}-shop``; topics prefixed with ``prefix``)."""
+    from saga.participant import CommandContext, SagaParticipant
+
+    participant = SagaParticipant(f"{service}-shop", pool, group_id=f"{service}-shop", store=store)
+
+    @participant.command(f"{prefix}Reserve")
+    async def reserve(request: CommandContext) -> dict[str, Any]:
+        return {"reservation": f"r-{request.content['order']}"}
+
+    @participant.command(f"{prefix}Release")
+    async def release(request: CommandContext) -> dict[str, Any]:
+        return {"released": True}
+
+    @participant.command(f"{prefix}Charge")
+    async def charge(request: CommandContext) -> dict[str, Any]:
+        if request.content["amount"] > 100:
+            raise SagaBusinessError("declined")
+        return {"charged": request.content["amount"]}
+
+    return participant
+
+
+def shop_factory(*, broker_pool: Any, store: Any) -> Any:
+    """``participant.app`` of ``kafka-saga participant``: `shop` for ``OBS_SERVICE`` and ``OBS_PREFIX``."""
+    return shop(os.environ["OBS_SERVICE"], os.environ.get("OBS_PREFIX", "Observed"), broker_pool, store)
+
+
 async def _participant(args: argparse.Namespace) -> None:
     from broker.kafka import KafkaBrokerPool
     from broker.settings import KafkaSettings
-    from saga.participant import CommandContext, SagaParticipant
 
     if args.spans:
         from opentelemetry import trace
@@ -111,21 +138,7 @@ async def _participant(args: argparse.Namespace) -> None:
         tracing.enable_tracing(provider)
 
     pool = KafkaBrokerPool(KafkaSettings(bootstrap_servers=args.bootstrap, linger_ms=0))
-    participant = SagaParticipant(f"{args.service}-shop", pool, group_id=f"{args.service}-shop")
-
-    @participant.command(f"{args.prefix}Reserve")
-    async def reserve(request: CommandContext) -> dict[str, Any]:
-        return {"reservation": f"r-{request.content['order']}"}
-
-    @participant.command(f"{args.prefix}Release")
-    async def release(request: CommandContext) -> dict[str, Any]:
-        return {"released": True}
-
-    @participant.command(f"{args.prefix}Charge")
-    async def charge(request: CommandContext) -> dict[str, Any]:
-        if request.content["amount"] > 100:
-            raise SagaBusinessError("declined")
-        return {"charged": request.content["amount"]}
+    participant = shop(args.service, args.prefix, pool)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """The conformance kit against Python participants over the real Kafka broker.
 
-`SagaParticipant` (with a durable dedup store on PostgreSQL) passes every case, through the
+`SagaParticipant` (with its participant store on PostgreSQL) passes every case, through the
 ``kafka-saga conformance participant`` command run as its own process; a hand-written participant whose
 replies lack a required header fails the matching case, and the failure names the header.
 """
@@ -21,7 +21,7 @@ from broker import KafkaBrokerPool
 from saga import CommandContext, SagaBusinessError, SagaParticipant
 from saga.conformance import ParticipantKit
 from saga.messages import H_REQUEST_ID, H_SERVICE, SagaCommand, reply_message
-from storage import SqlAlchemySagaStorage
+from storage.participant import SqlParticipantStore
 from tests.integration.conformance_run import kit_config, run_kit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
@@ -40,8 +40,8 @@ async def test_saga_participant_passes_every_case(
 ) -> None:
     suffix = uuid.uuid4().hex[:10]
     reserve_topic, release_topic = f"ReserveStock{suffix}", f"ReleaseStock{suffix}"
-    storage = SqlAlchemySagaStorage(database_url)
-    participant = SagaParticipant(f"inventory{suffix}", pool, storage=storage)
+    store = SqlParticipantStore(database_url)
+    participant = SagaParticipant(f"inventory{suffix}", pool, store=store)
     stock = {"book": 1_000_000}
 
     @participant.command(reserve_topic)
@@ -52,7 +52,7 @@ async def test_saga_participant_passes_every_case(
         stock["book"] -= qty
         return {"reserved": qty, "left": stock["book"]}
 
-    @participant.command(release_topic)
+    @participant.command(release_topic, compensates=reserve_topic)
     def release(request: CommandContext) -> None:
         stock["book"] += request.content["qty"]
 
@@ -67,7 +67,7 @@ async def test_saga_participant_passes_every_case(
             '{"qty": 1}',
             "--json",
         )
-    await storage.stop()
+    await store.stop()
     report = json.loads(out)
     failed = {case["case"]: case["detail"] for case in report["cases"] if not case["passed"]}
     assert failed == {}, err

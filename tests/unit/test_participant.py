@@ -26,7 +26,7 @@ from saga.messages import (
     control_topic,
 )
 from saga.participant import H_DEAD_LETTER_REASON, H_DEAD_LETTER_TOPIC, CommandContext, SagaParticipant
-from saga.participant_dedup import KeyLock, KeyLocked
+from saga.participant.dedup import KeyLock, KeyLocked
 from storage import MemorySagaStorage, StorageError, StorageUnavailableError
 
 REPLY = "orderReply"

@@ -1,6 +1,6 @@
 """Public names of the modules split into several files: pinned, sorted, and the same objects as before.
 
-``saga.recovery`` is a package and ``saga.participant`` re-exports from ``saga.participant_types``; services
+``saga.recovery`` is a package and ``saga.participant`` re-exports from ``saga.participant.types``; services
 import from the old paths, so those paths and their ``__all__`` must not move with the code.
 """
 
@@ -27,6 +27,7 @@ PARTICIPANT = [
     "CommandContext",
     "CommandHandler",
     "DecisionHandler",
+    "HandlerTransaction",
     "ParticipantStats",
     "SagaParticipant",
 ]

@@ -23,96 +23,55 @@ guarantees the orchestrator relies on:
 
 Autocommit decisions (``commit`` after a saga finished, ``reject`` after it failed) arrive on
 ``control_topic(service_name)`` and run the ``on_commit`` / ``on_reject`` handlers once per decision.
+
+With a ``store`` (`storage.participant.SqlParticipantStore` in the participant's own database) the
+participant is exactly-once for transactional handlers: each command is claimed with a lease, its handler
+runs inside the database transaction that also stores its reply, and other instances wait for the claim
+instead of running the handler again (see `saga.participant.claims`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
+import os
 import random
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from broker import BrokerClientPool, BrokerClosedError, BrokerError, BrokerMessage, BrokerSubscriber
 from saga.consumer import H_DEAD_LETTER_REASON, H_DEAD_LETTER_TOPIC, dead_letter_message
-from saga.errors import MalformedMessageError, SagaBusinessError, SagaStateError, UnsupportedProtocolError
+from saga.errors import MalformedMessageError, SagaStateError, UnsupportedProtocolError
 from saga.messages import (
     H_SERVICE,
-    PHASE_COMPENSATION,
     SagaCommand,
     SagaControl,
-    SagaResponseStatus,
     control_topic,
-    decode_json,
-    encode_json,
-    reply_message,
 )
 from saga.observability import tracing as _tracing
-from saga.participant_dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
-from saga.participant_types import CommandContext, CommandHandler, DecisionHandler, ParticipantStats
+from saga.participant.claims import Abandoned, HandlerSpec, StoreFlow
+from saga.participant.decisions import answer_with_dedup, command_kind, decide_with_dedup, decide_with_store
+from saga.participant.dedup import KeyLock, KeyLocked, LruReplyStore, ReplyStore
+from saga.participant.replies import (
+    DEFAULT_MAX_REPLY_BYTES,
+)
+from saga.participant.support import DeadLetter, lane
+from saga.participant.types import DecisionHandler, ParticipantStats
 from saga.pipeline import KeyedPipeline
 from storage import SagaStorage, StorageError
+from storage.participant import SqlParticipantStore
 
-__all__ = [
-    "H_DEAD_LETTER_REASON",
-    "H_DEAD_LETTER_TOPIC",
-    "CommandContext",
-    "CommandHandler",
-    "DecisionHandler",
-    "ParticipantStats",
-    "SagaParticipant",
-]
+__all__ = ["H_DEAD_LETTER_REASON", "H_DEAD_LETTER_TOPIC", "SagaParticipant"]
 
 _log = logging.getLogger(__name__)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-_SUCCESS = int(SagaResponseStatus.SUCCESS)
-_ERROR = int(SagaResponseStatus.ERROR)
-_SYSTEM_ERROR = int(SagaResponseStatus.SYSTEM_ERROR)
 
-
-def _lane(message: BrokerMessage) -> tuple[str, int | None, bytes | None]:
-    """Records of one key (the saga execution id) are handled in offset order, other keys concurrently.
-
-    A saga's commands and its decision share the key, so they reach handlers in the order the orchestrator
-    published them; sagas sharing a partition have no order to keep between them, and handling them one
-    after the other would cap a participant at one reply publish per partition at a time. Records without
-    a key keep partition order.
-    """
-    return message.topic, message.partition, message.key
-
-
-def _stored_reply(status: int, value: bytes) -> bytes:
-    """A reply as the dedup store keeps it: ``{"status": ..., "content": ...}``.
-
-    Spliced around the reply's already encoded content: the same bytes `encode_json` makes of that dict,
-    without encoding the content a second time.
-    """
-    return b'{"status":%d,"content":%b}' % (status, value)
-
-
-def _stored_outcome(key: str, stored: bytes) -> tuple[int, bytes]:
-    """The status and encoded content of a reply `_stored_reply` kept under ``key``."""
-    data = decode_json(stored, field_name="stored reply")
-    if not isinstance(data, dict) or not isinstance(data.get("status"), int):
-        raise _DeadLetter("bad_stored_reply", f"stored reply of {key!r} is unreadable")
-    return data["status"], encode_json(data.get("content"))
-
-
-class _DeadLetter(Exception):
-    """Internal: the record goes to the dead-letter topic for ``reason``."""
-
-    def __init__(self, category: str, reason: str) -> None:
-        super().__init__(reason)
-        self.category = category
-        self.reason = reason
-
-
-class _Abandoned(Exception):
-    """Internal: the participant is stopping; leave the record uncommitted for redelivery."""
+_Abandoned = Abandoned
 
 
 class SagaParticipant:
@@ -123,7 +82,17 @@ class SagaParticipant:
             ``control_topic(service_name)``.
         broker_pool: Transport. Started by `start` if needed; its owner stops it.
         storage: Where replies are remembered by idempotency key (``get_command_reply`` /
-            ``put_command_reply``) so duplicates survive restarts. Without it, a bounded in-process LRU.
+            ``put_command_reply``) so duplicates survive restarts. Without it (and without ``store``), a
+            bounded in-process LRU.
+        store: The participant store in the participant's own database: claims, stored replies,
+            tombstones and the reply outbox, committed with the handlers' writes (exactly-once effects
+            for transactional handlers). Started and stopped by the participant. Replaces ``storage``.
+        lease_seconds: How long a claim lasts unless renewed (every third of it while the handler runs);
+            another instance takes a command over once its claim's lease ran out.
+        instance_id: This instance's name as claims' owner (default: host, pid and a random suffix).
+        max_reply_bytes: Largest reply the broker takes; a bigger one is replaced by a small
+            ``SYSTEM_ERROR`` reply saying so.
+        relay_older_than: Seconds after which a committed reply not yet published is relayed by any instance.
         group_id: Consumer group (default ``f"{service_name}-participant"``); instances of one service
             share it so each command is handled by one of them.
         dead_letter_topic: Where malformed input goes (default ``f"{service_name}DeadLetter"``).
@@ -158,6 +127,11 @@ class SagaParticipant:
         broker_pool: BrokerClientPool,
         *,
         storage: SagaStorage | None = None,
+        store: SqlParticipantStore | None = None,
+        lease_seconds: float = 30.0,
+        instance_id: str | None = None,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        relay_older_than: float = 5.0,
         group_id: str | None = None,
         dead_letter_topic: str | None = None,
         dedup_cache_size: int = 100_000,
@@ -174,6 +148,10 @@ class SagaParticipant:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if dedup_cache_size < 1:
             raise ValueError(f"dedup_cache_size must be >= 1, got {dedup_cache_size}")
+        if not lease_seconds > 0 or lease_seconds == float("inf"):
+            raise ValueError(f"lease_seconds must be a finite number > 0, got {lease_seconds}")
+        if storage is not None and store is not None:
+            raise ValueError("give a participant either storage= (dedup only) or store=, not both")
         self.service_name = service_name
         self.broker_pool = broker_pool
         self.storage = storage
@@ -181,6 +159,12 @@ class SagaParticipant:
         self.dead_letter_topic = dead_letter_topic or f"{service_name}DeadLetter"
         self.control_topic = control_topic(service_name)
         self.stats = ParticipantStats()
+        self.store = store
+        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease = lease_seconds
+        self._max_reply_bytes = max_reply_bytes
+        self._relay_older_than = relay_older_than
+        self._flow: StoreFlow | None = None
         self._replies: ReplyStore = storage if storage is not None else LruReplyStore(dedup_cache_size)
         self._max_records = max_records
         self._concurrency = concurrency
@@ -188,7 +172,7 @@ class SagaParticipant:
         self._retry_backoff = retry_backoff
         self._max_backoff = max_backoff
         self._commit_interval = commit_interval
-        self._handlers: dict[str, CommandHandler] = {}
+        self._handlers: dict[str, HandlerSpec] = {}
         self._on_commit: list[DecisionHandler] = []
         self._on_reject: list[DecisionHandler] = []
         self._locks: dict[str, KeyLock] = {}
@@ -199,20 +183,36 @@ class SagaParticipant:
 
     # -- registration ---------------------------------------------------------------------------------
 
-    def command(self, topic: str) -> Callable[[_F], _F]:
+    def command(
+        self, topic: str, *, compensates: str | None = None, transactional: bool = True
+    ) -> Callable[[_F], _F]:
         """Register the decorated function (sync or async) as the handler of command topic ``topic``.
 
         Its return value (JSON-able) is the ``SUCCESS`` reply's content; raising `SagaBusinessError`
         replies ``ERROR`` with ``{"error": message}``; any other exception replies ``SYSTEM_ERROR``.
+
+        Args:
+            topic: The command topic.
+            compensates: The forward command topic this handler undoes: a compensation that arrives
+                before its forward command leaves a tombstone and replies success without running,
+                and the late forward command is refused (400 ``cancelled``). Needs a ``store``.
+            transactional: With a ``store``, run the handler in the participant database's transaction
+                (``request.connection`` / ``request.session``), committed with its dedup record and reply:
+                the effect happens at most once. ``False`` for handlers that call the outside world: they
+                run at least once (a crash after the effect and before the commit runs them again), get
+                ``request.idempotency_key`` to pass on, and the claim still keeps two instances from
+                running one command at once.
         """
         if not topic:
             raise ValueError("command topic must not be empty")
+        if compensates is not None and (not compensates or compensates == topic):
+            raise ValueError(f"compensates must name another command topic, got {compensates!r}")
 
         def register(fn: _F) -> _F:
             self._check_not_started()
             if topic in self._handlers:
                 raise ValueError(f"command topic {topic!r} already has a handler")
-            self._handlers[topic] = fn
+            self._handlers[topic] = HandlerSpec(fn, compensates, transactional)
             return fn
 
         return register
@@ -247,9 +247,25 @@ class SagaParticipant:
             return
         if not self._handlers:
             raise SagaStateError(f"participant {self.service_name!r} has no command handlers")
+        if self.store is None and any(spec.compensates for spec in self._handlers.values()):
+            raise SagaStateError(f"participant {self.service_name!r}: compensates= needs a store")
         await self.broker_pool.start()
         if self.storage is not None:
             await self.storage.start()
+        if self.store is not None:
+            self._flow = StoreFlow(
+                self.store,
+                service=self.service_name,
+                owner=self.instance_id,
+                lease=self._lease,
+                max_reply_bytes=self._max_reply_bytes,
+                stats=self.stats,
+                call=self._call,
+                broker_pool=self.broker_pool,
+                relay_older_than=self._relay_older_than,
+                stopping=self._stopping,
+            )
+            await self._flow.start()
         topics = [*self._handlers, self.control_topic]
         await self.broker_pool.ensure_topics([*topics, self.dead_letter_topic])
         self._stopping.clear()
@@ -259,7 +275,7 @@ class SagaParticipant:
         self._pipeline = pipeline = KeyedPipeline(
             subscriber,
             self._process,
-            lane=_lane,
+            lane=lane,
             concurrency=self._concurrency,
             max_records=self._max_records,
             poll_timeout=self._poll_timeout,
@@ -290,6 +306,8 @@ class SagaParticipant:
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             await subscriber.stop()
+        if self._flow is not None:
+            await self._flow.close()
 
     async def run(self) -> None:
         """Start and consume until `stop` is called (or the consumer fails, which is raised)."""
@@ -325,11 +343,12 @@ class SagaParticipant:
             BrokerError: The dead letter itself could not be published (not retriable).
         """
         try:
+            # Decoding checks the protocol version first (`UnsupportedProtocolError` for a newer one).
             if message.topic == self.control_topic:
                 await self._handle_control(message)
             else:
                 await self._handle_command(message)
-        except _DeadLetter as dead:
+        except DeadLetter as dead:
             await self._dead_letter(message, dead.category, dead.reason)
         except UnsupportedProtocolError as exc:
             await self._dead_letter(message, "unsupported_protocol", f"unsupported_protocol: {exc.reason}")
@@ -338,97 +357,38 @@ class SagaParticipant:
 
     async def _handle_command(self, message: BrokerMessage) -> None:
         command = SagaCommand.from_message(message)
-        handler = self._handlers.get(command.target)
-        if handler is None:
-            raise _DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
-        key = command.idempotency_key
-        async with KeyLocked(self._locks, key):
-            stored = await self._call(self._replies.get_command_reply, key)
-            if stored is not None:
-                self.stats.duplicates += 1
-                _log.debug("command %s already handled; re-sending its reply", key)
-                status, value = _stored_outcome(key, stored)
+        spec = self._handlers.get(command.target)
+        if spec is None:
+            raise DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
+        async with KeyLocked(self._locks, command.idempotency_key):
+            if _tracing.enabled:
+                with _tracing.handler_span(command.target, message.headers, group=self.group_id):
+                    await self._answer(message, command, spec)
             else:
-                if _tracing.enabled:
-                    with _tracing.handler_span(command.target, message.headers, group=self.group_id):
-                        status, value = await self._first_delivery(handler, command)
-                else:
-                    status, value = await self._first_delivery(handler, command)
-                await self._call(self._replies.put_command_reply, key, _stored_reply(status, value))
-            reply = reply_message(
-                command.reply_topic,
-                value=value,
-                status=status,
-                # Addressed from the command just received (reply topic, request id), not from the one
-                # first handled, so a replay under the same key that carries a new request id still gets
-                # an applicable reply.
-                execution_id=command.execution_id,
-                request_id=command.request_id,
-                service_name=self.service_name,
-                traceparent=command.traceparent,
-                tracestate=command.tracestate,
+                await self._answer(message, command, spec)
+
+    async def _answer(self, message: BrokerMessage, command: SagaCommand, spec: HandlerSpec) -> None:
+        """Answer ``command``: from its stored outcome, or by running its handler once."""
+        if self._flow is not None:
+            kind = command_kind(command.target, spec, self._handlers.values())
+            # The saga step names the pair; without the header, the forward command's topic does.
+            step = command.step or spec.compensates or command.target
+            await self._flow.handle(message, command, spec, kind, step)
+        else:
+            await answer_with_dedup(
+                self._replies,
+                message,
+                command,
+                spec.fn,
+                call=self._call,
+                publish=self._publish_reply,
+                service=self.service_name,
+                limit=self._max_reply_bytes,
+                stats=self.stats,
             )
-            await self._call(self.broker_pool.publisher().send, reply)
 
-    async def _first_delivery(self, handler: CommandHandler, command: SagaCommand) -> tuple[int, bytes]:
-        """Run a command seen for the first time, minding the forward/compensation pairing of its step.
-
-        A compensation whose forward command (same execution and step) was never handled has nothing to
-        undo: it leaves a tombstone and succeeds without running its handler, and the forward command,
-        should it arrive later, is refused (400 ``cancelled``) instead of doing what nobody will undo.
-        """
-        if command.step is None:
-            return await self._run_handler(handler, command)
-        pair = f"{self.service_name}:{command.execution_id}:{command.step}"
-        if command.phase == PHASE_COMPENSATION:
-            if await self._call(self._replies.get_command_reply, f"{pair}:forward") is None:
-                await self._call(self._replies.put_command_reply, f"{pair}:tombstone", b"{}")
-                _log.info("%s: compensation %s before its forward command", self.service_name, pair)
-                return _SUCCESS, b"{}"
-            return await self._run_handler(handler, command)
-        if await self._call(self._replies.get_command_reply, f"{pair}:tombstone") is not None:
-            _log.info("%s: forward command %s arrived after its compensation", self.service_name, pair)
-            return _ERROR, encode_json({"error": "cancelled"})
-        await self._call(self._replies.put_command_reply, f"{pair}:forward", b"{}")
-        return await self._run_handler(handler, command)
-
-    async def _run_handler(self, handler: CommandHandler, command: SagaCommand) -> tuple[int, bytes]:
-        """Run ``handler``; the reply's status and its content, encoded."""
-        request = CommandContext(
-            content=command.content,
-            user=command.user,
-            idempotency_key=command.idempotency_key,
-            execution_id=command.execution_id,
-            request_id=command.request_id,
-            topic=command.target,
-            saga=command.saga,
-            step=command.step,
-            traceparent=command.traceparent,
-        )
-        self.stats.handled += 1
-        if _log.isEnabledFor(logging.DEBUG):
-            _log.debug(
-                "%s handling %s (%s), traceparent %s",
-                self.service_name,
-                command.idempotency_key,
-                command.target,
-                command.traceparent,
-            )
-        try:
-            result = handler(request)
-            if inspect.isawaitable(result):
-                result = await result
-            encoded = encode_json(result)
-        except SagaBusinessError as exc:
-            self.stats.business_errors += 1
-            _log.info("%s refused command %s: %s", self.service_name, command.idempotency_key, exc)
-            return _ERROR, encode_json({"error": str(exc)})
-        except Exception as exc:
-            self.stats.system_errors += 1
-            _log.exception("%s handler of %r failed", self.service_name, command.target)
-            return _SYSTEM_ERROR, encode_json({"error": f"{type(exc).__name__}: {exc}"})
-        self.stats.succeeded += 1
-        return _SUCCESS, encoded
+    async def _publish_reply(self, reply: BrokerMessage) -> None:
+        await self._call(self.broker_pool.publisher().send, reply)
 
     async def _handle_control(self, message: BrokerMessage) -> None:
         control = SagaControl.from_message(message)
@@ -436,25 +396,15 @@ class SagaParticipant:
             raise MalformedMessageError(
                 H_SERVICE, f"names {control.service[:64]!r}, not {self.service_name!r}"
             )
-        # Several services may share one store; the decision's own key is per execution and action only.
-        key = control.idempotency_key
-        async with KeyLocked(self._locks, key):
-            if await self._call(self._replies.get_command_reply, key) is not None:
-                self.stats.duplicate_decisions += 1
-                return
-            handlers = self._on_commit if control.action == "commit" else self._on_reject
-            for fn in handlers:
-                try:
-                    result = fn(control)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as exc:
-                    _log.exception("%s %s handler failed", self.service_name, control.action)
-                    raise _DeadLetter(
-                        "decision_failed", f"{control.action} handler raised {type(exc).__name__}: {exc}"
-                    ) from exc
-            await self._call(self._replies.put_command_reply, key, encode_json({"decision": control.action}))
-        if control.action == "commit":
+        handlers = self._on_commit if control.action == "commit" else self._on_reject
+        async with KeyLocked(self._locks, control.idempotency_key):
+            if self._flow is not None:
+                done = await decide_with_store(self._flow, control, handlers, self._call)
+            else:
+                done = await decide_with_dedup(self._replies, control, handlers, self._call)
+        if not done:
+            self.stats.duplicate_decisions += 1
+        elif control.action == "commit":
             self.stats.commits += 1
         else:
             self.stats.rejects += 1
@@ -482,7 +432,7 @@ class SagaParticipant:
         except BrokerClosedError:
             raise
         except (BrokerError, StorageError) as exc:
-            raise _DeadLetter("infrastructure", f"{type(exc).__name__}: {exc}") from exc
+            raise DeadLetter("infrastructure", f"{type(exc).__name__}: {exc}") from exc
 
     async def _retry(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Call ``fn``, backing off and retrying while it fails with a retriable error."""
