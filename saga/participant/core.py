@@ -360,6 +360,14 @@ class SagaParticipant:
         spec = self._handlers.get(command.target)
         if spec is None:
             raise DeadLetter("no_handler", f"no handler for command topic {command.target!r}")
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "%s handling %s (%s), traceparent %s",
+                self.service_name,
+                command.idempotency_key,
+                command.target,
+                command.traceparent,
+            )
         async with KeyLocked(self._locks, command.idempotency_key):
             if _tracing.enabled:
                 with _tracing.handler_span(command.target, message.headers, group=self.group_id):

@@ -49,7 +49,7 @@ from saga.messages import (
     SagaResponseStatus,
     protocol_version,
 )
-from saga.participant_dedup import LruReplyStore
+from saga.participant.dedup import LruReplyStore
 from storage import ExecutionNotFoundError, MemorySagaStorage, StorageError
 from tests.contract import wire
 
