@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 
 from broker import BrokerClientPool
 from saga.cli.app import configure_logging, resolve_config
+from saga.cli.signals import DrainSignals
 from saga.config import SagaConfig, build_broker_pool
 from saga.config.participant import build_participant, build_participant_store
 from saga.errors import SagaConfigError
@@ -66,28 +65,9 @@ async def serve_participant(
     """
     assert config.participant is not None
     grace = config.participant.grace_seconds
-    loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    signals = 0
-    main_task = asyncio.current_task()
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            _say(
-                f"{signal.Signals(signum).name} received: draining in-flight commands (signal again to force)"
-            )
-            stop.set()
-        elif main_task is not None:
-            _say("second signal: stopping without waiting for the drain")
-            main_task.cancel()
-
-    installed = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
+    signals = DrainSignals(stop, _say, draining="in-flight commands")
+    signals.install()
     failed = False
     serving: asyncio.Task[None] | None = None
     stop_metrics = None
@@ -120,12 +100,11 @@ async def serve_participant(
             if serving is not None:
                 await asyncio.gather(serving, return_exceptions=True)
     except asyncio.CancelledError:
-        if signals > 1:
+        if signals.forced:
             return 1
         raise
     finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        signals.remove()
     if failed:
         _say("the consumer stopped on an error")
         return 1

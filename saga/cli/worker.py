@@ -13,12 +13,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Callable
 
 from saga.cli.app import CommandError, configure_logging, resolve_config
 from saga.cli.demo import describe_setup
+from saga.cli.signals import DrainSignals
 from saga.config import SagaConfig, build_manager, build_recovery_worker
 from saga.heap import freeze_startup_heap
 from saga.manager import SagaManager
@@ -88,26 +88,9 @@ async def serve(
     Returns:
         0 after a clean drain, 1 when a second signal cut the drain short.
     """
-    loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    signals = 0
-    main_task = asyncio.current_task()
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            _say(f"{signal.Signals(signum).name} received: draining in-flight work (signal again to force)")
-            stop.set()
-        elif main_task is not None:
-            _say("second signal: stopping without waiting for the drain")
-            main_task.cancel()
-
-    installed = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / Windows
-            loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
+    signals = DrainSignals(stop, _say, draining="in-flight work")
+    signals.install()
     try:
         try:
             await manager.setup()
@@ -147,12 +130,11 @@ async def serve(
                 await exporter.stop()
             await manager.destroy()
     except asyncio.CancelledError:
-        if signals > 1:
+        if signals.forced:
             return 1
         raise
     finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        signals.remove()
     _say("stopped cleanly")
     return 0
 
